@@ -1,0 +1,1 @@
+"""auxloss: auxiliary losses for any PyTorch model."""

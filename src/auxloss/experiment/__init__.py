@@ -1,0 +1,1 @@
+"""Experiments: configs, runner, store, statistics, report."""
