@@ -1,1 +1,38 @@
-"""auxloss: auxiliary losses for any PyTorch model."""
+"""auxloss: auxiliary losses for any PyTorch model.
+
+Attach heads to named layers of the model you already have, weight their losses well, and find out whether they
+helped the main task::
+
+    import auxloss as al
+    model = al.attach(net, {"aux1": al.Tap("layer2", al.LinearHead(10))}, example_input=x[:1])
+    objective = al.Objective(aux=[al.Task("aux1", source="aux1", weight=0.3)])
+    report = objective(model(x), {"input": x, "target": y})
+    report.total.backward()
+"""
+
+from auxloss import schedules
+from auxloss.errors import AuxLossError
+from auxloss.heads import DenseHead, InceptionAuxHead, LinearHead, MLPHead, SequenceHead
+from auxloss.objective import LossReport, Objective
+from auxloss.taps import AuxModel, Outputs, Tap, attach, list_layers
+from auxloss.tasks import Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuxLossError",
+    "AuxModel",
+    "DenseHead",
+    "InceptionAuxHead",
+    "LinearHead",
+    "LossReport",
+    "MLPHead",
+    "Objective",
+    "Outputs",
+    "SequenceHead",
+    "Tap",
+    "Task",
+    "attach",
+    "list_layers",
+    "schedules",
+]

@@ -1,0 +1,227 @@
+"""The objective: ``L_total = L_main + Σ_i λ_i(t) · L_i``, with an itemised report every step.
+
+An :class:`Objective` holds one main task and any number of auxiliary tasks. Called on a model's
+:class:`~auxloss.taps.Outputs` and the batch, it returns a :class:`LossReport`: the total to back-propagate and
+each task's loss, weight and metric, ready to log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from auxloss.errors import AuxLossError
+from auxloss.taps import Outputs
+from auxloss.tasks import Task, batch_as_dict
+
+__all__ = ["LossReport", "Objective"]
+
+
+@dataclasses.dataclass
+class LossReport:
+    """One step of the objective.
+
+    ``total`` carries the autograd graph; ``losses`` too (gradient-aware weightings need them). ``weights`` are the
+    λ in force this step (the main task's is 1). ``metrics`` are detached tensors, so building a report costs no
+    device sync; :meth:`as_dict` turns everything into floats for logging.
+    """
+
+    total: Tensor
+    losses: dict[str, Tensor]
+    weights: dict[str, float]
+    metrics: dict[str, Tensor]
+    step: int
+    batch_size: int
+    finite: bool = True
+    extras: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat floats: ``loss``, ``loss/<task>``, ``weight/<task>``, ``metric/<task>``, and any extras."""
+        out = {"loss": float(self.total.detach())}
+        for name, value in self.losses.items():
+            out[f"loss/{name}"] = float(value.detach())
+        for name, w in self.weights.items():
+            out[f"weight/{name}"] = float(w)
+        for name, value in self.metrics.items():
+            out[f"metric/{name}"] = float(value)
+        out.update(self.extras)
+        return out
+
+
+class Objective(nn.Module):
+    """The main task plus auxiliary tasks, weighted by fixed values or schedules.
+
+    Args:
+        main: the main task; by default cross entropy of the main output against the batch key ``"target"``.
+        aux: auxiliary tasks. Each one's ``weight`` is a float or a schedule of the step or epoch.
+        batch_keys: names of the positions of a tuple batch, ``("input", "target")`` by default, so that a plain
+            ``(x, y)`` loader works. Dict batches are used as they are.
+        input_key: the batch key holding the model input (see :meth:`inputs`).
+        nonfinite: ``"raise"`` stops on a NaN/Inf loss with an error naming the task and step; ``"skip"`` marks the
+            report as not finite (the trainer then skips the update) and counts it in ``skipped_steps``.
+
+    It is an ``nn.Module`` so that weightings with learnable state (uncertainty weights) and the step counter move
+    with ``.to()`` and live in ``state_dict``.
+    """
+
+    def __init__(
+        self,
+        main: Task | None = None,
+        aux: Sequence[Task] = (),
+        *,
+        batch_keys: Sequence[str] = ("input", "target"),
+        input_key: str = "input",
+        nonfinite: Literal["raise", "skip"] = "raise",
+    ) -> None:
+        super().__init__()
+        self.main = main if main is not None else Task("main", target="target")
+        if self.main.target is None:
+            self.main.target = "target"
+        if not isinstance(self.main.target, str) and not callable(self.main.target):
+            raise AuxLossError("the main task's target must be a batch key or a function of the batch.")
+        self.aux_tasks: list[Task] = list(aux)
+        names = [self.main.name] + [t.name for t in self.aux_tasks]
+        seen: set[str] = set()
+        for task, name in zip([self.main, *self.aux_tasks], names):
+            if not isinstance(task, Task):
+                raise AuxLossError(f"tasks must be auxloss.Task objects, got {type(task).__name__}.")
+            if name in seen:
+                raise AuxLossError(f"duplicate task name {name!r}: every task needs its own name.")
+            seen.add(name)
+        if nonfinite not in ("raise", "skip"):
+            raise AuxLossError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
+        self.nonfinite = nonfinite
+        self.batch_keys = tuple(batch_keys)
+        self.input_key = input_key
+        self.step = 0  # advanced by `advance()` once per optimizer step; saved with the state
+        self.epoch = 0
+        self.skipped_steps = 0
+
+    # -- conveniences ----------------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[Task]:
+        """All tasks, main first."""
+        return [self.main, *self.aux_tasks]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def inputs(self, batch: Any) -> Any:
+        """The model input of a batch (``batch[input_key]``, or the first item of a tuple batch)."""
+        named = batch_as_dict(batch, self.batch_keys)
+        if self.input_key not in named:
+            raise AuxLossError(
+                f"the batch has no input key {self.input_key!r}; the keys present are {sorted(map(str, named))}. "
+                "Pass input_key= to the Objective."
+            )
+        return named[self.input_key]
+
+    def weights(self, step: int | None = None, epoch: int | None = None) -> dict[str, float]:
+        """λ of every auxiliary task at ``step``/``epoch`` (defaults: the objective's own counters)."""
+        step = self.step if step is None else step
+        epoch = self.epoch if epoch is None else epoch
+        out = {}
+        for task in self.aux_tasks:
+            w = task.schedule.value(step=step, epoch=epoch)
+            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                raise AuxLossError(
+                    f"task {task.name!r}: its weight at step {step} (epoch {epoch}) is {w!r}; weights must be finite "
+                    "and non-negative. Check its schedule."
+                )
+            out[task.name] = float(w)
+        return out
+
+    def advance(self, steps: int = 1) -> None:
+        """Count ``steps`` optimizer steps (schedules read this counter)."""
+        self.step += steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    # -- the objective ---------------------------------------------------------------------------------------
+    def forward(
+        self, outputs: Outputs, batch: Any, *, step: int | None = None, epoch: int | None = None
+    ) -> LossReport:
+        """Compute every task's loss and metric and the weighted total."""
+        if not isinstance(outputs, Outputs):
+            outputs = Outputs(main=outputs)  # a plain model: only the main task can be scored
+        step = self.step if step is None else int(step)
+        named = batch_as_dict(batch, self.batch_keys)
+        losses: dict[str, Tensor] = {}
+        metrics: dict[str, Tensor] = {}
+        batch_size = 0
+        for task in self.tasks:
+            pred = task.prediction(outputs)
+            target = task.resolve_target(named, self.main.target)
+            losses[task.name] = task.loss_value(pred, target)
+            metric = task.metric_value(pred, target)
+            if metric is not None:
+                metrics[task.name] = metric
+            if task is self.main:
+                batch_size = int(pred.shape[0])
+        weights = self.weights(step=step, epoch=epoch)
+        total = self._combine(losses, weights)
+        report = LossReport(
+            total=total,
+            losses=losses,
+            weights={self.main.name: 1.0, **weights},
+            metrics=metrics,
+            step=step,
+            batch_size=batch_size,
+        )
+        self._check_finite(report)
+        return report
+
+    def _combine(self, losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+        # Summed left to right in task order, so that fixed weights give exactly the hand-written formula
+        # L + 0.3·L1 + 0.3·L2. A task at weight 0 still enters as 0·L: its head stays in the graph, so DDP never
+        # sees an unused parameter while a curriculum has the task switched off.
+        total = losses[self.main.name]
+        for task in self.aux_tasks:
+            total = total + weights[task.name] * losses[task.name]
+        return total
+
+    def _check_finite(self, report: LossReport) -> None:
+        if bool(torch.isfinite(report.total.detach())):
+            return
+        bad = [n for n, v in report.losses.items() if not bool(torch.isfinite(v.detach()))]
+        if self.nonfinite == "skip":
+            report.finite = False
+            self.skipped_steps += 1
+            return
+        detail = ", ".join(f"{n}={float(report.losses[n].detach())}" for n in bad) or "the weighted sum overflowed"
+        raise AuxLossError(
+            f"non-finite loss at step {report.step} in task(s) {bad or ['total']} ({detail}). Lower the learning "
+            "rate or that task's weight, check its inputs and targets for NaN, or use nonfinite='skip'."
+        )
+
+    # -- checkpointing ---------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "skipped_steps": self.skipped_steps,
+            "schedules": {t.name: t.schedule.state_dict() for t in self.aux_tasks},
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        schedules = state.get("schedules", {})
+        for task in self.aux_tasks:
+            if task.name in schedules:
+                task.schedule.load_state_dict(schedules[task.name])
+
+    def extra_repr(self) -> str:
+        parts = [f"main={self.main.name}<-{self.main.source}"]
+        for t in self.aux_tasks:
+            parts.append(f"{t.name}<-{t.source} λ={t.schedule!r}")
+        return ", ".join(parts)
+

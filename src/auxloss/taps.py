@@ -1,0 +1,311 @@
+"""Attach auxiliary heads to named layers of any ``nn.Module``, without editing its code.
+
+A *tap* reads the output of one submodule (addressed by its qualified name, as in ``model.named_modules()``)
+through a forward hook, optionally picks a part of it with a selector (an LSTM returns ``(out, (h, c))``),
+and feeds it to a head. :func:`attach` returns an :class:`AuxModel` whose forward gives an explicit
+:class:`Outputs` object, in train and eval mode alike, and whose :meth:`AuxModel.strip` hands back the
+original model with every hook removed for deployment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from auxloss.errors import AuxLossError, close_matches
+
+__all__ = ["AuxModel", "LayerInfo", "Outputs", "Tap", "attach", "list_layers", "select"]
+
+#: A selector picks the tensor a head reads out of a layer's output: an index into a tuple/list, a key into a
+#: dict, a tuple of those applied in turn (``(1, 0)`` is ``h`` of an LSTM's ``(out, (h, c))``), or a callable.
+Selector = Union[int, str, tuple, Callable[[Any], Tensor], None]
+
+
+@dataclasses.dataclass
+class Outputs:
+    """What an :class:`AuxModel` returns: the main output and every head's output, by tap name.
+
+    An explicit type rather than GoogLeNet's tuple-in-training, tensor-in-eval habit, so that a loop never has to
+    guess which mode produced what. It is a dataclass, so DDP finds the tensors inside it.
+    """
+
+    main: Any
+    aux: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        """``outputs["main"]`` or ``outputs[tap_name]``."""
+        if name == "main":
+            return self.main
+        try:
+            return self.aux[name]
+        except KeyError:
+            raise AuxLossError(
+                f"no output named {name!r}; the outputs are 'main' and {sorted(self.aux)}. "
+                "Use one of these as a task's `source`."
+            ) from None
+
+
+@dataclasses.dataclass
+class Tap:
+    """Where a head reads from: ``layer`` (a qualified submodule name), an optional ``select``or, the ``head``.
+
+    ``detach=True`` stops the head's gradient at the tap, so the head learns without shaping the trunk (a
+    linear probe rather than an auxiliary loss).
+    """
+
+    layer: str
+    head: nn.Module
+    select: Selector = None
+    detach: bool = False
+
+
+def select(value: Any, selector: Selector) -> Any:
+    """Apply a selector to a layer's output (see :data:`Selector`)."""
+    if selector is None:
+        return value
+    if callable(selector):
+        return selector(value)
+    path = selector if isinstance(selector, tuple) else (selector,)
+    for part in path:
+        try:
+            value = value[part]
+        except (IndexError, KeyError, TypeError) as exc:
+            raise AuxLossError(
+                f"selector {selector!r} cannot pick {part!r} from a layer output of type {type(value).__name__}"
+                f"{_describe(value)}; pick an index of a tuple, a key of a dict, or pass a callable."
+            ) from exc
+    return value
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f" with shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return " holding (" + ", ".join(_describe_short(v) for v in value) + ")"
+    if isinstance(value, Mapping):
+        return f" with keys {sorted(map(str, value))}"
+    return ""
+
+
+def _describe_short(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"Tensor{tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_describe_short(v) for v in value) + ")"
+    return type(value).__name__
+
+
+def _as_tap(name: str, spec: Tap | tuple | Mapping) -> Tap:
+    if isinstance(spec, Tap):
+        return spec
+    if isinstance(spec, tuple) and len(spec) in (2, 3):
+        return Tap(*spec)
+    if isinstance(spec, Mapping):
+        return Tap(**spec)
+    raise AuxLossError(
+        f"tap {name!r} must be a Tap(layer, head), a (layer, head[, select]) tuple or a dict, "
+        f"got {type(spec).__name__}."
+    )
+
+
+class AuxModel(nn.Module):
+    """A model with auxiliary heads on named layers. Build it with :func:`attach`.
+
+    The user's model is held untouched as ``self.model``; the heads live in ``self.heads`` (an
+    ``nn.ModuleDict``), so ``state_dict``, ``.to()``, DDP and ``torch.compile`` all see them. Forward hooks
+    capture the tapped layers' outputs during the main forward; the heads run right after it.
+    """
+
+    def __init__(self, model: nn.Module, taps: Mapping[str, Tap | tuple | Mapping]) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise AuxLossError(f"attach() needs an nn.Module, got {type(model).__name__}.")
+        if isinstance(model, AuxModel):
+            raise AuxLossError("this model already has heads attached; pass several taps to one attach() call.")
+        self.model = model
+        self.heads = nn.ModuleDict()
+        self._taps: dict[str, Tap] = {}
+        self._handles: list[RemovableHandle] = []
+        # Captured features of the forward pass in progress. A plain dict (not a buffer): it holds activations
+        # with their autograd graph, and is cleared after each forward so no memory outlives the step.
+        self._captured: dict[str, Any] = {}
+        self._stripped = False
+
+        modules = dict(model.named_modules())
+        layer_names = [n for n in modules if n]
+        for name, spec in taps.items():
+            tap = _as_tap(name, spec)
+            if not isinstance(name, str) or not name or name == "main" or "." in name:
+                raise AuxLossError(
+                    f"tap name {name!r} is not usable: use a non-empty name without dots, other than 'main'."
+                )
+            if tap.layer not in modules or tap.layer == "":
+                hint = close_matches(tap.layer, layer_names)
+                raise AuxLossError(
+                    f"tap {name!r}: the model has no layer named {tap.layer!r}. "
+                    + (f"Closest names: {hint}. " if hint else "")
+                    + "Run auxloss.list_layers(model, example_input) to see every tappable layer."
+                )
+            if not isinstance(tap.head, nn.Module):
+                raise AuxLossError(f"tap {name!r}: the head must be an nn.Module, got {type(tap.head).__name__}.")
+            self._taps[name] = tap
+            self.heads[name] = tap.head
+        # Several taps may read the same layer: one hook per layer feeds them all.
+        by_layer: dict[str, list[str]] = {}
+        for name, tap in self._taps.items():
+            by_layer.setdefault(tap.layer, []).append(name)
+        for layer, names in by_layer.items():
+            self._handles.append(modules[layer].register_forward_hook(self._make_hook(names)))
+
+    def _make_hook(self, names: list[str]) -> Callable[[nn.Module, Any, Any], None]:
+        taps = [(n, self._taps[n].select, self._taps[n].detach) for n in names]
+        captured = self._captured
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            for name, selector, detach in taps:
+                feature = select(output, selector)
+                captured[name] = feature.detach() if detach else feature
+
+        return hook
+
+    @property
+    def taps(self) -> dict[str, Tap]:
+        """The taps by name (read-only view)."""
+        return dict(self._taps)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Outputs:
+        if self._stripped:
+            raise AuxLossError(
+                "this AuxModel was stripped: its hooks are gone. Call the stripped model directly, or attach again."
+            )
+        self._captured.clear()
+        try:
+            main = self.model(*args, **kwargs)
+            aux = {}
+            for name, head in self.heads.items():
+                if name not in self._captured:
+                    raise AuxLossError(
+                        f"tap {name!r}: layer {self._taps[name].layer!r} never ran in the forward pass, so its head "
+                        "got no input. Tap a layer that the model's forward actually calls "
+                        "(auxloss.list_layers shows only layers that ran)."
+                    )
+                aux[name] = head(self._captured[name])
+        finally:
+            self._captured.clear()
+        return Outputs(main=main, aux=aux)
+
+    def strip(self) -> nn.Module:
+        """Remove every hook this wrapper added and give back the original model, for deployment.
+
+        The returned module is the very object passed to :func:`attach`: its outputs are bit-identical to the
+        original's, and the heads are dropped. This wrapper can no longer be called afterwards.
+        """
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._stripped = True
+        return self.model
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}<-{t.layer}" for n, t in self._taps.items())
+
+
+def attach(
+    model: nn.Module,
+    taps: Mapping[str, Tap | tuple | Mapping],
+    *,
+    example_input: Any = None,
+) -> AuxModel:
+    """Attach auxiliary heads to named layers of ``model`` and return an :class:`AuxModel`.
+
+    Args:
+        model: any ``nn.Module``; it is not modified except for the forward hooks (undone by ``strip()``).
+        taps: ``{name: Tap(layer, head, select=None)}``; a ``(layer, head[, select])`` tuple also works.
+        example_input: a sample input (a tensor, or a tuple of positional args). When given, one forward pass in
+            eval mode without gradients infers the heads' input sizes (their lazy layers are materialised) and
+            checks that every tapped layer runs. Give it before building the optimizer, since lazy parameters
+            only exist afterwards, and always under DDP.
+
+    Example:
+        >>> import torch, auxloss as al
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> m = al.attach(net, {"aux": al.Tap("1", al.LinearHead(3))}, example_input=torch.randn(2, 4))
+        >>> m(torch.randn(5, 4)).aux["aux"].shape
+        torch.Size([5, 3])
+    """
+    aux_model = AuxModel(model, taps)
+    if example_input is not None:
+        materialize(aux_model, example_input)
+    return aux_model
+
+
+def materialize(aux_model: AuxModel, example_input: Any) -> None:
+    """Run one eval-mode, no-grad forward so lazy heads infer their input sizes; restores the training flags."""
+    flags = {m: m.training for m in aux_model.modules()}
+    aux_model.eval()
+    try:
+        with torch.no_grad():
+            args = example_input if isinstance(example_input, tuple) else (example_input,)
+            aux_model(*args)
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """One tappable layer: its qualified name, module type, output description and parameter count."""
+
+    name: str
+    type: str
+    output: str
+    params: int
+
+    def __str__(self) -> str:
+        return f"{self.name:<32} {self.type:<24} {self.output:<28} {self.params:>10,}"
+
+
+def list_layers(model: nn.Module, example_input: Any, *, leaves: bool = False) -> list[LayerInfo]:
+    """Every layer that runs in ``model``'s forward on ``example_input``, in call order, with its output shape.
+
+    Only layers that actually ran are listed: those are exactly the ones a tap can read. ``leaves=True`` keeps
+    only modules without children.
+    """
+    infos: dict[str, LayerInfo] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if not name or (leaves and next(module.children(), None) is not None):
+            continue
+
+        def hook(mod: nn.Module, args: Any, output: Any, name: str = name) -> None:
+            if name not in infos:  # a module called twice keeps its first output
+                infos[name] = LayerInfo(
+                    name, type(mod).__name__, _describe_short(output), sum(p.numel() for p in mod.parameters())
+                )
+
+        handles.append(module.register_forward_hook(hook))
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            args = example_input if isinstance(example_input, tuple) else (example_input,)
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    return list(infos.values())
+
+
+def iter_hooks(model: nn.Module) -> Iterator[tuple[str, int]]:
+    """(module name, number of forward hooks) for every module that has any; for checking ``strip()``."""
+    for name, module in model.named_modules():
+        n = len(module._forward_hooks) + len(module._forward_pre_hooks)
+        if n:
+            yield name, n

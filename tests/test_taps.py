@@ -1,0 +1,194 @@
+import pytest
+import torch
+from torch import nn
+
+import auxloss as al
+from auxloss.taps import iter_hooks
+
+
+class Net(nn.Module):
+    """A model of a user's own, with a branch that never runs (to check the never-fires error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.layer1 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1, stride=2), nn.ReLU())
+        self.unused = nn.Linear(3, 3)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(0)
+    return torch.randn(4, 3, 16, 16)
+
+
+def test_heads_infer_their_input_sizes_and_outputs_are_explicit_in_both_modes(x):
+    net = Net()
+    m = al.attach(
+        net,
+        {"a": al.Tap("layer1", al.LinearHead(7)), "b": ("layer2", al.InceptionAuxHead(3))},
+        example_input=x[:1],
+    )
+    # layer1 has 16 channels and layer2 24: nobody told the heads.
+    assert m.heads["a"].fc.weight.shape == (7, 16)
+    assert m.heads["b"].conv.weight.shape == (128, 24, 1, 1)
+    for mode in (True, False):
+        m.train(mode)
+        out = m(x)
+        assert isinstance(out, al.Outputs)
+        assert out.main.shape == (4, 5)
+        assert out.aux["a"].shape == (4, 7) and out.aux["b"].shape == (4, 3)
+
+
+def test_heads_are_submodules_seen_by_state_dict_and_to(x):
+    m = al.attach(Net(), {"a": al.Tap("layer1", al.LinearHead(7))}, example_input=x[:1])
+    keys = m.state_dict().keys()
+    assert "heads.a.fc.weight" in keys and "model.fc.weight" in keys
+    m = m.to(torch.float64)
+    assert m.heads["a"].fc.weight.dtype == torch.float64
+    assert m(x.double()).aux["a"].dtype == torch.float64
+    # every parameter is reachable through .parameters(), so an optimizer built afterwards trains the heads
+    ids = {id(p) for p in m.parameters()}
+    assert all(id(p) in ids for p in m.heads.parameters())
+
+
+def test_tap_reads_the_same_tensor_as_the_layer(x):
+    net = Net()
+    seen = {}
+    net.layer1.register_forward_hook(lambda mod, a, out: seen.setdefault("layer1", out))
+    probe = nn.Identity()
+    m = al.attach(net, {"p": al.Tap("layer1", probe)})
+    out = m(x)
+    assert torch.equal(out.aux["p"], seen["layer1"])
+
+
+def test_strip_gives_back_the_original_model_bit_identical_with_no_hook_left(x):
+    torch.manual_seed(1)
+    net = Net().eval()
+    before = net(x)
+    hooks_before = list(iter_hooks(net))
+    m = al.attach(net, {"a": al.Tap("layer1", al.LinearHead(7)), "b": al.Tap("layer1", al.MLPHead(2))},
+                  example_input=x[:1])
+    assert len(net.layer1._forward_hooks) == 1  # one hook serves both taps on the layer
+    plain = m.strip()
+    assert plain is net
+    assert list(iter_hooks(plain)) == hooks_before == []
+    assert all(len(mod._forward_hooks) == 0 for mod in plain.modules())
+    assert torch.equal(plain(x), before)
+    with pytest.raises(al.AuxLossError, match="stripped"):
+        m(x)
+
+
+def test_strip_keeps_a_users_own_hooks(x):
+    net = Net()
+    calls = []
+    net.fc.register_forward_hook(lambda *a: calls.append(1))
+    m = al.attach(net, {"a": al.Tap("fc", nn.Identity())})
+    m.strip()
+    assert len(net.fc._forward_hooks) == 1
+    net(x)
+    assert calls == [1]
+
+
+def test_lstm_tuple_output_tapped_with_selectors():
+    torch.manual_seed(0)
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(5, 12, num_layers=2, batch_first=True)
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return self.fc(out[:, -1])
+
+    x = torch.randn(2, 9, 5)
+    m = al.attach(
+        Seq(),
+        {
+            "steps": al.Tap("rnn", al.SequenceHead(4, mode="all"), select=0),
+            "h_last_layer": al.Tap("rnn", nn.Identity(), select=(1, 0)),
+            "fn": al.Tap("rnn", nn.Identity(), select=lambda o: o[1][1][-1]),
+        },
+        example_input=x[:1],
+    )
+    out = m(x)
+    assert out.aux["steps"].shape == (2, 9, 4)
+    assert out.aux["h_last_layer"].shape == (2, 2, 12)  # (num_layers, N, H)
+    assert out.aux["fn"].shape == (2, 12)
+    rnn_out, (h, c) = m.model.rnn(x)
+    assert torch.allclose(out.aux["h_last_layer"], h)
+    assert torch.allclose(out.aux["fn"], c[-1])
+
+
+def test_detached_tap_keeps_head_gradient_out_of_the_trunk(x):
+    net = Net()
+    m = al.attach(net, {"probe": al.Tap("layer1", al.LinearHead(2), detach=True)}, example_input=x[:1])
+    m(x).aux["probe"].sum().backward()
+    assert net.layer1[0].weight.grad is None
+    assert m.heads["probe"].fc.weight.grad is not None
+
+
+def test_unknown_layer_lists_the_closest_names():
+    with pytest.raises(al.AuxLossError) as err:
+        al.attach(Net(), {"a": al.Tap("layer3", al.LinearHead(2))})
+    msg = str(err.value)
+    assert "layer3" in msg and "layer1" in msg and "layer2" in msg and "list_layers" in msg
+
+
+def test_tap_on_a_module_that_never_runs_is_named(x):
+    with pytest.raises(al.AuxLossError, match="'unused' never ran"):
+        al.attach(Net(), {"a": al.Tap("unused", al.LinearHead(2))}, example_input=x[:1])
+
+
+def test_bad_tap_names_and_specs_are_refused():
+    with pytest.raises(al.AuxLossError, match="not usable"):
+        al.attach(Net(), {"main": al.Tap("layer1", nn.Identity())})
+    with pytest.raises(al.AuxLossError, match="must be a Tap"):
+        al.attach(Net(), {"a": "layer1"})
+    with pytest.raises(al.AuxLossError, match="head must be an nn.Module"):
+        al.attach(Net(), {"a": al.Tap("layer1", lambda t: t)})
+    with pytest.raises(al.AuxLossError, match="already has heads"):
+        al.attach(al.attach(Net(), {"a": al.Tap("layer1", nn.Identity())}), {})
+
+
+def test_selector_error_describes_the_output():
+    lstm = nn.Sequential(nn.LSTM(3, 4, batch_first=True))
+    m = al.attach(lstm, {"a": al.Tap("0", nn.Identity(), select=5)})
+    with pytest.raises(al.AuxLossError, match=r"cannot pick 5 .*tuple.*Tensor\(1, 2, 4\)"):
+        m(torch.randn(1, 2, 3))
+
+
+def test_list_layers_reports_output_shapes_in_call_order(x):
+    infos = al.list_layers(Net(), x[:1])
+    names = [i.name for i in infos]
+    assert names.index("stem") < names.index("layer1") < names.index("layer2") < names.index("fc")
+    assert "unused" not in names  # only layers that ran can be tapped
+    by_name = {i.name: i for i in infos}
+    assert by_name["layer1"].output == "Tensor(1, 16, 8, 8)"
+    assert by_name["layer2"].output == "Tensor(1, 24, 4, 4)"
+    assert by_name["fc"].params == 24 * 5 + 5
+    leaves = {i.name for i in al.list_layers(Net(), x[:1], leaves=True)}
+    assert "layer1" not in leaves and "layer1.0" in leaves
+
+
+def test_list_layers_restores_training_mode(x):
+    net = Net().train()
+    al.list_layers(net, x[:1])
+    assert all(m.training for m in net.modules())
+
+
+def test_torchvision_resnet18_if_installed():
+    tv = pytest.importorskip("torchvision", reason="torchvision is an optional extra (auxloss[vision])")
+    net = tv.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    m = al.attach(net, {"l3": al.Tap("layer3", al.LinearHead(10))}, example_input=x[:1])
+    assert m.heads["l3"].fc.weight.shape == (10, 256)
+    assert m(x).aux["l3"].shape == (2, 10)
