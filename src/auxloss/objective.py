@@ -178,6 +178,17 @@ class Objective(nn.Module):
         self._check_finite(report)
         return report
 
+    def backward(self, report: LossReport, *, scale: float = 1.0, scaler: Any = None) -> None:
+        """Back-propagate the step's total (times ``scale``, for gradient accumulation) through a GradScaler if any.
+
+        The trainer calls this rather than ``report.total.backward()`` so that weightings that act on gradients
+        rather than losses can take over the backward pass.
+        """
+        total = report.total * scale if scale != 1.0 else report.total
+        if scaler is not None:
+            total = scaler.scale(total)
+        total.backward()
+
     def _combine(self, losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
         # Summed left to right in task order, so that fixed weights give exactly the hand-written formula
         # L + 0.3·L1 + 0.3·L2. A task at weight 0 still enters as 0·L: its head stays in the graph, so DDP never

@@ -267,20 +267,29 @@ class LayerInfo:
     params: int
 
     def __str__(self) -> str:
-        return f"{self.name:<32} {self.type:<24} {self.output:<28} {self.params:>10,}"
+        return f"{self.name:<40} {self.type:<22} {self.output:<28} {self.params:>11,}"
 
 
-def list_layers(model: nn.Module, example_input: Any, *, leaves: bool = False) -> list[LayerInfo]:
+def list_layers(
+    model: nn.Module, example_input: Any, *, leaves: bool = False, max_depth: int | None = None
+) -> list[LayerInfo]:
     """Every layer that runs in ``model``'s forward on ``example_input``, in call order, with its output shape.
 
     Only layers that actually ran are listed: those are exactly the ones a tap can read. ``leaves=True`` keeps
-    only modules without children.
+    only modules without children; ``max_depth=1`` only top-level children (``layer1`` but not ``layer1.0``).
     """
+    order: list[str] = []  # call order (pre-hooks), so that a block comes before its children
     infos: dict[str, LayerInfo] = {}
     handles = []
     for name, module in model.named_modules():
         if not name or (leaves and next(module.children(), None) is not None):
             continue
+        if max_depth is not None and name.count(".") >= max_depth:
+            continue
+
+        def pre_hook(mod: nn.Module, args: Any, name: str = name) -> None:
+            if name not in order:
+                order.append(name)
 
         def hook(mod: nn.Module, args: Any, output: Any, name: str = name) -> None:
             if name not in infos:  # a module called twice keeps its first output
@@ -288,6 +297,7 @@ def list_layers(model: nn.Module, example_input: Any, *, leaves: bool = False) -
                     name, type(mod).__name__, _describe_short(output), sum(p.numel() for p in mod.parameters())
                 )
 
+        handles.append(module.register_forward_pre_hook(pre_hook))
         handles.append(module.register_forward_hook(hook))
     flags = {m: m.training for m in model.modules()}
     model.eval()
@@ -300,7 +310,7 @@ def list_layers(model: nn.Module, example_input: Any, *, leaves: bool = False) -
             h.remove()
         for m, flag in flags.items():
             m.training = flag
-    return list(infos.values())
+    return [infos[n] for n in order if n in infos]
 
 
 def iter_hooks(model: nn.Module) -> Iterator[tuple[str, int]]:

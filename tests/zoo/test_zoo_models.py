@@ -7,6 +7,8 @@ formula rather than read back from the modules.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -264,7 +266,9 @@ def test_googlenet32_rejects_bad_width() -> None:
 def test_small_cnn_shapes(size: int, spatial: tuple[int, int, int]) -> None:
     model = SmallCNN(width=8, in_channels=1).eval()
     with torch.no_grad():
-        out = record_outputs(model, ["block1", "block2", "block3", "pool", "fc"], torch.randn(2, 1, size, size))
+        out = record_outputs(
+            model, ["block1", "block2", "block3", "pool", "fc"], torch.randn(2, 1, size, size)
+        )
     assert out["block1"].shape == (2, 8, spatial[0], spatial[0])
     assert out["block2"].shape == (2, 16, spatial[1], spatial[1])
     assert out["block3"].shape == (2, 32, spatial[2], spatial[2])
@@ -362,7 +366,7 @@ def test_deep_mlp_gradients_vanish_towards_the_input() -> None:
     assert len(norms) == 10
     # Measured ~150x; the backpropagated signal shrinks at every tanh layer on the way down.
     assert norms[0] < norms[-1] / 30
-    assert all(a < b for a, b in zip(norms, norms[1:]))
+    assert all(a < b for a, b in itertools.pairwise(norms))
     first, last = model.layers[0].linear.weight.grad, model.layers[-1].linear.weight.grad
     assert first is not None and last is not None
     assert first.norm() < last.norm() / 5

@@ -77,8 +77,10 @@ def _check_probability(name: str, value: Any) -> float:
 
 
 def _check_width(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and value > 0
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
     ):
         raise AuxLossError(f"width must be a finite number > 0, got {value!r}.")
     return float(value)
@@ -170,7 +172,7 @@ class Inception(nn.Module):
         self.branch5x5 = nn.Sequential(
             OrderedDict(
                 reduce=ConvBlock(in_ch, ch5x5red, 1, batch_norm=batch_norm),
-                conv=ConvBlock(ch5x5red, ch5x5, 3, padding=1, batch_norm=batch_norm),
+                conv=ConvBlock(ch5x5red, ch5x5, 5, padding=2, batch_norm=batch_norm),
             )
         )
         self.branch_pool = nn.Sequential(
@@ -444,9 +446,7 @@ class DeepMLP(nn.Module):
         _check_int("hidden", hidden)
         _check_int("depth", depth)
         if activation not in _ACTIVATIONS:
-            raise AuxLossError(
-                f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}."
-            )
+            raise AuxLossError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}.")
         layers: list[nn.Module] = []
         width_in = in_features
         for _ in range(depth):

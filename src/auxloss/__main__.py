@@ -1,0 +1,5 @@
+import sys
+
+from auxloss.cli import main
+
+sys.exit(main())

@@ -1,0 +1,279 @@
+"""The experiment config: a YAML file validated with pydantic.
+
+It describes the data, the model, the main task, the training, the list of variants (each with its taps and
+auxiliary tasks) and the number of seeds. The baseline, the same model and training without any auxiliary loss,
+is always added: it is not listed among the variants. An unknown key or a wrong type is an error naming the key
+and, where the YAML gives it, the file line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from auxloss.errors import AuxLossError
+
+__all__ = ["DataConfig", "ExperimentConfig", "HeadConfig", "ModelConfig", "TaskConfig", "TrainConfig",
+           "VariantConfig", "load_config", "parse_config"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    """Which dataset, how big each split is, and the batch size.
+
+    ``name``: ``shapes`` (generated), ``digits`` (scikit-learn), ``fashion-mnist`` (IDX files under ``root``), or
+    ``folder`` (a user's image folder under ``root``). ``params`` go to the dataset's builder.
+    """
+
+    name: str = "shapes"
+    n_train: int = Field(500, ge=1)
+    n_val: int = Field(500, ge=1)
+    n_test: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    root: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    #: Seed of the data itself. ``None`` draws a new training subset per seed (the default: seeds then cover
+    #: data variability too); an integer keeps one fixed dataset for every seed.
+    data_seed: int | None = None
+
+
+class ModelConfig(_Strict):
+    """A built-in model (``small_cnn``, ``deep_mlp``, ``googlenet``, ``googlenet32``), or ``torchvision:NAME`` /
+    ``timm:NAME`` where those extras are installed. ``params`` go to its constructor."""
+
+    name: str = "small_cnn"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class HeadConfig(_Strict):
+    """A head: ``type`` is ``linear``, ``mlp``, ``inception_aux``, ``dense`` or ``sequence``. ``out`` is its output
+    size; when omitted it is the number of classes of the task's target."""
+
+    type: Literal["linear", "mlp", "inception_aux", "dense", "sequence"] = "linear"
+    out: int | None = Field(None, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TapConfig(_Strict):
+    layer: str
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    select: Union[int, str, list[Union[int, str]], None] = None
+    detach: bool = False
+
+
+class TaskConfig(_Strict):
+    """An auxiliary task. ``target``: a batch key, ``null`` for the main label, or ``module:function`` computing
+    it from the batch. ``weight``: a number or a schedule such as ``{type: curriculum, value: 0.3, start: 100}``."""
+
+    name: str
+    source: str
+    target: str | None = None
+    loss: str = "cross_entropy"
+    metric: str | None = "auto"
+    weight: Union[float, dict[str, Any]] = 1.0
+    #: Shuffle this task's targets within each batch: an unrelated (harmful) task, for safety checks.
+    shuffle_target: bool = False
+
+
+class MainConfig(_Strict):
+    target: str = "target"
+    loss: str = "cross_entropy"
+    metric: str | None = "auto"
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["cosine", "step"] | None = None
+    grad_clip: float | None = Field(None, gt=0)
+    accumulate: int = Field(1, ge=1)
+    amp: Literal[False, "bf16", "fp16"] = False
+    compile: bool = False
+    patience: int | None = Field(None, ge=1)
+    device: str = "auto"
+    eval_train: bool = True
+    #: Which split's main metric is compared between variants: the test split (the best epoch is still chosen on
+    #: validation).
+    compare_on: Literal["test", "val"] = "test"
+
+
+class VariantConfig(_Strict):
+    name: str
+    taps: dict[str, TapConfig] = Field(default_factory=dict)
+    tasks: list[TaskConfig] = Field(default_factory=list)
+    weighting: dict[str, Any] | None = None
+    train: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not v or "/" in v or v == "baseline":
+            raise ValueError("a variant name must be non-empty, without '/', and not 'baseline' (added for you)")
+        return v
+
+    @model_validator(mode="after")
+    def _sources_exist(self) -> VariantConfig:
+        for task in self.tasks:
+            if task.source != "main" and task.source not in self.taps:
+                raise ValueError(
+                    f"task {task.name!r} reads source {task.source!r}, which is not one of this variant's taps "
+                    f"{sorted(self.taps)} (or 'main')"
+                )
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes or "main" in names:
+            raise ValueError(f"duplicate task names {dupes or ['main']}: each task needs its own name")
+        return self
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    seeds: int = Field(5, ge=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    main: MainConfig = Field(default_factory=MainConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    variants: list[VariantConfig] = Field(default_factory=list)
+    alpha: float = Field(0.05, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _unique_variants(self) -> ExperimentConfig:
+        names = [v.name for v in self.variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate variant names {dupes}")
+        return self
+
+    def variant(self, name: str) -> VariantConfig:
+        """The variant called ``name``; ``baseline`` is the variant with no taps and no tasks."""
+        if name == "baseline":
+            return VariantConfig.model_construct(name="baseline", taps={}, tasks=[], weighting=None, train={})
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise AuxLossError(f"no variant {name!r}; the variants are {['baseline'] + [v.name for v in self.variants]}.")
+
+    @property
+    def variant_names(self) -> list[str]:
+        return ["baseline"] + [v.name for v in self.variants]
+
+
+# -- loading with line numbers -------------------------------------------------------------------------------
+class _LineLoader(yaml.SafeLoader):
+    """A YAML loader that remembers the line of every mapping key, for error messages."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False) -> dict[str, Any]:
+    mapping = loader.construct_mapping(node, deep=deep)
+    lines = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        lines[key] = key_node.start_mark.line + 1
+    loader.lines[id(mapping)] = lines  # type: ignore[attr-defined]
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _line_of(data: Any, loc: tuple, lines: dict[int, dict[Any, int]]) -> int | None:
+    line = None
+    node = data
+    for part in loc:
+        if isinstance(node, dict):
+            line = lines.get(id(node), {}).get(part, line)
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            break
+    return line
+
+
+def parse_config(data: Any, *, source: str = "<config>", lines: dict[int, dict[Any, int]] | None = None
+                 ) -> ExperimentConfig:
+    """Validate a config dict; errors name every bad key with its path and, when known, its line."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise AuxLossError(f"{source}: the config must be a YAML mapping (key: value), got {type(data).__name__}.")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"])
+            path = ".".join(str(p) for p in loc) or "(top level)"
+            line = _line_of(data, loc, lines or {})
+            where = f"{source}:{line}" if line else source
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key {path!r}"
+                parent = _parent_fields(loc)
+                if parent:
+                    from auxloss.errors import close_matches
+
+                    hint = close_matches(str(loc[-1]), parent)
+                    msg += f" (did you mean {hint[0]!r}?)" if hint else f" (valid keys: {sorted(parent)})"
+            else:
+                msg = f"{path}: {err['msg']}"
+                if "input" in err and err["type"] != "missing":
+                    msg += f" (got {err['input']!r})"
+            problems.append(f"{where}: {msg}")
+        raise AuxLossError("invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def _parent_fields(loc: tuple) -> list[str]:
+    model: Any = ExperimentConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        for arg in list(candidates):
+            candidates += list(getattr(arg, "__args__", ()))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate a YAML config file. ``overrides`` (dotted keys) are applied before validation."""
+    path = Path(path)
+    if not path.is_file():
+        raise AuxLossError(f"config file {str(path)!r} does not exist; give the path of a YAML file "
+                           "(see examples/ for ready-made ones).")
+    loader = _LineLoader(path.read_text())
+    loader.lines = {}  # type: ignore[attr-defined]
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise AuxLossError(f"{where}: YAML syntax error: {getattr(exc, 'problem', exc)}. Fix the file's syntax "
+                           "(indentation, a missing ':' or an unclosed bracket).") from None
+    finally:
+        loader.dispose()
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return parse_config(data, source=str(path), lines=loader.lines)  # type: ignore[attr-defined]
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value

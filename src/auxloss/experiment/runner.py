@@ -1,0 +1,231 @@
+"""Run an experiment: the baseline and every variant on every seed, stored, compared, reported.
+
+Runs are independent jobs in the SQLite store. Worker processes (``workers``) claim them one at a time, so a
+second command on the same ``--out`` (or a crashed one restarted) never trains a finished run twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from auxloss.errors import AuxLossError
+from auxloss.experiment import stats
+from auxloss.experiment.config import ExperimentConfig
+from auxloss.experiment.store import Store, worker_id
+
+__all__ = ["aggregate", "run_experiment", "run_one"]
+
+RESULTS_FILE = "results.json"
+STORE_FILE = "results.sqlite"
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """A fingerprint of everything that changes the runs (not the number of seeds, which only adds runs)."""
+    data = cfg.model_dump(mode="json")
+    data.pop("seeds", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_one(cfg: ExperimentConfig, variant: str, seed: int, *, out: Path | None = None,
+            device: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train one (variant, seed) and return its result record (with ``history``)."""
+    from auxloss.experiment.build import build_run
+
+    log_dir = str(out / "runs" / variant / f"seed{seed}") if out is not None else None
+    if log_dir is not None:  # a redone run starts its logs afresh
+        for name in ("epochs.jsonl", "epochs.csv", "steps.jsonl"):
+            p = Path(log_dir) / name
+            if p.exists():
+                p.unlink()
+    built = build_run(cfg, variant, seed, device=device, log_dir=log_dir, progress=progress)
+    fit = built.trainer.fit(built.model, built.objective, built.loaders["train"], built.loaders["val"],
+                            built.loaders["test"])
+    split = cfg.train.compare_on
+    return {
+        "variant": variant,
+        "seed": seed,
+        "main": fit.main_metric(split),
+        "best_epoch": fit.best_epoch,
+        "best": fit.best,
+        "seconds": fit.seconds,
+        "stopped_early": fit.stopped_early,
+        "skipped_steps": fit.skipped_steps,
+        "history": fit.history,
+    }
+
+
+def _worker_loop(cfg_json: dict[str, Any], out: str, device: str | None, threads: int | None,
+                 progress: bool) -> int:
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = ExperimentConfig.model_validate(cfg_json)
+    store = Store(Path(out) / STORE_FILE)
+    me = worker_id()
+    done = 0
+    while True:
+        job = store.claim(me)
+        if job is None:
+            return done
+        variant, seed = job
+        try:
+            record = run_one(cfg, variant, seed, out=Path(out), device=device, progress=progress)
+        except AuxLossError as exc:
+            store.fail(variant, seed, str(exc))
+            raise
+        except Exception as exc:
+            store.fail(variant, seed, "".join(traceback.format_exception(exc)))
+            raise
+        history = record.pop("history")
+        store.finish(variant, seed, record, history, worker=me)
+        done += 1
+
+
+def _pool_worker(args: tuple) -> int:
+    return _worker_loop(*args)
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out: str | Path,
+    *,
+    workers: int = 1,
+    device: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+    command: str | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Train every (variant, seed) not yet finished under ``out``, then write ``results.json`` and the report.
+
+    Args:
+        cfg: the validated config.
+        out: output folder; it holds ``results.sqlite``, ``config.yaml`` (resolved), ``runs/`` logs,
+            ``results.json`` and ``report.html``/``report.md``.
+        workers: processes training runs in parallel (each with ``torch`` limited to share the cores).
+        force: reuse a folder that holds another experiment's results (its runs are discarded).
+    """
+    import yaml
+
+    out = Path(out)
+    started = time.perf_counter()
+    store_path = out / STORE_FILE
+    fingerprint = config_hash(cfg)
+    if store_path.exists():
+        store = Store(store_path)
+        previous = store.get_meta("config_hash")
+        if previous is not None and previous != fingerprint:
+            if not force:
+                raise AuxLossError(
+                    f"{str(out)!r} holds the results of another experiment ({store.get_meta('name')!r}, a different "
+                    "config). Use another --out folder, or pass --force to discard them."
+                )
+            store_path.unlink()
+            for suffix in ("-wal", "-shm"):
+                Path(str(store_path) + suffix).unlink(missing_ok=True)
+    store = Store(store_path)
+    store.set_meta("config_hash", fingerprint)
+    store.set_meta("name", cfg.name)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    runs = [(v, s) for s in range(cfg.seeds) for v in cfg.variant_names]
+    store.add_runs(runs)
+    # This call is the only one working on `out` unless the user started others: any run marked running is
+    # an interrupted one, so it is redone. (Concurrent workers on one store use heartbeats instead.)
+    if os.environ.get("AUXLOSS_SHARED_STORE") != "1":
+        store.reset_unfinished()
+
+    todo = store.status().get("pending", 0)
+    workers = max(1, min(workers, todo)) if todo else 1
+    cfg_json = cfg.model_dump(mode="json")
+    if todo and workers == 1:
+        _worker_loop(cfg_json, str(out), device, None, progress)
+    elif todo:
+        # Each process gets an equal share of the cores: oversubscribed torch threads spin and slow everyone.
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(workers) as pool:
+            pool.map(_pool_worker, [(cfg_json, str(out), device, threads, False)] * workers)
+    results = aggregate(cfg, store, command=command, seconds=time.perf_counter() - started)
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    from auxloss.experiment.report import build_report
+
+    build_report(out, results, *load_histories(store))
+    return results
+
+
+def load_histories(store: Store) -> tuple[dict[str, dict[int, list[dict]]], dict[str, dict[int, int]]]:
+    histories: dict[str, dict[int, list[dict]]] = {}
+    best: dict[str, dict[int, int]] = {}
+    for run in store.runs("done"):
+        histories.setdefault(run["variant"], {})[run["seed"]] = run["history"]
+        best.setdefault(run["variant"], {})[run["seed"]] = run["result"]["best_epoch"]
+    return histories, best
+
+
+def aggregate(cfg: ExperimentConfig, store: Store, *, command: str | None = None,
+              seconds: float | None = None) -> dict[str, Any]:
+    """``results.json``: per-variant means with CIs, and paired comparisons with the baseline."""
+    done = store.runs("done")
+    by_variant: dict[str, dict[int, float]] = {}
+    extra: dict[str, dict[int, dict]] = {}
+    for run in done:
+        by_variant.setdefault(run["variant"], {})[run["seed"]] = float(run["result"]["main"])
+        extra.setdefault(run["variant"], {})[run["seed"]] = run["result"]
+    metric = cfg.main.metric if cfg.main.metric not in (None, "auto") else (
+        "accuracy" if cfg.main.loss in ("cross_entropy", "ce") else cfg.main.loss)
+    from auxloss.tasks import METRICS
+
+    higher = METRICS[metric][1] if metric in METRICS else True
+    variants = []
+    for name in cfg.variant_names:
+        values = by_variant.get(name, {})
+        if not values:
+            continue
+        summary = stats.summarize(values)
+        aux_tasks = [t.name for t in cfg.variant(name).tasks]
+        aux_final = {}
+        for task in aux_tasks:
+            vals = [r["best"].get(f"{cfg.train.compare_on}/metric/{task}") for r in extra[name].values()]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                aux_final[task] = sum(vals) / len(vals)
+        variants.append({
+            "name": name,
+            "seeds": summary["seeds"],
+            "main": [values[s] for s in summary["seeds"]],
+            "mean": summary["mean"],
+            "std": summary["std"],
+            "ci95": summary["ci95"],
+            "aux_tasks": aux_tasks,
+            "aux_metrics": aux_final,
+            "best_epochs": [extra[name][s]["best_epoch"] for s in summary["seeds"]],
+            "seconds": sum(extra[name][s]["seconds"] for s in summary["seeds"]),
+        })
+    comparisons = []
+    baseline = by_variant.get("baseline", {})
+    others = {v: by_variant[v] for v in cfg.variant_names[1:] if v in by_variant}
+    if baseline and others:
+        comparisons = [c.to_dict() for c in stats.compare(baseline, others, higher_is_better=higher,
+                                                          alpha=cfg.alpha)]
+    status = store.status()
+    return {
+        "name": cfg.name,
+        "metric": metric,
+        "higher_is_better": higher,
+        "baseline": "baseline",
+        "split": cfg.train.compare_on,
+        "variants": variants,
+        "comparisons": comparisons,
+        "runs": {"done": status.get("done", 0), "failed": status.get("failed", 0),
+                 "pending": status.get("pending", 0) + status.get("running", 0)},
+        "config": {**cfg.model_dump(mode="json"), **({"command": command} if command else {})},
+        "timing": {"total_seconds": seconds},
+    }

@@ -1,0 +1,182 @@
+"""The results store: one SQLite file under the output folder, safe for several worker processes.
+
+A run (variant, seed) is *claimed* inside an immediate transaction, so two workers never train the same run, and
+its result is written in one transaction with its status, so the store never holds a half-written run. Running
+the same experiment again skips finished runs and redoes unfinished ones (a claim whose worker stopped sending
+heartbeats, or any claim when the caller says no other worker is alive).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from auxloss.errors import AuxLossError
+
+__all__ = ["Store"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    variant TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',   -- pending | running | done | failed
+    worker TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    started REAL,
+    heartbeat REAL,
+    finished REAL,
+    result TEXT,       -- JSON: the best epoch's metrics, the main metric, timing
+    history TEXT,      -- JSON: one record per epoch
+    error TEXT,
+    PRIMARY KEY (variant, seed)
+);
+"""
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Store:
+    """SQLite store of an experiment's runs.
+
+    Args:
+        path: the database file (created with its folder).
+        stale_after: seconds without a heartbeat after which another worker may take over a claimed run.
+    """
+
+    def __init__(self, path: str | Path, *, stale_after: float = 120.0) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AuxLossError(f"cannot create the output folder {str(self.path.parent)!r}: {exc.strerror}. "
+                               "Choose a writable --out folder.") from exc
+        self.stale_after = stale_after
+        try:
+            with self._connect() as con:
+                con.executescript(_SCHEMA)
+        except sqlite3.OperationalError as exc:
+            raise AuxLossError(f"cannot write the results store {str(self.path)!r}: {exc}. Choose a writable --out "
+                               "folder with free space.") from exc
+        except sqlite3.DatabaseError as exc:
+            raise AuxLossError(f"{str(self.path)!r} is not a valid auxloss results store ({exc}). Use another "
+                               "--out folder, or remove the file.") from exc
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # A generous busy timeout: workers queue on the write lock instead of failing with "database is locked".
+        con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            else:
+                con.execute("COMMIT")
+
+    # -- metadata ------------------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> Any:
+        with self._connect() as con:
+            row = con.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._transaction() as con:
+            con.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    # -- runs ----------------------------------------------------------------------------------------------
+    def add_runs(self, runs: list[tuple[str, int]]) -> None:
+        """Register runs as pending (existing ones are left as they are)."""
+        with self._transaction() as con:
+            con.executemany("INSERT OR IGNORE INTO runs(variant, seed) VALUES (?, ?)", runs)
+
+    def reset_unfinished(self) -> int:
+        """Mark every claimed-but-unfinished run pending again (when no other worker can be alive)."""
+        with self._transaction() as con:
+            cur = con.execute("UPDATE runs SET status='pending', worker=NULL WHERE status IN ('running', 'failed')")
+            return cur.rowcount
+
+    def claim(self, worker: str | None = None) -> tuple[str, int] | None:
+        """Atomically take the next pending (or stale) run; ``None`` when nothing is left to do."""
+        worker = worker or worker_id()
+        now = time.time()
+        with self._transaction() as con:
+            row = con.execute(
+                "SELECT variant, seed FROM runs WHERE status='pending' "
+                "OR (status='running' AND heartbeat < ?) ORDER BY seed, rowid LIMIT 1",
+                (now - self.stale_after,),
+            ).fetchone()
+            if row is None:
+                return None
+            con.execute(
+                "UPDATE runs SET status='running', worker=?, started=?, heartbeat=?, attempts=attempts+1 "
+                "WHERE variant=? AND seed=?",
+                (worker, now, now, row[0], row[1]),
+            )
+        return row[0], int(row[1])
+
+    def heartbeat(self, variant: str, seed: int, worker: str | None = None) -> None:
+        with self._transaction() as con:
+            con.execute("UPDATE runs SET heartbeat=? WHERE variant=? AND seed=? AND worker=?",
+                        (time.time(), variant, seed, worker or worker_id()))
+
+    def finish(self, variant: str, seed: int, result: dict[str, Any], history: list[dict[str, Any]],
+               worker: str | None = None) -> bool:
+        """Write a finished run in one transaction. Returns False if another worker finished it first."""
+        payload = (json.dumps(result), json.dumps(history))
+        with self._transaction() as con:
+            status = con.execute("SELECT status FROM runs WHERE variant=? AND seed=?", (variant, seed)).fetchone()
+            if status is not None and status[0] == "done":
+                return False
+            con.execute(
+                "INSERT INTO runs(variant, seed, status, worker, finished, result, history) "
+                "VALUES (?, ?, 'done', ?, ?, ?, ?) ON CONFLICT(variant, seed) DO UPDATE SET status='done', "
+                "worker=excluded.worker, finished=excluded.finished, result=excluded.result, "
+                "history=excluded.history, error=NULL",
+                (variant, seed, worker or worker_id(), time.time(), *payload),
+            )
+        return True
+
+    def fail(self, variant: str, seed: int, error: str) -> None:
+        with self._transaction() as con:
+            con.execute("UPDATE runs SET status='failed', error=? WHERE variant=? AND seed=?", (error, variant, seed))
+
+    def status(self) -> dict[str, int]:
+        with self._connect() as con:
+            rows = con.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
+        return {s: int(n) for s, n in rows}
+
+    def runs(self, status: str | None = "done") -> list[dict[str, Any]]:
+        """Runs with their result and history decoded."""
+        query = "SELECT variant, seed, status, result, history, error, attempts FROM runs"
+        args: tuple = ()
+        if status is not None:
+            query += " WHERE status=?"
+            args = (status,)
+        with self._connect() as con:
+            rows = con.execute(query + " ORDER BY variant, seed", args).fetchall()
+        return [
+            {"variant": v, "seed": int(s), "status": st, "result": json.loads(r) if r else None,
+             "history": json.loads(h) if h else [], "error": e, "attempts": a}
+            for v, s, st, r, h, e, a in rows
+        ]

@@ -1,0 +1,436 @@
+"""A plain PyTorch training loop driven by an :class:`~auxloss.objective.Objective`.
+
+No framework is required. It gives the optimizer and LR scheduler, gradient clipping and accumulation, AMP on
+CUDA and an optional ``torch.compile``, evaluation on the validation and test splits each epoch, early stopping
+and the best checkpoint chosen on validation (never on test), per-task losses, weights and metrics over time,
+the train/validation gap, progress bars, logs, and Lightning-style callbacks.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from auxloss.errors import AuxLossError
+from auxloss.objective import LossReport, Objective
+from auxloss.taps import Outputs
+from auxloss.train.callbacks import Callback
+from auxloss.train.logging import RunLogger
+
+__all__ = ["FitResult", "Trainer", "move_to"]
+
+
+def move_to(batch: Any, device: torch.device | str) -> Any:
+    """Move every tensor in a (nested) batch to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` returns.
+
+    ``best`` holds the validation and test metrics at ``best_epoch``, the epoch chosen on the validation main
+    metric (the last epoch when there is no validation split). ``history`` is one record per epoch.
+    """
+
+    best_epoch: int
+    best: dict[str, float]
+    history: list[dict[str, Any]]
+    stopped_early: bool
+    seconds: float
+    skipped_steps: int = 0
+
+    def main_metric(self, split: str = "test") -> float:
+        """The main task's metric on ``split`` at the best epoch."""
+        key = f"{split}/metric/main"
+        if key not in self.best:
+            raise AuxLossError(f"no {split!r} metric in this run; the splits evaluated are "
+                               f"{sorted({k.split('/')[0] for k in self.best})}.")
+        return self.best[key]
+
+
+class Trainer:
+    """Trains an aux model with an objective.
+
+    Args:
+        epochs: number of epochs.
+        optimizer: ``"adam"``, ``"adamw"``, ``"sgd"`` or a callable ``params -> Optimizer``.
+        lr, weight_decay, momentum: optimizer settings (momentum for SGD).
+        lr_schedule: ``None``, ``"cosine"`` (to zero over all steps), ``"step"`` (×0.1 at 50% and 75%), or a
+            callable ``optimizer -> LRScheduler`` stepped once per optimizer step.
+        grad_clip: max global gradient norm, or ``None``.
+        accumulate: micro-batches per optimizer step.
+        amp: ``False``, ``"bf16"`` or ``"fp16"`` (autocast on CUDA; fp16 uses a GradScaler). Ignored on CPU except
+            ``"bf16"``, which CPU autocast supports.
+        compile: wrap the model in ``torch.compile`` (hooks are registered before, as compile requires).
+        patience: early stopping after this many epochs without a better validation main metric; ``None`` = off.
+        device: ``"auto"`` (CUDA when available), or any torch device.
+        callbacks: :class:`~auxloss.train.callbacks.Callback` objects.
+        log_dir: where ``epochs.jsonl``/``epochs.csv``/``steps.jsonl`` go; ``None`` = no files.
+        log_every: log a step record every N optimizer steps.
+        eval_train: also evaluate the training set in eval mode each epoch, for an honest train/val gap (the
+            running train-mode metric is biased by dropout and by the weights changing during the epoch).
+        progress: show a progress bar (rich).
+    """
+
+    def __init__(
+        self,
+        *,
+        epochs: int = 10,
+        optimizer: str | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        lr_schedule: str | Callable[[torch.optim.Optimizer], Any] | None = None,
+        grad_clip: float | None = None,
+        accumulate: int = 1,
+        amp: Literal[False, "bf16", "fp16"] | bool = False,
+        compile: bool = False,
+        patience: int | None = None,
+        device: str | torch.device = "auto",
+        callbacks: Sequence[Callback] = (),
+        log_dir: str | Path | None = None,
+        log_every: int = 10,
+        tensorboard: bool = False,
+        eval_train: bool = True,
+        progress: bool = False,
+    ) -> None:
+        if not isinstance(epochs, int) or epochs < 1:
+            raise AuxLossError(f"epochs must be a positive integer, got {epochs!r}.")
+        if not isinstance(accumulate, int) or accumulate < 1:
+            raise AuxLossError(f"accumulate must be a positive integer, got {accumulate!r}.")
+        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise AuxLossError(f"lr must be a positive finite number, got {lr!r}.")
+        if grad_clip is not None and not grad_clip > 0:
+            raise AuxLossError(f"grad_clip must be positive or None, got {grad_clip!r}.")
+        if amp not in (False, True, "bf16", "fp16"):
+            raise AuxLossError(f"amp must be False, 'bf16' or 'fp16', got {amp!r}.")
+        if patience is not None and (not isinstance(patience, int) or patience < 1):
+            raise AuxLossError(f"patience must be a positive integer or None, got {patience!r}.")
+        self.epochs = epochs
+        self.optimizer_spec = optimizer
+        self.lr, self.weight_decay, self.momentum = float(lr), float(weight_decay), float(momentum)
+        self.lr_schedule = lr_schedule
+        self.grad_clip = grad_clip
+        self.accumulate = accumulate
+        self.amp = "bf16" if amp is True else amp
+        self.compile = compile
+        self.patience = patience
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else \
+            torch.device(device)
+        self.callbacks = list(callbacks)
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.log_every = max(1, int(log_every))
+        self.tensorboard = tensorboard
+        self.eval_train = eval_train
+        self.progress = progress
+        # Set during fit, for callbacks.
+        self.model: nn.Module | None = None
+        self.objective: Objective | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.epoch = 0
+        self.global_step = 0
+
+    # -- building blocks ---------------------------------------------------------------------------------------
+    def build_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        spec = self.optimizer_spec
+        params = [p for p in params if p.requires_grad]
+        if callable(spec):
+            return spec(params)
+        if spec == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        if spec == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if spec == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        raise AuxLossError(f"unknown optimizer {spec!r}; use 'adam', 'adamw', 'sgd' or a callable.")
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+        spec = self.lr_schedule
+        if spec is None:
+            return None
+        if callable(spec):
+            return spec(optimizer)
+        if spec == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+        if spec == "step":
+            milestones = [int(total_steps * 0.5), int(total_steps * 0.75)]
+            return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+        raise AuxLossError(f"unknown lr_schedule {spec!r}; use None, 'cosine', 'step' or a callable.")
+
+    def _autocast(self) -> Any:
+        if not self.amp:
+            return nullcontext()
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+        if self.amp == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return nullcontext()  # fp16 autocast needs CUDA; on CPU train in float32
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, objective: Objective, loader: Iterable[Any]) -> dict[str, float]:
+        """Batch-size-weighted means of every task's loss and metric over ``loader``, in eval mode."""
+        was_training = model.training
+        model.eval()
+        sums: dict[str, float] = {}
+        count = 0
+        try:
+            for batch in loader:
+                batch = move_to(batch, self.device)
+                with self._autocast():
+                    outputs = model(objective.inputs(batch))
+                    report = objective(outputs, batch)
+                n = report.batch_size
+                for key, value in report.as_dict().items():
+                    if key.startswith("weight/"):
+                        continue
+                    sums[key] = sums.get(key, 0.0) + value * n
+                count += n
+        finally:
+            model.train(was_training)
+        if count == 0:
+            raise AuxLossError("an evaluation split is empty: give it at least one sample.")
+        return {k: v / count for k, v in sums.items()}
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def fit(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        train_loader: DataLoader,
+        val_loader: Iterable[Any] | None = None,
+        test_loader: Iterable[Any] | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+    ) -> FitResult:
+        """Train for ``epochs`` and return the best epoch's metrics (chosen on validation) and the history."""
+        started = time.perf_counter()
+        model.to(self.device)
+        objective.to(self.device)
+        if optimizer is None:
+            optimizer = self.build_optimizer(list(model.parameters()) + list(objective.parameters()))
+        steps_per_epoch = max(1, len(train_loader) // self.accumulate) if hasattr(train_loader, "__len__") else 1
+        if scheduler is None:
+            scheduler = self.build_scheduler(optimizer, steps_per_epoch * self.epochs)
+        run_model: nn.Module = torch.compile(model) if self.compile else model
+        self.model, self.objective, self.optimizer, self.scheduler = model, objective, optimizer, scheduler
+        use_scaler = self.amp == "fp16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if use_scaler else None
+        logger = RunLogger(self.log_dir, tensorboard=self.tensorboard) if self.log_dir is not None else None
+        higher = objective.main.higher_is_better
+        train_eval_loader = self._train_eval_loader(train_loader) if self.eval_train else None
+
+        history: list[dict[str, Any]] = []
+        best_value, best_epoch, best_state, best_metrics = None, 0, None, {}
+        stale = 0
+        stopped_early = False
+        self._call("on_fit_start")
+        progress = _Progress(self.progress, self.epochs, steps_per_epoch)
+        try:
+            for epoch in range(1, self.epochs + 1):
+                self.epoch = epoch
+                objective.set_epoch(epoch - 1)
+                self._call("on_epoch_start", epoch)
+                train_means = self._train_epoch(run_model, objective, train_loader, logger, progress)
+                metrics: dict[str, float] = {}
+                if train_eval_loader is not None:
+                    metrics.update(_prefix("trainval", self.evaluate(run_model, objective, train_eval_loader)))
+                if val_loader is not None:
+                    metrics.update(_prefix("val", self.evaluate(run_model, objective, val_loader)))
+                if test_loader is not None:
+                    metrics.update(_prefix("test", self.evaluate(run_model, objective, test_loader)))
+                self._call("on_validation_end", metrics)
+                record: dict[str, Any] = {
+                    "epoch": epoch,
+                    "step": self.global_step,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "time": time.perf_counter() - started,
+                    **_prefix("train", train_means),
+                    **metrics,
+                }
+                if "trainval/metric/main" in record and "val/metric/main" in record:
+                    gap = record["trainval/metric/main"] - record["val/metric/main"]
+                    record["gap"] = gap if higher else -gap
+                history.append(record)
+                self._call("on_epoch_end", record)
+                if logger is not None:
+                    logger.log_epoch(record)
+                progress.epoch_done(record)
+
+                # The best checkpoint is chosen on validation only: choosing on test would leak it.
+                if "val/metric/main" in record:
+                    value, maximize = record["val/metric/main"], higher
+                elif "val/loss/main" in record:
+                    value, maximize = record["val/loss/main"], False
+                else:
+                    best_epoch, best_metrics = epoch, metrics
+                    continue
+                better = best_value is None or (value > best_value if maximize else value < best_value)
+                if better:
+                    best_value, best_epoch, best_metrics, stale = value, epoch, metrics, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    stale += 1
+                    if self.patience is not None and stale >= self.patience:
+                        stopped_early = True
+                        break
+        finally:
+            progress.close()
+            if logger is not None:
+                logger.close()
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        self._call("on_fit_end")
+        return FitResult(
+            best_epoch=best_epoch,
+            best=dict(best_metrics),
+            history=history,
+            stopped_early=stopped_early,
+            seconds=time.perf_counter() - started,
+            skipped_steps=objective.skipped_steps,
+        )
+
+    def _train_eval_loader(self, train_loader: DataLoader) -> Iterable[Any] | None:
+        # A separate, unshuffled loader over the same data: evaluating must not consume the training loader's
+        # RNG, or the batch order of paired runs would drift apart.
+        dataset = getattr(train_loader, "dataset", None)
+        if dataset is None:
+            return None
+        return DataLoader(dataset, batch_size=train_loader.batch_size or 256, shuffle=False,
+                          collate_fn=train_loader.collate_fn)
+
+    def _train_epoch(
+        self, model: nn.Module, objective: Objective, loader: Iterable[Any], logger: RunLogger | None,
+        progress: _Progress,
+    ) -> dict[str, float]:
+        assert self.optimizer is not None
+        model.train()
+        sums: dict[str, float] = {}
+        count = 0
+        optimizer = self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        micro = 0
+        for batch_idx, batch in enumerate(loader):
+            batch = move_to(batch, self.device)
+            self._call("on_train_batch_start", batch, batch_idx)
+            with self._autocast():
+                outputs = model(objective.inputs(batch))
+                report = objective(outputs, batch)
+            if not report.finite:  # nonfinite="skip": drop this micro-batch's update
+                progress.step()
+                continue
+            self._call("on_before_backward", report)
+            objective.backward(report, scale=1.0 / self.accumulate, scaler=self.scaler)
+            self._call("on_after_backward", report)
+            micro += 1
+            values = report.as_dict()
+            n = report.batch_size
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value * n
+            count += n
+            if micro % self.accumulate:
+                continue
+            self._optimizer_step(report, batch_idx, logger, values)
+            progress.step()
+        if micro % self.accumulate:  # a last partial accumulation still updates the weights
+            self._optimizer_step(report, batch_idx, logger, values)
+        return {k: v / count for k, v in sums.items()} if count else {}
+
+    def _optimizer_step(self, report: LossReport, batch_idx: int, logger: RunLogger | None,
+                        values: dict[str, float]) -> None:
+        assert self.optimizer is not None and self.objective is not None and self.model is not None
+        optimizer = self.optimizer
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if self.grad_clip is not None:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            values["grad_norm"] = float(norm)
+        self._call("on_before_optimizer_step", optimizer)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.objective.advance()
+        self.global_step += 1
+        self._call("on_train_batch_end", report, batch_idx)
+        if logger is not None and self.global_step % self.log_every == 0:
+            logger.log_step(self.global_step, values)
+
+
+def _prefix(prefix: str, values: Mapping[str, float]) -> dict[str, float]:
+    return {f"{prefix}/{k}": v for k, v in values.items()}
+
+
+class _Progress:
+    """A rich progress bar over the whole fit, or nothing."""
+
+    def __init__(self, enabled: bool, epochs: int, steps_per_epoch: int) -> None:
+        self._bar = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                             TimeRemainingColumn(), transient=True)
+        self._task = self._bar.add_task("train", total=epochs * steps_per_epoch, info="")
+        self._bar.start()
+
+    def step(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def epoch_done(self, record: Mapping[str, Any]) -> None:
+        if self._bar is not None:
+            val = record.get("val/metric/main")
+            info = f"epoch {record['epoch']}" + (f" val {val:.4f}" if isinstance(val, float) else "")
+            self._bar.update(self._task, info=info)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP's ``.module`` and compile's ``._orig_mod`` wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def outputs_of(model: nn.Module, inputs: Any) -> Outputs:
+    """Call a model and wrap a plain output in :class:`Outputs` (baselines have no heads)."""
+    out = model(inputs)
+    return out if isinstance(out, Outputs) else Outputs(main=out)
