@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import html
 import math
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from scipy import stats as _st
 
 __all__ = ["build_report", "format_table", "summary_sentences"]
@@ -52,6 +54,10 @@ _PALETTE = [
     "#bcbd22",
     "#7f7f7f",
 ]
+
+# Lines for the tasks *within* one variant's panel use another palette, so that a task line is never
+# mistaken for the variant of the same colour in the other figures (ColorBrewer Dark2).
+_TASK_PALETTE = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
 
 History = Mapping[str, Mapping[Any, Sequence[Mapping[str, Any]]]]
 
@@ -182,22 +188,26 @@ def _fmt_duration(seconds: Any) -> str | None:
         return None
     if s < 60:
         return f"{s:.1f} s"
-    m, sec = divmod(int(round(s)), 60)
+    m, sec = divmod(round(s), 60)
     if m < 60:
         return f"{m} min {sec} s"
     h, m = divmod(m, 60)
     return f"{h} h {m:02d} min"
 
 
-def _mean_sd(values: Sequence[float], fmt: Any) -> str:
-    """'0.8123 ± 0.0123 (n=3)' style summary with a formatter for the numbers."""
+def _mean_sd(values: Sequence[float], fmt: Any, sd_fmt: Any = None) -> str:
+    """'0.8123 ± 0.01230' (mean ± sample sd over seeds), numbers written by ``fmt`` / ``sd_fmt``."""
     if not values:
         return "n/a"
     arr = np.asarray(values, dtype=float)
-    m = fmt(float(arr.mean()))
+    mean = float(arr.mean())
     if arr.size < 2:
-        return m
-    return f"{m} ± {fmt(float(arr.std(ddof=1)))}"
+        return fmt(mean)
+    sd = float(arr.std(ddof=1))
+    # Equal values can leave float noise (6.8e-17) in the sd; that is zero, not a number to print.
+    if sd <= 1e-9 * max(abs(mean), 1e-12):
+        sd = 0.0
+    return f"{fmt(mean)} ± {(sd_fmt or fmt)(sd)}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -370,7 +380,9 @@ def _context(
     colors = {v: _PALETTE[i % len(_PALETTE)] for i, v in enumerate(others)}
     colors[baseline] = "black"
     fmt = _Fmt(str(results.get("metric", "metric")), bool(results.get("higher_is_better", True)))
-    return _Ctx(results, histories, best_epochs or {}, fmt, baseline, list(order), variants, comparisons, colors)
+    return _Ctx(
+        results, histories, best_epochs or {}, fmt, baseline, list(order), variants, comparisons, colors
+    )
 
 
 def _variant_summary(v: Mapping[str, Any]) -> tuple[list[Any], list[float], float | None, Any]:
@@ -402,7 +414,9 @@ def _sentence(c: Mapping[str, Any], fmt: _Fmt, n_comparisons: int) -> str:
     n = int(_num(c.get("n")) or 0)
     verdict = str(c.get("verdict", "no detectable effect"))
     lo, hi = _pair(c.get("ci95"))
-    ci_txt = f"95% CI {fmt.delta(lo)} to {fmt.delta(hi)}" if lo is not None and hi is not None else "95% CI n/a"
+    ci_txt = (
+        f"95% CI {fmt.delta(lo)} to {fmt.delta(hi)}" if lo is not None and hi is not None else "95% CI n/a"
+    )
     # For lower-is-better metrics a negative change is the good direction: say so next to the number.
     lower = "" if fmt.higher_is_better else "lower is better; "
     change = fmt.change(c.get("delta"))
@@ -468,7 +482,16 @@ def format_table(results: Mapping[str, Any]) -> str:
             if int(_num(c.get("n")) or 0) < MIN_SEEDS:
                 verdict += "*"
                 few = True
-            rows.append([name, fmt.value(mean), fmt.ci(ci), fmt.delta(c.get("delta")), _fmt_p(c.get("p_holm")), verdict])
+            rows.append(
+                [
+                    name,
+                    fmt.value(mean),
+                    fmt.ci(ci),
+                    fmt.delta(c.get("delta")),
+                    _fmt_p(c.get("p_holm")),
+                    verdict,
+                ]
+            )
         elif v:
             rows.append([name, fmt.value(mean), fmt.ci(ci), "n/a", "n/a", "not compared"])
     sep = "  "
@@ -485,12 +508,14 @@ def format_table(results: Mapping[str, Any]) -> str:
         return sep.join(out).rstrip()[:TABLE_WIDTH]
 
     hib = "higher" if fmt.higher_is_better else "lower"
-    unit = ", in points (x100)" if fmt.points else ""
+    unit = "; points, x100" if fmt.points else ""
     title = f"{results.get('name', 'experiment')}: {fmt.metric} on {results.get('split', '?')} ({hib} is better{unit})"
     lines = [_fit(title, TABLE_WIDTH), line(header), "-" * min(TABLE_WIDTH, widths[0] + rest)]
     lines += [line(r) for r in rows]
     if few:
-        lines.append(f"* fewer than {MIN_SEEDS} paired seeds: too few to detect an effect, not evidence of none")
+        lines.append(
+            f"* fewer than {MIN_SEEDS} paired seeds: too few for a reliable verdict (treat with caution)"
+        )
     return "\n".join(lines)
 
 
@@ -500,7 +525,7 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 # A span of inline text: (style, text) with style "" (plain), "b" (bold) or "code".
 _Span = tuple[str, str]
-_Inline = Union[str, _Span]
+_Inline = str | _Span
 
 
 @dataclass
@@ -538,14 +563,17 @@ class _Code:
     text: str
 
 
-_Block = Union[_Heading, _Para, _Bullets, _Table, _Fig, _Code]
+_Block = _Heading | _Para | _Bullets | _Table | _Fig | _Code
 
 
 def _md_escape(text: str, table: bool = False) -> str:
     """Backslash-escape what markdown would otherwise interpret in a user-given name or number."""
     text = " ".join(str(text).splitlines())
-    for ch in ("\\", "`", "*", "<", "[", "]"):
+    for ch in ("\\", "`", "*"):
         text = text.replace(ch, "\\" + ch)
+    # Only what could start an HTML tag/autolink ("<b", "</", "<!") or an inline link ("](") is escaped,
+    # so that ordinary text such as "p < 0.001" or "[95% CI]" stays readable in the raw file.
+    text = re.sub(r"<(?=[A-Za-z/!?])", r"\\<", text).replace("](", "]\\(")
     return text.replace("|", "\\|") if table else text
 
 
@@ -568,7 +596,9 @@ def _html_inline(parts: list[_Inline]) -> str:
     for p in parts:
         style, text = ("", p) if isinstance(p, str) else p
         esc = html.escape(text)
-        out.append(f"<strong>{esc}</strong>" if style == "b" else f"<code>{esc}</code>" if style == "code" else esc)
+        out.append(
+            f"<strong>{esc}</strong>" if style == "b" else f"<code>{esc}</code>" if style == "code" else esc
+        )
     return "".join(out)
 
 
@@ -665,6 +695,9 @@ def _label(name: str) -> str:
 
 
 def _save(fig: Figure, path: Path) -> None:
+    for ax in fig.axes:
+        if ax.get_xlabel() == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     fig.savefig(path, dpi=FIGURE_DPI)
 
 
@@ -682,8 +715,13 @@ def _plot_band(ax: Any, x: np.ndarray, mat: np.ndarray, scale: Any, label: str, 
     ok = np.isfinite(lo) & np.isfinite(hi)
     if ok.any():
         ax.fill_between(
-            x, scale(np.where(ok, lo, mean)), scale(np.where(ok, hi, mean)), where=ok,
-            color=style.get("color"), alpha=0.12 if style.get("color") == "black" else 0.2, linewidth=0,
+            x,
+            scale(np.where(ok, lo, mean)),
+            scale(np.where(ok, hi, mean)),
+            where=ok,
+            color=style.get("color"),
+            alpha=0.12 if style.get("color") == "black" else 0.2,
+            linewidth=0,
         )
     return mean
 
@@ -754,12 +792,19 @@ def _fig_per_variant_tasks(
     fig, axes = _grid(len(panels))
     for ax, (v, curves) in zip(axes, panels):
         for i, (task, (x, mat)) in enumerate(curves):
-            color = _PALETTE[i % len(_PALETTE)]
+            color = _TASK_PALETTE[i % len(_TASK_PALETTE)]
             if band:
                 _plot_band(ax, x, mat, lambda a: a, task, color=color, linewidth=1.6)
             else:
-                ax.plot(x, np.nanmean(mat, axis=0), color=color, linewidth=1.6, marker="o", markersize=3,
-                        label=_label(task))
+                ax.plot(
+                    x,
+                    np.nanmean(mat, axis=0),
+                    color=color,
+                    linewidth=1.6,
+                    marker="o",
+                    markersize=3,
+                    label=_label(task),
+                )
         if zero_line:
             ax.axhline(0.0, color="grey", linewidth=1.0, linestyle=":")
             ax.set_ylim(-1.05, 1.05)
@@ -826,7 +871,9 @@ def _fig_seeds(ctx: _Ctx, path: Path) -> bool:
         lo, hi = _pair(ci)
         if mean is not None:
             yerr = None if lo is None or hi is None else [[s(mean - lo)], [s(hi - mean)]]
-            ax1.errorbar([i + 0.3], [s(mean)], yerr=yerr, fmt="D", color=color, capsize=5, markersize=6, zorder=3)
+            ax1.errorbar(
+                [i + 0.3], [s(mean)], yerr=yerr, fmt="D", color=color, capsize=5, markersize=6, zorder=3
+            )
     ax1.set_xticks(range(len(names)), [_label(v).strip() for v in names], rotation=20, ha="right")
     ax1.set_ylabel(f"final {ctx.results.get('split', '')} {ctx.fmt.unit_label}".replace("  ", " "))
     ax1.set_title("Per seed (dots), mean and 95% CI (diamond)")
@@ -842,7 +889,9 @@ def _fig_seeds(ctx: _Ctx, path: Path) -> bool:
         lo, hi = _pair(c.get("ci95"))
         if d is not None:
             yerr = None if lo is None or hi is None else [[s(d - lo)], [s(hi - d)]]
-            ax2.errorbar([i + 0.3], [s(d)], yerr=yerr, fmt="D", color=color, capsize=5, markersize=6, zorder=3)
+            ax2.errorbar(
+                [i + 0.3], [s(d)], yerr=yerr, fmt="D", color=color, capsize=5, markersize=6, zorder=3
+            )
     ax2.axhline(0.0, color="black", linewidth=1.0, linestyle="--")
     ax2.set_xticks(range(len(compared)), [_label(v).strip() for v in compared], rotation=20, ha="right")
     better = "higher" if ctx.fmt.higher_is_better else "lower"
@@ -861,7 +910,9 @@ def _fig_seeds(ctx: _Ctx, path: Path) -> bool:
 def _setup_section(ctx: _Ctx) -> list[_Block]:
     r, fmt = ctx.results, ctx.fmt
     hib = "higher" if fmt.higher_is_better else "lower"
-    seeds = sorted({str(s) for v in ctx.variants.values() for s in (v.get("seeds") or [])}, key=lambda x: (len(x), x))
+    seeds = sorted(
+        {str(s) for v in ctx.variants.values() for s in (v.get("seeds") or [])}, key=lambda x: (len(x), x)
+    )
     alpha = next((_num(c.get("alpha")) for c in ctx.comparisons.values() if _num(c.get("alpha"))), 0.05)
     parts: list[_Inline] = [
         f"Main metric: {fmt.metric} on the {r.get('split', '?')} split ({hib} is better"
@@ -879,10 +930,21 @@ def _setup_section(ctx: _Ctx) -> list[_Block]:
 
 def _results_section(ctx: _Ctx, figs: dict[str, bool]) -> list[_Block]:
     fmt = ctx.fmt
-    seed_lists = [tuple(map(str, _variant_summary(ctx.variants[v])[0])) for v in ctx.order if v in ctx.variants]
+    seed_lists = [
+        tuple(map(str, _variant_summary(ctx.variants[v])[0])) for v in ctx.order if v in ctx.variants
+    ]
     same_seeds = len(set(seed_lists)) == 1 and seed_lists
     seed_head = f"Per seed ({', '.join(seed_lists[0])})" if same_seeds else "Per seed (seed: value)"
-    header = ["Variant", "Mean ± 95% CI", seed_head, "Δ vs baseline [95% CI]", "p", "Holm p", "d_z", "Verdict"]
+    header = [
+        "Variant",
+        "Mean ± 95% CI",
+        seed_head,
+        "Δ vs baseline [95% CI]",
+        "p",
+        "Holm p",
+        "d_z",
+        "Verdict",
+    ]
     rows = []
     for v in ctx.order:
         if v not in ctx.variants:
@@ -902,32 +964,53 @@ def _results_section(ctx: _Ctx, figs: dict[str, bool]) -> list[_Block]:
             if int(_num(c.get("n")) or 0) < MIN_SEEDS:
                 verdict += f" (only {int(_num(c.get('n')) or 0)} seeds)"
             delta = f"{fmt.delta(c.get('delta'))} {fmt.ci(c.get('ci95'), signed=True)}"
-            rows.append([
-                v, fmt.mean_ci(mean, ci), per_seed, delta, _fmt_p(c.get("p_value")), _fmt_p(c.get("p_holm")),
-                _fmt_d(c), verdict,
-            ])
+            rows.append(
+                [
+                    v,
+                    fmt.mean_ci(mean, ci),
+                    per_seed,
+                    delta,
+                    _fmt_p(c.get("p_value")),
+                    _fmt_p(c.get("p_holm")),
+                    _fmt_d(c),
+                    verdict,
+                ]
+            )
     blocks: list[_Block] = [_Heading(2, "Results")]
     unit = " Values are in points (×100)." if fmt.points else ""
-    blocks.append(_Para([
-        f"Final {ctx.results.get('split', '')} {fmt.metric} per variant.{unit} Δ is variant − baseline, "
-        "paired by seed; p is the paired t-test, Holm p the same after Holm's correction; d_z is the mean "
-        "paired difference divided by its standard deviation."
-    ]))
-    blocks.append(_Table(header, rows, [False, True, True, True, True, True, True, False]))
+    blocks.append(
+        _Para(
+            [
+                f"Final {ctx.results.get('split', '?')} {fmt.metric} per variant.{unit} Δ is variant − baseline, "
+                + "paired by seed; p is the paired t-test, Holm p the same after Holm's correction; d_z is the mean "
+                + "paired difference divided by its standard deviation."
+            ]
+        )
+    )
+    if rows:
+        blocks.append(_Table(header, rows, [False, True, True, True, True, True, True, False]))
+    else:
+        blocks.append(_Para(["results.json lists no variants."]))
     if figs.get("seeds.png"):
-        blocks.append(_Fig(
-            "seeds.png", "Per-seed results",
-            f"Left: final {fmt.metric} of every seed (dots) with the mean and its 95% t-CI (diamond and bar). "
-            "Right: per-seed paired differences to the baseline with their mean and 95% CI; the dashed line "
-            "is zero (no difference).",
-        ))
+        blocks.append(
+            _Fig(
+                "seeds.png",
+                "Per-seed results",
+                f"Left: final {fmt.metric} of every seed (dots) with the mean and its 95% t-CI (diamond and bar). "
+                "Right: per-seed paired differences to the baseline with their mean and 95% CI; the dashed line "
+                "is zero (no difference).",
+            )
+        )
     if figs.get("learning_curves.png"):
         best = " Triangles mark each seed's best epoch." if ctx.best_epochs else ""
-        blocks.append(_Fig(
-            "learning_curves.png", "Learning curves",
-            f"Validation {fmt.metric} per epoch, mean over seeds; {BAND_TEXT}. The baseline is black and "
-            f"dashed.{best}",
-        ))
+        blocks.append(
+            _Fig(
+                "learning_curves.png",
+                "Learning curves",
+                f"Validation {fmt.metric} per epoch, mean over seeds; {BAND_TEXT}. The baseline is black and "
+                f"dashed.{best}",
+            )
+        )
     return blocks
 
 
@@ -942,8 +1025,10 @@ def _overfitting_section(ctx: _Ctx, figs: dict[str, bool]) -> list[_Block]:
     # gap = train metric − validation metric. Overfitting makes it positive when higher is better and
     # negative when lower is better; sign-normalise so that "larger = more overfitting" either way.
     sign = 1.0 if fmt.higher_is_better else -1.0
-    stat = {v: (float(np.mean(list(f.values()))), float(np.std(list(f.values()), ddof=1)) if len(f) > 1 else None)
-            for v, f in finals.items()}
+    stat = {
+        v: (float(np.mean(list(f.values()))), float(np.std(list(f.values()), ddof=1)) if len(f) > 1 else None)
+        for v, f in finals.items()
+    }
     sentences = []
     if fmt.higher_is_better:
         sentences.append(
@@ -973,8 +1058,10 @@ def _overfitting_section(ctx: _Ctx, figs: dict[str, bool]) -> list[_Block]:
         if diff == 0.0:
             judgement = "the same as the baseline"
         elif spread > 0 and abs(diff) <= spread:
-            judgement = (f"{'more' if more else 'less'} overfitting than the baseline on average, but within "
-                         f"the seed-to-seed spread (sd up to {fmt.amount(spread)}), so no clear change")
+            judgement = (
+                f"{'more' if more else 'less'} overfitting than the baseline on average, but within "
+                f"the seed-to-seed spread (sd up to {fmt.amount(spread)}), so no clear change"
+            )
         else:
             judgement = f"{'more' if more else 'less'} overfitting than the baseline"
         sentences.append(
@@ -989,15 +1076,30 @@ def _overfitting_section(ctx: _Ctx, figs: dict[str, bool]) -> list[_Block]:
         last = [max(e for e, _ in _epochs(runs[s])) for s in _sort_seeds(runs) if runs[s]]
         best = [_num(_seed_lookup(ctx.best_epochs.get(v), s)) for s in _sort_seeds(runs)]
         best_txt = ", ".join(str(int(x)) for x in best if x is not None) or "n/a"
-        rows.append([v, _mean_sd(list(f.values()), fmt.value), vs_base, best_txt,
-                     ", ".join(str(e) for e in sorted(set(last))) or "n/a"])
-    blocks.append(_Table(
-        ["Variant", "Final gap (mean ± sd)", "vs baseline", "Best epoch per seed", "Final epoch"],
-        rows, [False, True, True, True, True],
-    ))
+        rows.append(
+            [
+                v,
+                _mean_sd(list(f.values()), fmt.value),
+                vs_base,
+                best_txt,
+                ", ".join(str(e) for e in sorted(set(last))) or "n/a",
+            ]
+        )
+    blocks.append(
+        _Table(
+            ["Variant", "Final gap (mean ± sd)", "vs baseline", "Best epoch per seed", "Final epoch"],
+            rows,
+            [False, True, True, True, True],
+        )
+    )
     if figs.get("gap.png"):
-        blocks.append(_Fig("gap.png", "Train/validation gap",
-                           f"Train − validation {fmt.metric} per epoch, mean over seeds; {BAND_TEXT}."))
+        blocks.append(
+            _Fig(
+                "gap.png",
+                "Train/validation gap",
+                f"Train − validation {fmt.metric} per epoch, mean over seeds; {BAND_TEXT}.",
+            )
+        )
     return blocks
 
 
@@ -1007,24 +1109,44 @@ def _aux_section(ctx: _Ctx, figs: dict[str, bool]) -> list[_Block]:
     if not pairs:
         blocks.append(_Para(["No variant has auxiliary tasks."]))
         return blocks
-    cols = [("val/metric/", "Final val metric"), ("test/metric/", "Final test metric"),
-            ("val/loss/", "Final val loss"), ("train/weight/", "Final weight λ")]
+    cols = [
+        ("val/metric/", "Final val metric"),
+        ("test/metric/", "Final test metric"),
+        ("val/loss/", "Final val loss"),
+        ("train/weight/", "Final weight λ"),
+    ]
     data = {(v, t): {p: list(_final(ctx.runs(v), p + t).values()) for p, _ in cols} for v, t in pairs}
     used = [(p, h) for p, h in cols if any(d[p] for d in data.values())]
-    blocks.append(_Para([
-        "Each auxiliary task's own metrics at the final epoch (mean ± sd over seeds, 4 significant digits; "
-        "the unit is the task's own metric). The weight λ is the task's mean loss weight over the final epoch."
-    ]))
+    blocks.append(
+        _Para(
+            [
+                "Each auxiliary task's own metrics at the final epoch (mean ± sd over seeds, 4 significant digits; "
+                + "the unit is the task's own metric). The weight λ is the task's mean loss weight over the final epoch."
+            ]
+        )
+    )
     rows = [[v, t, *(_mean_sd(data[(v, t)][p], _g4) for p, _ in used)] for v, t in pairs]
-    blocks.append(_Table(["Variant", "Task", *(h for _, h in used)], rows, [False, False, *([True] * len(used))]))
+    blocks.append(
+        _Table(["Variant", "Task", *(h for _, h in used)], rows, [False, False, *([True] * len(used))])
+    )
     if figs.get("aux_metrics.png"):
-        blocks.append(_Fig("aux_metrics.png", "Auxiliary task metrics",
-                           f"Validation metric of each auxiliary task per epoch, one panel per task, mean over "
-                           f"seeds; {BAND_TEXT}."))
+        blocks.append(
+            _Fig(
+                "aux_metrics.png",
+                "Auxiliary task metrics",
+                f"Validation metric of each auxiliary task per epoch, one panel per task, mean over "
+                f"seeds; {BAND_TEXT}.",
+            )
+        )
     if figs.get("weights.png"):
-        blocks.append(_Fig("weights.png", "Auxiliary task weights",
-                           "Mean loss weight λ of each auxiliary task per epoch (mean over seeds), one panel "
-                           "per variant."))
+        blocks.append(
+            _Fig(
+                "weights.png",
+                "Auxiliary task weights",
+                "Mean loss weight λ of each auxiliary task per epoch (mean over seeds), one panel "
+                "per variant.",
+            )
+        )
     return blocks
 
 
@@ -1040,34 +1162,69 @@ def _health_section(ctx: _Ctx, figs: dict[str, bool]) -> list[_Block]:
             frac = float(np.mean(cur[1][np.isfinite(cur[1])] < 0)) if cur is not None else math.nan
             mean = float(np.mean(per_seed))
             ratio = _mean_over_run(runs, f"normratio/{t}")
-            rows.append([v, t, f"{mean:+.3f}", _mean_sd(list(_final(runs, f"cos/{t}").values()), lambda x: f"{x:+.3f}"),
-                         f"{100 * frac:.0f}%", _g4(float(np.mean(ratio))) if ratio else "n/a"])
+            rows.append(
+                [
+                    v,
+                    t,
+                    f"{mean:+.3f}",
+                    _mean_sd(
+                        list(_final(runs, f"cos/{t}").values()), lambda x: f"{x:+.3f}", lambda x: f"{x:.3f}"
+                    ),
+                    f"{100 * frac:.0f}%",
+                    _g4(float(np.mean(ratio))) if ratio else "n/a",
+                ]
+            )
             if mean < 0:
-                flags.append([("b", t), f" ({v}) mostly conflicts with the main task: its gradient has mean "
-                              f"cosine {mean:+.3f} with the main-task gradient and points against it in "
-                              f"{100 * frac:.0f}% of the logged epochs. Consider a lower weight, a decaying "
-                              "schedule, or dropping it."])
+                flags.append(
+                    [
+                        ("b", t),
+                        f" ({v}) mostly conflicts with the main task: its gradient has mean cosine {mean:+.3f} "
+                        + f"with the main-task gradient and points against it in {100 * frac:.0f}% of the logged "
+                        + "epochs. Consider a lower weight, a decaying schedule, or dropping it.",
+                    ]
+                )
     if not rows:
         return []
     blocks: list[_Block] = [
         _Heading(2, "Auxiliary task health"),
-        _Para(["Cosine between the main-task gradient and each auxiliary task's gradient on the shared "
-               "parameters: above 0 the auxiliary task pushes the shared weights the same way as the main "
-               "task, below 0 it pulls against it. Mean over epochs, then over seeds. The norm ratio compares "
-               "the two gradients' sizes."]),
+        _Para(
+            [
+                "Cosine between the main-task gradient and each auxiliary task's gradient on the shared "
+                + "parameters: above 0 the auxiliary task pushes the shared weights the same way as the main "
+                + "task, below 0 it pulls against it. Mean over epochs, then over seeds. The norm ratio compares "
+                + "the two gradients' sizes."
+            ]
+        ),
     ]
     if flags:
         blocks.append(_Bullets(flags))
     else:
-        blocks.append(_Para(["No auxiliary task conflicts with the main task on average (every mean cosine ≥ 0)."]))
-    blocks.append(_Table(
-        ["Variant", "Task", "Mean cosine", "Final cosine (mean ± sd)", "Epochs with cosine < 0", "Mean norm ratio"],
-        rows, [False, False, True, True, True, True],
-    ))
+        blocks.append(
+            _Para(["No auxiliary task conflicts with the main task on average (every mean cosine ≥ 0)."])
+        )
+    blocks.append(
+        _Table(
+            [
+                "Variant",
+                "Task",
+                "Mean cosine",
+                "Final cosine (mean ± sd)",
+                "Epochs with cosine < 0",
+                "Mean norm ratio",
+            ],
+            rows,
+            [False, False, True, True, True, True],
+        )
+    )
     if figs.get("gradient_health.png"):
-        blocks.append(_Fig("gradient_health.png", "Gradient health",
-                           "Cosine between main and auxiliary gradients per epoch (mean over seeds), one panel "
-                           "per variant; the dotted line is zero, below it the task conflicts with the main task."))
+        blocks.append(
+            _Fig(
+                "gradient_health.png",
+                "Gradient health",
+                "Cosine between main and auxiliary gradients per epoch (mean over seeds), one panel "
+                "per variant; the dotted line is zero, below it the task conflicts with the main task.",
+            )
+        )
     return blocks
 
 
@@ -1108,12 +1265,19 @@ def build_report(
         "learning_curves.png": lambda p: _fig_learning_curves(ctx, p),
         "gap.png": lambda p: _fig_gap(ctx, p),
         "weights.png": lambda p: _fig_per_variant_tasks(
-            ctx, p, "train/weight/", "weight λ (mean over seeds)", "Auxiliary task weights", band=False),
+            ctx, p, "train/weight/", "weight λ (mean over seeds)", "Auxiliary task weights", band=False
+        ),
         "aux_metrics.png": lambda p: _fig_aux_metrics(ctx, p),
         "seeds.png": lambda p: _fig_seeds(ctx, p),
         "gradient_health.png": lambda p: _fig_per_variant_tasks(
-            ctx, p, "cos/", "cosine(main, aux)", "Gradient agreement with the main task", band=False,
-            zero_line=True),
+            ctx,
+            p,
+            "cos/",
+            "cosine(main, aux)",
+            "Gradient agreement with the main task",
+            band=False,
+            zero_line=True,
+        ),
     }
     for name, make in makers.items():
         path = fig_dir / name
@@ -1123,10 +1287,11 @@ def build_report(
 
     title = f"auxloss report: {results.get('name', 'experiment')}"
     n_comp = len(results.get("comparisons") or [])
+    base_txt = "the baseline" if ctx.baseline == "baseline" else f"the baseline ({ctx.baseline})"
+    holm_txt = f", Holm-corrected across {n_comp} comparisons" if n_comp > 1 else ""
     intro = (
-        f"Each variant was compared with the baseline ({ctx.baseline}) on the final "
-        f"{results.get('split', '?')} {ctx.fmt.metric}, paired by seed"
-        + (f", Holm-corrected across {n_comp} comparisons." if n_comp > 1 else ".")
+        f"Each variant was compared with {base_txt} on the final {results.get('split', '?')} "
+        f"{ctx.fmt.metric}, paired by seed{holm_txt}."
     )
     blocks: list[_Block] = [
         _Heading(1, title),
