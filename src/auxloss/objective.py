@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from auxloss.errors import AuxLossError
 from auxloss.taps import Outputs
 from auxloss.tasks import Task, batch_as_dict
+from auxloss.weighting.base import GradientWeighting, Weighting
 
 __all__ = ["LossReport", "Objective"]
 
@@ -77,6 +78,7 @@ class Objective(nn.Module):
         batch_keys: Sequence[str] = ("input", "target"),
         input_key: str = "input",
         nonfinite: Literal["raise", "skip"] = "raise",
+        weighting: Weighting | None = None,
     ) -> None:
         super().__init__()
         self.main = main if main is not None else Task("main", target="target")
@@ -101,6 +103,9 @@ class Objective(nn.Module):
         self.step = 0  # advanced by `advance()` once per optimizer step; saved with the state
         self.epoch = 0
         self.skipped_steps = 0
+        self.weighting: Weighting | None = None
+        if weighting is not None:
+            self.set_weighting(weighting)
 
     # -- conveniences ----------------------------------------------------------------------------------------
     @property
@@ -137,6 +142,23 @@ class Objective(nn.Module):
             out[task.name] = float(w)
         return out
 
+    def set_weighting(self, weighting: Weighting | None) -> None:
+        """Use an adaptive or gradient-aware strategy on top of the tasks' scheduled weights."""
+        if weighting is not None:
+            if not isinstance(weighting, Weighting):
+                raise AuxLossError(f"weighting must be an auxloss.weighting strategy, got {type(weighting).__name__}.")
+            weighting.bind(self.main.name, [t.name for t in self.aux_tasks])
+        self.weighting = weighting
+
+    def on_validation_end(self, metrics: dict[str, float]) -> None:
+        """Forwarded by the trainer after each evaluation (strategies that follow the main task's progress)."""
+        if self.weighting is not None:
+            self.weighting.on_validation_end(metrics, higher_is_better=self.main.higher_is_better)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        if self.weighting is not None:
+            self.weighting.on_epoch_end(epoch)
+
     def advance(self, steps: int = 1) -> None:
         """Count ``steps`` optimizer steps (schedules read this counter)."""
         self.step += steps
@@ -165,15 +187,25 @@ class Objective(nn.Module):
                 metrics[task.name] = metric
             if task is self.main:
                 batch_size = int(pred.shape[0])
-        weights = self.weights(step=step, epoch=epoch)
+        weights: dict[str, Any] = self.weights(step=step, epoch=epoch)
+        extras: dict[str, float] = {}
+        if self.weighting is not None:
+            mult = self.weighting.multipliers(losses, step=step, epoch=self.epoch if epoch is None else epoch)
+            weights = {name: w * mult[name] for name, w in weights.items()}
         total = self._combine(losses, weights)
+        if self.weighting is not None:
+            extra = self.weighting.extra_loss(losses)
+            if extra is not None:
+                total = total + extra
+            extras.update(self.weighting.telemetry())
         report = LossReport(
             total=total,
             losses=losses,
-            weights={self.main.name: 1.0, **weights},
+            weights={self.main.name: 1.0, **{k: float(w) for k, w in weights.items()}},
             metrics=metrics,
             step=step,
             batch_size=batch_size,
+            extras=extras,
         )
         self._check_finite(report)
         return report
@@ -184,12 +216,15 @@ class Objective(nn.Module):
         The trainer calls this rather than ``report.total.backward()`` so that weightings that act on gradients
         rather than losses can take over the backward pass.
         """
+        if isinstance(self.weighting, GradientWeighting):
+            self.weighting.backward(self, report, scale=scale, scaler=scaler)
+            return
         total = report.total * scale if scale != 1.0 else report.total
         if scaler is not None:
             total = scaler.scale(total)
         total.backward()
 
-    def _combine(self, losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+    def _combine(self, losses: Mapping[str, Tensor], weights: Mapping[str, Any]) -> Tensor:
         # Summed left to right in task order, so that fixed weights give exactly the hand-written formula
         # L + 0.3·L1 + 0.3·L2. A task at weight 0 still enters as 0·L: its head stays in the graph, so DDP never
         # sees an unused parameter while a curriculum has the task switched off.

@@ -256,6 +256,7 @@ class Trainer:
                 objective.set_epoch(epoch - 1)
                 self._call("on_epoch_start", epoch)
                 train_means = self._train_epoch(run_model, objective, train_loader, logger, progress)
+                objective.on_epoch_end(epoch)
                 metrics: dict[str, float] = {}
                 if train_eval_loader is not None:
                     metrics.update(_prefix("trainval", self.evaluate(run_model, objective, train_eval_loader)))
@@ -263,6 +264,7 @@ class Trainer:
                     metrics.update(_prefix("val", self.evaluate(run_model, objective, val_loader)))
                 if test_loader is not None:
                     metrics.update(_prefix("test", self.evaluate(run_model, objective, test_loader)))
+                objective.on_validation_end(metrics)
                 self._call("on_validation_end", metrics)
                 record: dict[str, Any] = {
                     "epoch": epoch,

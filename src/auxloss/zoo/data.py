@@ -39,8 +39,6 @@ __all__ = [
     "COLOUR_RGB",
     "DATASETS",
     "DIGIT_LOOPS",
-    "DatasetSpec",
-    "DictDataset",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DEFAULT_ROOT",
     "FASHION_MNIST_GROUPS",
@@ -50,6 +48,8 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "TEXTURES",
+    "DatasetSpec",
+    "DictDataset",
     "available_datasets",
     "fashion_mnist_available",
     "load_dataset",
@@ -252,7 +252,7 @@ BACKGROUNDS: tuple[str, ...] = ("plain", "cluttered")
 # gaps between ranges keep adjacent buckets apart after rasterisation.
 _SIZE_RHO: tuple[tuple[float, float], ...] = ((0.09, 0.12), (0.145, 0.175), (0.20, 0.235))
 _HUE_JITTER_DEG = 12.0  # well inside the +-30 degrees that separate neighbouring named hues
-_TEXTURE_SHADE = 0.4  # brightness of the "off" pixels of a striped/dotted object, relative to its colour
+_TEXTURE_SHADE = 0.55  # brightness of the "off" pixels of a striped/dotted object, relative to its colour
 _MIDLINE_MARGIN = 1.0  # pixels between an object's centre and the image midlines: the quadrant is never a tie
 
 
@@ -281,7 +281,7 @@ def _shape_mask(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise AssertionError(name)  # pragma: no cover - SHAPES and this function are kept in step
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shape_scale(shape: int) -> float:
     """Circumradius per unit equivalent-circle radius: sqrt(pi / area of the unit-circumradius shape)."""
     # Measured on a fine grid with the very mask function used for drawing, so the two cannot disagree.
@@ -391,16 +391,22 @@ def _generate_shapes(
     phase = rng.uniform(0.0, period, (n, 2))
 
     # Background: a dark grey level with a gentle linear gradient in a random direction.
-    bg_level = rng.uniform(0.0, 0.25, n)
+    bg_level = rng.uniform(0.0, 0.2, n)
     bg_slope = rng.uniform(0.0, 0.15, n)
     bg_angle = rng.uniform(0.0, 2 * math.pi, n)
 
     # Clutter: three thin line segments in dim random colours, drawn behind the object.
     n_strokes = 3
     stroke_ends = rng.uniform(0.0, S, (n, n_strokes, 4))
-    stroke_rgb = _hsv_to_rgb(
-        rng.uniform(0, 360, n * n_strokes), np.full(n * n_strokes, 0.5), rng.uniform(0.35, 0.6, n * n_strokes)
-    ).reshape(n, n_strokes, 3).astype(np.float32)
+    stroke_rgb = (
+        _hsv_to_rgb(
+            rng.uniform(0, 360, n * n_strokes),
+            np.full(n * n_strokes, 0.5),
+            rng.uniform(0.35, 0.6, n * n_strokes),
+        )
+        .reshape(n, n_strokes, 3)
+        .astype(np.float32)
+    )
 
     coords = np.arange(S, dtype=np.float32) + 0.5  # pixel centres
     X = coords[None, None, :]
@@ -412,14 +418,15 @@ def _generate_shapes(
         sl = slice(start, min(n, start + chunk))
         m = sl.stop - sl.start
 
-        def col(a: np.ndarray) -> np.ndarray:
+        def col(a: np.ndarray, sl: slice = sl) -> np.ndarray:
             # A per-sample value broadcast against (m, S, S) grids.
             return a[sl].astype(np.float32)[:, None, None]
 
         # Background.
         ramp = (np.cos(col(bg_angle)) * (X - S / 2) + np.sin(col(bg_angle)) * (Y - S / 2)) / S
         bg = np.clip(col(bg_level) + col(bg_slope) * ramp, 0.0, 1.0)
-        img = np.repeat(bg[:, None], 3, axis=1)
+        img = images[sl]  # a view: every step below draws into the output in place
+        img[:] = bg[:, None]
 
         # Clutter strokes (only where background == 1): distance from each pixel to a segment <= 0.7 px.
         has = background[sl].astype(bool)
@@ -434,7 +441,7 @@ def _generate_shapes(
                 d2 = (X - ax - t * dx) ** 2 + (Y - ay - t * dy) ** 2
                 on = d2 <= 0.49
                 sub = img[idx]
-                sub = np.where(on[:, None], stroke_rgb[sl][idx, k][:, :, None, None], sub)
+                np.copyto(sub, stroke_rgb[sl][idx, k][:, :, None, None], where=on[:, None])
                 img[idx] = sub
 
         # Object mask in rotated unit coordinates, one vectorised pass per shape class.
@@ -453,31 +460,34 @@ def _generate_shapes(
         # Texture: 1 where the object shows its full colour, _TEXTURE_SHADE on the "off" pixels.
         tex = texture[sl]
         pattern = np.ones((m, S, S), dtype=np.float32)
+        one, shade = np.float32(1.0), np.float32(_TEXTURE_SHADE)
         striped = tex == TEXTURES.index("striped")
         if striped.any():
             a = col(stripe_angle)[striped]
             proj = np.cos(a) * X + np.sin(a) * Y + col(phase[:, 0])[striped]
-            pattern[striped] = np.where(np.mod(proj, period) < period / 2, 1.0, _TEXTURE_SHADE)
+            pattern[striped] = np.where(np.mod(proj, period) < period / 2, one, shade)
         dotted = tex == TEXTURES.index("dotted")
         if dotted.any():
             ox, oy = col(phase[:, 0])[dotted], col(phase[:, 1])[dotted]
             gx = np.mod(X + ox, period) - period / 2
             gy = np.mod(Y + oy, period) - period / 2
             # Coloured dots on a shaded body.
-            pattern[dotted] = np.where(gx * gx + gy * gy <= (0.3 * period) ** 2, 1.0, _TEXTURE_SHADE)
+            pattern[dotted] = np.where(gx * gx + gy * gy <= (0.3 * period) ** 2, one, shade)
         obj = rgb[sl][:, :, None, None] * pattern[:, None]
-        img = np.where(mask[:, None], obj, img)
+        np.copyto(img, obj, where=mask[:, None])
 
         if noise > 0:
-            img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(noise)
-        images[sl] = np.clip(img, 0.0, 1.0)
+            pixel_noise = rng.standard_normal(img.shape, dtype=np.float32)
+            pixel_noise *= np.float32(noise)
+            img += pixel_noise
+        np.clip(img, 0.0, 1.0, out=img)
         masks[sl, 0] = mask
 
     target = shape.copy()
     if label_noise > 0:
         # Flip exactly round(label_noise * n) labels, each to a *different* class, so label_noise is the
         # true corruption rate rather than (1 - 1/k) of it.
-        flip = rng.choice(n, size=int(round(label_noise * n)), replace=False)
+        flip = rng.choice(n, size=round(label_noise * n), replace=False)
         target[flip] = (target[flip] + rng.integers(1, n_shapes, size=len(flip))) % n_shapes
 
     return {
@@ -523,7 +533,9 @@ def _shapes_kwargs(
     }
 
 
-def _shapes_dataset(arrays: dict[str, np.ndarray], params: dict[str, Any], info: dict[str, Any]) -> DictDataset:
+def _shapes_dataset(
+    arrays: dict[str, np.ndarray], params: dict[str, Any], info: dict[str, Any]
+) -> DictDataset:
     arrays = dict(arrays)
     clean = arrays.pop("shape")
     n_shapes, n_colours = params["n_shapes"], params["n_colours"]
@@ -590,8 +602,8 @@ def make_shapes(
        apart), saturation uniform in [0.65, 1], value uniform in [0.7, 1].
     5. Texture, inside the mask: ``solid``; ``striped`` (stripes of period ``max(3, S/8)`` px at a random
        angle and phase); ``dotted`` (coloured dots on a grid of that period). "Off" pixels of a texture
-       show the colour at 40% brightness, so the hue is unchanged everywhere inside the mask.
-    6. Background: dark grey (level uniform in [0, 0.25]) with a faint linear gradient; with probability
+       show the colour at 55% brightness, so the hue is unchanged everywhere inside the mask.
+    6. Background: dark grey (level uniform in [0, 0.2]) with a faint linear gradient; with probability
        ``clutter`` also three thin, dim, randomly coloured line segments behind the object
        (``"background"`` = 1 for such images, 0 otherwise).
     7. Gaussian pixel noise of std ``noise`` is added and the image clipped to [0, 1].
@@ -623,7 +635,9 @@ def make_shapes(
     """
     n = _check_int("n", n, 1)
     seed = _check_int("seed", seed, 0)
-    params = _shapes_kwargs(image_size, noise, label_noise, n_shapes, n_colours, clutter, correlation, max_rotation)
+    params = _shapes_kwargs(
+        image_size, noise, label_noise, n_shapes, n_colours, clutter, correlation, max_rotation
+    )
     arrays = _generate_shapes(n, np.random.default_rng(seed), **params)
     return _shapes_dataset(arrays, params, {"seed": seed})
 
@@ -656,8 +670,16 @@ def make_shapes_splits(
         "val": _check_int("n_val", n_val, 1),
         "test": _check_int("n_test", n_test, 1),
     }
-    allowed = {"image_size", "noise", "label_noise", "n_shapes", "n_colours", "clutter", "correlation",
-               "max_rotation"}
+    allowed = {
+        "image_size",
+        "noise",
+        "label_noise",
+        "n_shapes",
+        "n_colours",
+        "clutter",
+        "correlation",
+        "max_rotation",
+    }
     for key in kwargs:
         if key not in allowed:
             hint = close_matches(key, allowed)
@@ -666,8 +688,16 @@ def make_shapes_splits(
                 + (f"; did you mean {hint[0]!r}?" if hint else "")
                 + f" Options: {sorted(allowed)}."
             )
-    defaults: dict[str, Any] = {"image_size": 32, "noise": 0.1, "label_noise": 0.0, "n_shapes": 6,
-                                "n_colours": 6, "clutter": 0.0, "correlation": 0.0, "max_rotation": 15.0}
+    defaults: dict[str, Any] = {
+        "image_size": 32,
+        "noise": 0.1,
+        "label_noise": 0.0,
+        "n_shapes": 6,
+        "n_colours": 6,
+        "clutter": 0.0,
+        "correlation": 0.0,
+        "max_rotation": 15.0,
+    }
     params = _shapes_kwargs(**{**defaults, **kwargs})
     children = np.random.SeedSequence(seed).spawn(len(SPLITS))
     out: dict[str, DictDataset] = {}
@@ -711,7 +741,11 @@ def load_digits_dataset(*, flatten: bool = False) -> DictDataset:
     return DictDataset(
         {"input": x, "target": y, "parity": y % 2, "loop": loop},
         num_classes={"target": 10, "parity": 2, "loop": 2},
-        class_names={"target": [str(d) for d in range(10)], "parity": ["even", "odd"], "loop": ["open", "loop"]},
+        class_names={
+            "target": [str(d) for d in range(10)],
+            "parity": ["even", "odd"],
+            "loop": ["open", "loop"],
+        },
         info={"source": "sklearn.datasets.load_digits", "flatten": flatten},
     )
 
@@ -747,7 +781,9 @@ def read_idx(path: str | Path) -> np.ndarray:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
-            raise AuxLossError(f"IDX file {path} is a corrupt or truncated gzip file ({exc}). {fix}") from None
+            raise AuxLossError(
+                f"IDX file {path} is a corrupt or truncated gzip file ({exc}). {fix}"
+            ) from None
     if len(raw) < 4:
         raise AuxLossError(f"IDX file {path} is truncated: {len(raw)} bytes, shorter than the header. {fix}")
     if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
@@ -777,7 +813,16 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 FASHION_MNIST_DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 # Coarse category of each garment: the auxiliary "group" label.
 FASHION_MNIST_GROUPS: tuple[str, ...] = ("top", "bottom", "dress", "footwear", "bag")
@@ -869,12 +914,15 @@ def load_fashion_mnist(
     missing = [kind for kind, p in found.items() if p is None]
     if missing:
         looked = "; ".join(
-            f"{kind}: " + ", ".join(str(p) for p in _fashion_candidates(root.absolute(), prefix, kind)[:2])
+            f"{kind}: "
+            + ", ".join(str(p) for p in _fashion_candidates(root.absolute(), prefix, kind)[:2])
             + " (also .gz, and under raw/ and FashionMNIST/raw/)"
             for kind in missing
         )
-        raise AuxLossError(f"Fashion-MNIST {split} {' and '.join(missing)} not found. Looked for {looked}. "
-                           f"{_FASHION_HOW_TO_GET}")
+        raise AuxLossError(
+            f"Fashion-MNIST {split} {' and '.join(missing)} not found. Looked for {looked}. "
+            f"{_FASHION_HOW_TO_GET}"
+        )
     images_path, labels_path = found["images"], found["labels"]
     assert images_path is not None and labels_path is not None
     images = read_idx(images_path)
@@ -970,7 +1018,9 @@ def load_image_folder(
     if not class_dirs:
         loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in exts]
         extra = (
-            f" It holds {len(loose)} image(s) directly; move them into one subfolder per class." if loose else ""
+            f" It holds {len(loose)} image(s) directly; move them into one subfolder per class."
+            if loose
+            else ""
         )
         raise AuxLossError(
             f"Image folder {root.absolute()} has no class subfolders; expected root/<class_name>/<image>.{extra}"
@@ -1080,7 +1130,8 @@ def load_dataset(name: str, **kwargs: Any) -> DictDataset:
     if name not in DATASETS:
         hint = close_matches(name, DATASETS)
         raise AuxLossError(
-            f"Unknown dataset {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else ".")
+            f"Unknown dataset {name!r}"
+            + (f"; did you mean {hint[0]!r}?" if hint else ".")
             + f" Built-in datasets: {sorted(DATASETS)}."
         )
     # The loaders themselves raise errors that say what is missing and how to get it.
