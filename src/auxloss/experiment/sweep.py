@@ -137,8 +137,8 @@ def _weights_from_params(cfg: ExperimentConfig, vcfg: VariantConfig, params: Map
     for task in vcfg.tasks:
         w = float(params[f"w/{task.name}"])
         if schedule:
-            start = int(round(float(params[f"start/{task.name}"]) * steps))
-            ramp = max(1, int(round(RAMP_FRACTION * steps)))
+            start = round(float(params[f"start/{task.name}"]) * steps)
+            ramp = max(1, round(RAMP_FRACTION * steps))
             weights[task.name] = {"type": "curriculum", "value": w, "start": start, "ramp": ramp}
         elif isinstance(task.weight, dict) and "value" in task.weight:
             weights[task.name] = {**task.weight, "value": w}
@@ -190,10 +190,11 @@ def _fingerprint(cfg: ExperimentConfig, variant: str, search_seeds: int, schedul
 
 def _hide_password(url: str) -> str:
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a SQLAlchemy URL: nothing we can parse, so nothing to hide
+    except ArgumentError:  # not a SQLAlchemy URL: nothing we can parse, so nothing to hide
         return url
 
 
@@ -324,25 +325,25 @@ class _StudyLock:
                 self._conn.close()
                 self._conn = None
 
-    def __enter__(self) -> _StudyLock:
+    def __enter__(self) -> None:
         self.acquire()
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 
-def _open_study(cfg: ExperimentConfig, variant: str, storage: Any, study_name: str, search_seeds: int,
-                schedule: bool, lock: _StudyLock, sampler: Any = None) -> Any:
-    """Create the study or join it; refuse one that holds a sweep of another config or variant."""
+def _open_study(cfg: ExperimentConfig, variant: str, url: str, study_name: str, search_seeds: int,
+                schedule: bool, lock: _StudyLock) -> tuple[Any, Any]:
+    """The storage and the study, created or joined; refuse a study holding a sweep of another setup."""
     import optuna
 
     _, higher = _main_metric(cfg)
     direction = "maximize" if higher else "minimize"
     mine = _fingerprint(cfg, variant, search_seeds, schedule)
-    with lock:  # also serialises the creation of the tables by workers starting together
-        study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
-                                    direction=direction, load_if_exists=True)
+    with lock:  # also serialises the creation of the database tables by workers starting together
+        storage = _storage(url)
+        study = optuna.create_study(study_name=study_name, storage=storage, direction=direction,
+                                    load_if_exists=True)
         theirs = study.user_attrs.get(_ATTR)
         if theirs is None:
             if study.trials:
@@ -358,7 +359,7 @@ def _open_study(cfg: ExperimentConfig, variant: str, storage: Any, study_name: s
         if study.direction != optuna.study.StudyDirection[direction.upper()]:
             raise AuxLossError(f"study {study_name!r} was created to {study.direction.name.lower()} but the main "
                                f"metric is to {direction}; use another study name (--study).")
-    return study
+    return storage, study
 
 
 def _counted(study: Any) -> int:
@@ -439,9 +440,8 @@ def sweep_worker(cfg_json: ExperimentConfig | Mapping[str, Any] | str, storage_u
     vcfg = _sweep_variant(cfg, variant)
     trials = _positive_int(trials, "trials", "trials=20 (--trials 20)")
     search_seeds = _positive_int(search_seeds, "search_seeds", "search_seeds=1")
-    storage = _storage(storage_url)
     lock = _StudyLock(storage_url, study_name)
-    study = _open_study(cfg, vcfg.name, storage, study_name, search_seeds, schedule, lock)
+    storage, study = _open_study(cfg, vcfg.name, storage_url, study_name, search_seeds, schedule, lock)
     sampler = optuna.samplers.TPESampler(seed=_mixed_seed(sampler_seed, _counted(study)))
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
     objective = _Objective(cfg, vcfg, search_seeds, schedule, lock)
@@ -562,7 +562,7 @@ def run_sweep(
     build_run(probe_cfg, probe_name, SEARCH_SEED_OFFSET, device="cpu")
 
     lock = _StudyLock(url, study_name)
-    study = _open_study(cfg, variant, _storage(url), study_name, search_seeds, schedule, lock)
+    storage, study = _open_study(cfg, variant, url, study_name, search_seeds, schedule, lock)
     cfg_json = cfg.model_dump(mode="json")
     todo = trials - _counted(study)
     if todo > 0 and workers == 1:
@@ -576,7 +576,7 @@ def run_sweep(
     import optuna
     from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name=study_name, storage=_storage(url))
+    study = optuna.load_study(study_name=study_name, storage=storage)
     all_trials = study.get_trials(deepcopy=False)
     complete = [t for t in all_trials if t.state == TrialState.COMPLETE]
     if not complete:
@@ -681,11 +681,11 @@ def format_sweep(summary: Mapping[str, Any]) -> str:
     lines = [
         f"# Weight sweep: {s['study']} (variant {s['variant']})",
         "",
-        f"{s['n_trials']} trials ({s['n_complete']} complete) scored on the validation {s['metric']} "
-        f"({s['direction']}) of search seeds {s['search_seeds']}. Storage: `{s['storage']}`.",
+        (f"{s['n_trials']} trials ({s['n_complete']} complete) scored on the validation {s['metric']} "
+         f"({s['direction']}) of search seeds {s['search_seeds']}. Storage: `{s['storage']}`."),
         "",
-        f"Best: trial {best['number']}, validation {s['metric']} {_fmt(best['value'])}, weights "
-        f"{_fmt_weights(best['weights'])} (config: {_fmt_weights(s['default_weights'])}).",
+        (f"Best: trial {best['number']}, validation {s['metric']} {_fmt(best['value'])}, weights "
+         f"{_fmt_weights(best['weights'])} (config: {_fmt_weights(s['default_weights'])})."),
         "",
         "## Trials",
         "",
@@ -707,8 +707,8 @@ def format_sweep(summary: Mapping[str, Any]) -> str:
         lines += _table(["run", "mean", "std", "delta vs baseline", "p (Holm)", "verdict"], rows)
         bd = held["best_vs_default"]
         ci = bd["ci95"]
-        lines += ["", f"Best vs default weights: delta {_fmt(bd['delta'])} (95% CI {_fmt(ci[0])} to {_fmt(ci[1])}, "
-                      f"p = {_fmt(bd['p_value'], 3)}, n = {bd['n']}): {bd['verdict']}."]
+        lines += ["", (f"Best vs default weights: delta {_fmt(bd['delta'])} (95% CI {_fmt(ci[0])} to "
+                       f"{_fmt(ci[1])}, p = {_fmt(bd['p_value'], 3)}, n = {bd['n']}): {bd['verdict']}.")]
     else:
         lines += ["", "No held-out evaluation (eval_seeds = 0)."]
     return "\n".join(lines) + "\n"

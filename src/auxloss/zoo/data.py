@@ -110,7 +110,17 @@ class DictDataset(Dataset[dict[str, Tensor]]):
                     f"{type(key).__name__}. Rename it to a string."
                 )
             if isinstance(value, np.ndarray):
-                value = torch.from_numpy(np.ascontiguousarray(value))
+                array = np.ascontiguousarray(value)
+                if not array.flags.writeable:
+                    # torch warns on read-only buffers (it cannot promise not to write): copy those.
+                    array = array.copy()
+                try:
+                    value = torch.from_numpy(array)
+                except TypeError:
+                    raise AuxLossError(
+                        f"DictDataset value for key {key!r} is a numpy array of dtype {array.dtype}, which "
+                        "torch cannot hold; convert it to a numeric dtype first."
+                    ) from None
             if not isinstance(value, Tensor):
                 raise AuxLossError(
                     f"DictDataset value for key {key!r} must be a torch.Tensor or numpy array; got "
@@ -350,7 +360,7 @@ def _generate_shapes(
     clutter: float,
     correlation: float,
     max_rotation: float,
-    chunk: int = 2048,
+    chunk: int = 1024,
 ) -> dict[str, np.ndarray]:
     S = image_size
     # --- per-sample latent factors, all drawn up front so the result does not depend on ``chunk`` ---
@@ -513,12 +523,17 @@ def _shapes_kwargs(
     correlation: float,
     max_rotation: float,
 ) -> dict[str, Any]:
-    noise_f = float(noise)
+    try:
+        noise_f, rot = float(noise), float(max_rotation)
+    except (TypeError, ValueError):
+        raise AuxLossError(
+            f"noise and max_rotation must be numbers; got noise={noise!r}, max_rotation={max_rotation!r}."
+        ) from None
     if not math.isfinite(noise_f) or noise_f < 0:
         raise AuxLossError(f"noise is the std of Gaussian pixel noise and must be >= 0; got {noise!r}.")
-    rot = float(max_rotation)
     if not 0.0 <= rot <= 45.0:
-        # Beyond 45 degrees the square and the diamond start to overlap in appearance.
+        # 45 degrees already covers every look of the square (it repeats every 90), and larger angles
+        # would make the triangle's "apex up" orientation meaningless.
         raise AuxLossError(f"max_rotation must be between 0 and 45 degrees; got {max_rotation!r}.")
     return {
         # Below 16 px the largest objects cannot fit inside one quadrant-half with the required margins.
