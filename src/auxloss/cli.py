@@ -1,4 +1,4 @@
-"""The ``auxloss`` command line: demo | run | report | layers | sweep.
+"""The ``auxloss`` command line: demo | run | report | layers | sweep | probe.
 
 Every subcommand has ``--help``. Errors in the user's input print one clear message (no traceback) and exit 2.
 """
@@ -147,8 +147,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     out = Path(args.out or f"runs/{cfg.name}-sweep")
     summary = run_sweep(cfg, out, trials=args.trials, storage=args.storage, study_name=args.study,
-                        variant=args.variant, eval_seeds=args.eval_seeds, workers=args.workers)
+                        variant=args.variant, eval_seeds=args.eval_seeds, workers=args.workers,
+                        search_seeds=args.search_seeds, schedule=args.schedule)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from auxloss.experiment.config import load_config
+    from auxloss.experiment.probe import format_probe, run_probe
+
+    cfg = load_config(args.config)
+    out = Path(args.out or f"runs/{cfg.name}")
+    summary = run_probe(cfg, out, steps=args.steps, every=args.every, seed=args.seed,
+                        lookahead_lr=args.lookahead_lr, results=args.results)
+    print(format_probe(summary))
+    print(f"Probe: {(out / 'probe.json').resolve()}")
     return 0
 
 
@@ -212,7 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seeds", type=int, default=3, help="held-out seeds for the final comparison")
     p.add_argument("--out", help="output folder")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--search-seeds", type=int, default=1, help="seeds averaged per trial (validation metric)")
+    p.add_argument("--schedule", action="store_true", help="also search when each task enters (a curriculum)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("probe", help="rank candidate auxiliary tasks with a short run",
+                       description="Each variant of CONFIG is a candidate. A short run per candidate measures its "
+                                   "gradient cosine with the main task, its look-ahead affinity (Fifty et al. 2021) "
+                                   "and how fast it is learned, then ranks the candidates.")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--steps", type=int, default=200, help="training steps per candidate")
+    p.add_argument("--every", type=int, default=10, help="measure every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lookahead-lr", type=float, default=0.1, help="SGD step size of the look-ahead")
+    p.add_argument("--results", default=None, help="a finished experiment folder to compare the ranking with")
+    p.add_argument("--out", help="output folder (default: runs/<name>)")
+    p.set_defaults(func=cmd_probe)
     return parser
 
 
