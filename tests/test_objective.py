@@ -201,3 +201,30 @@ def test_nan_loss_names_the_task_and_the_step():
     skipping = al.Objective(aux=[al.Task("reg", source="aux1", target="y", loss="mse")], nonfinite="skip")
     report = skipping(model(b["input"]), b)
     assert not report.finite and skipping.skipped_steps == 1
+
+
+def test_model_emitted_losses_are_weighted_like_any_task():
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x):
+            logits = self.fc(x)
+            al.emit("z_loss", torch.logsumexp(logits, dim=-1).pow(2).mean())
+            return logits
+
+    torch.manual_seed(0)
+    model = al.attach(Router(), {})
+    objective = al.Objective(aux=[al.Task.emitted("z_loss", weight=1e-3)])
+    b = batch()
+    out = model(b["input"])
+    z = torch.logsumexp(model.model.fc(b["input"]), dim=-1).pow(2).mean()
+    assert torch.allclose(out.losses["z_loss"], z)
+    report = objective(out, b)
+    assert torch.allclose(report.total, F.cross_entropy(out.main, b["target"]) + 1e-3 * z)
+    assert report.weights["z_loss"] == 1e-3 and "z_loss" not in report.metrics
+    # outside an AuxModel (deployment), emit is a no-op
+    model.strip()(b["input"])
+    with pytest.raises(al.AuxLossError, match="emitted no loss named 'balance'"):
+        al.Objective(aux=[al.Task.emitted("balance")])(out, b)

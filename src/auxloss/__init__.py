@@ -14,7 +14,7 @@ from auxloss import schedules
 from auxloss.errors import AuxLossError
 from auxloss.heads import DenseHead, InceptionAuxHead, LinearHead, MLPHead, SequenceHead
 from auxloss.objective import LossReport, Objective
-from auxloss.taps import AuxModel, Outputs, Tap, attach, list_layers
+from auxloss.taps import AuxModel, Outputs, Tap, attach, emit, list_layers
 from auxloss.tasks import Task
 
 __version__ = "0.1.0"
@@ -33,6 +33,7 @@ __all__ = [
     "Tap",
     "Task",
     "attach",
+    "emit",
     "list_layers",
     "schedules",
 ]

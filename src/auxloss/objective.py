@@ -180,6 +180,9 @@ class Objective(nn.Module):
         batch_size = 0
         for task in self.tasks:
             pred = task.prediction(outputs)
+            if task.is_emitted:  # the model computed this loss itself: no target, no metric
+                losses[task.name] = pred.mean() if pred.dim() else pred
+                continue
             target = task.resolve_target(named, self.main.target)
             losses[task.name] = task.loss_value(pred, target)
             metric = task.metric_value(pred, target)

@@ -19,7 +19,27 @@ from torch.utils.hooks import RemovableHandle
 
 from auxloss.errors import AuxLossError, close_matches
 
-__all__ = ["AuxModel", "LayerInfo", "Outputs", "Tap", "attach", "list_layers", "select"]
+__all__ = ["AuxModel", "LayerInfo", "Outputs", "Tap", "attach", "emit", "list_layers", "select"]
+
+# Collectors of emitted losses, innermost forward last. A plain list: forwards nest, and each AuxModel forward
+# pushes its own dict and pops it when done, so a loss goes to the model whose forward is running.
+_EMITTED: list[dict[str, Any]] = []
+
+
+def emit(name: str, loss: Any) -> None:
+    """Contribute a named auxiliary loss from inside any module's forward (a router's load-balancing loss...).
+
+    The :class:`AuxModel` whose forward is running collects it into ``Outputs.losses[name]``; a task with
+    ``source="loss:<name>"`` (see :meth:`auxloss.Task.emitted`) then weights, schedules and reports it like every
+    other auxiliary loss. Several emits under one name (one per layer of a deep MoE) are summed. Outside an
+    AuxModel's forward (a stripped model in deployment) ``emit`` does nothing, so modules can always call it.
+    """
+    if not _EMITTED:
+        return
+    if not isinstance(name, str) or not name:
+        raise AuxLossError(f"emit() needs a non-empty loss name, got {name!r}.")
+    sink = _EMITTED[-1]
+    sink[name] = sink[name] + loss if name in sink else loss
 
 #: A selector picks the tensor a head reads out of a layer's output: an index into a tuple/list, a key into a
 #: dict, a tuple of those applied in turn (``(1, 0)`` is ``h`` of an LSTM's ``(out, (h, c))``), or a callable.
@@ -36,6 +56,8 @@ class Outputs:
 
     main: Any
     aux: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Auxiliary losses the model computed itself during forward (:func:`emit`, or a Hugging Face ``aux_loss``).
+    losses: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __getitem__(self, name: str) -> Any:
         """``outputs["main"]`` or ``outputs[tap_name]``."""
@@ -184,6 +206,8 @@ class AuxModel(nn.Module):
                 "this AuxModel was stripped: its hooks are gone. Call the stripped model directly, or attach again."
             )
         self._captured.clear()
+        emitted: dict[str, Any] = {}
+        _EMITTED.append(emitted)
         try:
             main = self.model(*args, **kwargs)
             aux = {}
@@ -197,7 +221,12 @@ class AuxModel(nn.Module):
                 aux[name] = head(self._captured[name])
         finally:
             self._captured.clear()
-        return Outputs(main=main, aux=aux)
+            _EMITTED.pop()
+        # Hugging Face MoE models return their load-balancing loss as `aux_loss` (output_router_logits=True).
+        hf_aux = main.get("aux_loss") if isinstance(main, Mapping) else getattr(main, "aux_loss", None)
+        if isinstance(hf_aux, Tensor) and "aux_loss" not in emitted:
+            emitted["aux_loss"] = hf_aux
+        return Outputs(main=main, aux=aux, losses=emitted)
 
     def strip(self) -> nn.Module:
         """Remove every hook this wrapper added and give back the original model, for deployment.

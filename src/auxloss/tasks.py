@@ -26,6 +26,10 @@ MetricFn = Callable[[Tensor, Tensor], Union[Tensor, float]]
 Target = Union[str, Callable[[Mapping[str, Any]], Tensor], None]
 
 
+def _identity(pred: Tensor, target: Any = None) -> Tensor:
+    return pred.mean() if pred.dim() else pred
+
+
 def _cross_entropy(pred: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(pred, target)
 
@@ -114,6 +118,18 @@ class Task:
     higher_is_better: bool = True
     select: Selector = None
 
+    @classmethod
+    def emitted(cls, name: str, *, weight: float | Schedule = 1.0, loss_name: str | None = None) -> Task:
+        """A task for a loss the model computes itself (:func:`auxloss.emit`, or a Hugging Face ``aux_loss``).
+
+        Its "prediction" is the emitted loss (averaged if not a scalar); it has no target and no metric.
+        """
+        return cls(name, source=f"loss:{loss_name or name}", loss=_identity, metric=None, weight=weight)
+
+    @property
+    def is_emitted(self) -> bool:
+        return self.source.startswith("loss:")
+
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
             raise AuxLossError(f"task name must be a non-empty string without '/', got {self.name!r}.")
@@ -152,7 +168,16 @@ class Task:
 
     # -- prediction and target -------------------------------------------------------------------------------
     def prediction(self, outputs: Outputs) -> Tensor:
-        """This task's prediction out of the model's outputs."""
+        """This task's prediction out of the model's outputs (for an emitted loss: the loss itself)."""
+        if self.is_emitted:
+            key = self.source[len("loss:"):]
+            if key not in outputs.losses:
+                raise AuxLossError(
+                    f"task {self.name!r}: the model emitted no loss named {key!r} in this forward; it emitted "
+                    f"{sorted(outputs.losses)}. Call auxloss.emit({key!r}, loss) inside a module's forward, or fix the "
+                    "name."
+                )
+            return outputs.losses[key]
         if self.source != "main" and self.source not in outputs.aux:
             raise AuxLossError(
                 f"task {self.name!r}: source {self.source!r} is neither 'main' nor a tap; the taps are "
@@ -186,8 +211,20 @@ class Task:
         return batch[target]
 
     # -- loss and metric -------------------------------------------------------------------------------------
-    def loss_value(self, pred: Tensor, target: Tensor) -> Tensor:
-        """The loss, after checking that the prediction's shape fits the target."""
+    def loss_value(self, pred: Any, target: Any) -> Tensor:
+        """The loss, after checking that the prediction's shape fits the target.
+
+        A callable loss gets the prediction and target as they are (any structure: a head may return a tuple),
+        and checks them itself; built-in losses get them checked and fitted.
+        """
+        if callable(self.loss):
+            try:
+                return self._loss_fn(pred, target)
+            except AuxLossError:
+                raise
+            except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+                raise AuxLossError(f"task {self.name!r}: its loss function failed: {type(exc).__name__}: {exc}") \
+                    from exc
         pred, target = self._fit(pred, target)
         try:
             return self._loss_fn(pred, target)
@@ -199,10 +236,11 @@ class Task:
                 f"{tuple(target.shape)} {target.dtype}: {exc}"
             ) from exc
 
-    def metric_value(self, pred: Tensor, target: Tensor) -> Tensor | None:
+    def metric_value(self, pred: Any, target: Any) -> Tensor | None:
         if self._metric_fn is None:
             return None
-        pred, target = self._fit(pred, target)
+        if not callable(self.loss):
+            pred, target = self._fit(pred, target)
         with torch.no_grad():
             value = self._metric_fn(pred.detach(), target)
         return value.detach() if isinstance(value, Tensor) else torch.tensor(float(value))

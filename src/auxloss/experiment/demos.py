@@ -19,25 +19,31 @@ __all__ = ["DEMOS", "demo_config"]
 # paper's 128/1024 would give each head more parameters than the whole trunk.
 _AUX_HEAD = {"type": "inception_aux", "params": {"conv_channels": 32, "hidden": 128}}
 
+# The dense head that predicts the object's mask, from the first block's 16x16 features.
+_MASK_HEAD = {"type": "dense", "out": 1, "params": {"hidden": 16}}
+
+# Low data with noisy labels: 500 training images, 30% of whose shape labels are wrong (validation and test
+# labels are clean). The mask labels are clean, so the auxiliary task carries information that the noisy main
+# labels lack. Calibrated on seeds 0-2 before the demo was fixed (see docs/demo.md), never on the statistics.
 _SHAPES: dict[str, Any] = {
     "name": "shapes-demo",
     "seeds": 5,
-    "data": {"name": "shapes", "n_train": 400, "n_val": 400, "n_test": 1000, "batch_size": 32,
-             "params": {"image_size": 32, "noise": 0.15, "label_noise": 0.0}},
+    "data": {"name": "shapes", "n_train": 500, "n_val": 500, "n_test": 1000, "batch_size": 32,
+             "params": {"image_size": 32, "noise": 0.1, "label_noise": 0.3}},
     "model": {"name": "small_cnn", "params": {"width": 12}},
-    "train": {"epochs": 12, "lr": 0.003, "optimizer": "adam", "lr_schedule": "cosine"},
+    "train": {"epochs": 15, "lr": 0.003, "optimizer": "adam", "lr_schedule": "cosine"},
     "variants": [
         {"name": "deep-supervision",
          "taps": {"aux1": {"layer": "block1", "head": _AUX_HEAD}, "aux2": {"layer": "block2", "head": _AUX_HEAD}},
          "tasks": [{"name": "aux1", "source": "aux1", "weight": 0.3},
                    {"name": "aux2", "source": "aux2", "weight": 0.3}]},
         {"name": "aux-task",
-         "taps": {"mask": {"layer": "block2", "head": {"type": "dense", "out": 1, "params": {"hidden": 16}}}},
-         "tasks": [{"name": "mask", "source": "mask", "target": "mask", "loss": "bce", "weight": 1.0}]},
+         "taps": {"mask": {"layer": "block1", "head": _MASK_HEAD}},
+         "tasks": [{"name": "mask", "source": "mask", "target": "mask", "loss": "bce", "weight": 3.0}]},
         {"name": "curriculum",
-         "taps": {"mask": {"layer": "block2", "head": {"type": "dense", "out": 1, "params": {"hidden": 16}}}},
+         "taps": {"mask": {"layer": "block1", "head": _MASK_HEAD}},
          "tasks": [{"name": "mask", "source": "mask", "target": "mask", "loss": "bce",
-                    "weight": {"type": "curriculum", "value": 1.0, "start": 60, "ramp": 90}}]},
+                    "weight": {"type": "curriculum", "value": 3.0, "start": 75, "ramp": 75}}]},
     ],
 }
 
@@ -65,9 +71,10 @@ _FASHION: dict[str, Any] = {
 #: name -> (description, config dict, quick overrides)
 DEMOS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "shapes": (
-        "generated coloured shapes, 400 training images: deep supervision, a mask auxiliary task, a curriculum",
+        "generated shapes, 500 training images with 30% noisy labels: deep supervision, an object-mask "
+        "auxiliary task, the same task on a curriculum",
         _SHAPES,
-        {"seeds": 3, "data.n_val": 300, "data.n_test": 600, "train.epochs": 6},
+        {"seeds": 3, "data.n_val": 300, "data.n_test": 500, "train.epochs": 6},
     ),
     "fashion-mnist": (
         "real Fashion-MNIST from local IDX files, 500 training images: deep supervision, garment-group aux task",
