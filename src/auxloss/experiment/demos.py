@@ -43,7 +43,7 @@ _SHAPES: dict[str, Any] = {
         {"name": "curriculum",
          "taps": {"mask": {"layer": "block1", "head": _MASK_HEAD}},
          "tasks": [{"name": "mask", "source": "mask", "target": "mask", "loss": "bce",
-                    "weight": {"type": "curriculum", "value": 3.0, "start": 75, "ramp": 75}}]},
+                    "weight": {"type": "curriculum", "value": 3.0, "start": 30, "ramp": 45}}]},
     ],
 }
 

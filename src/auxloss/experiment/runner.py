@@ -10,6 +10,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -40,13 +41,11 @@ def run_one(cfg: ExperimentConfig, variant: str, seed: int, *, out: Path | None 
     """Train one (variant, seed) and return its result record (with ``history``)."""
     from auxloss.experiment.build import build_run
 
-    log_dir = str(out / "runs" / variant / f"seed{seed}") if out is not None else None
-    if log_dir is not None:  # a redone run starts its logs afresh
-        for name in ("epochs.jsonl", "epochs.csv", "steps.jsonl"):
-            p = Path(log_dir) / name
-            if p.exists():
-                p.unlink()
-    built = build_run(cfg, variant, seed, device=device, log_dir=log_dir, progress=progress)
+    run_dir = out / "runs" / variant / f"seed{seed}" if out is not None else None
+    built = build_run(cfg, variant, seed, device=device, log_dir=str(run_dir) if run_dir else None,
+                      progress=progress)
+    # An interrupted run resumes from its last checkpoint (bit-identically on CPU) instead of starting over.
+    built.trainer.checkpoint_dir = run_dir / "checkpoint" if run_dir is not None else None
     fit = built.trainer.fit(built.model, built.objective, built.loaders["train"], built.loaders["val"],
                             built.loaders["test"])
     split = cfg.train.compare_on
@@ -86,6 +85,8 @@ def _worker_loop(cfg_json: dict[str, Any], out: str, device: str | None, threads
             raise
         history = record.pop("history")
         store.finish(variant, seed, record, history, worker=me)
+        # The result is stored: the run's checkpoints are no longer needed.
+        shutil.rmtree(Path(out) / "runs" / variant / f"seed{seed}" / "checkpoint", ignore_errors=True)
         done += 1
 
 

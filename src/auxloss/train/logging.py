@@ -20,7 +20,8 @@ class RunLogger:
     - TensorBoard event files under ``tensorboard/`` when ``tensorboard=True`` and the package is installed.
     """
 
-    def __init__(self, directory: str | Path, *, tensorboard: bool = False) -> None:
+    def __init__(self, directory: str | Path, *, tensorboard: bool = False,
+                 history: list[dict[str, Any]] | None = None, last_step: int = 0) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._epochs: list[dict[str, Any]] = []
@@ -32,6 +33,19 @@ class RunLogger:
                 self._tb = None
             else:
                 self._tb = SummaryWriter(str(self.directory / "tensorboard"))
+        if history is not None:
+            # The files are rewritten from the (checkpoint's) history, so an epoch logged after the checkpoint
+            # was written (then lost to a kill) is neither duplicated nor missing, and a fresh start leaves no
+            # stale lines of an earlier attempt.
+            (self.directory / "epochs.jsonl").unlink(missing_ok=True)
+            (self.directory / "epochs.csv").unlink(missing_ok=True)
+            for record in history:
+                self.log_epoch(record)
+            steps = self.directory / "steps.jsonl"
+            if steps.exists():
+                kept = [line for line in steps.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= last_step]
+                steps.write_text("".join(line + "\n" for line in kept))
 
     def log_step(self, step: int, values: dict[str, float]) -> None:
         with open(self.directory / "steps.jsonl", "a") as f:

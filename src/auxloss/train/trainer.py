@@ -25,6 +25,7 @@ from auxloss.errors import AuxLossError
 from auxloss.objective import LossReport, Objective
 from auxloss.taps import Outputs
 from auxloss.train.callbacks import Callback
+from auxloss.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from auxloss.train.logging import RunLogger
 
 __all__ = ["FitResult", "Trainer", "move_to"]
@@ -87,6 +88,9 @@ class Trainer:
         eval_train: also evaluate the training set in eval mode each epoch, for an honest train/val gap (the
             running train-mode metric is biased by dropout and by the weights changing during the epoch).
         progress: show a progress bar (rich).
+        checkpoint_dir: where to write ``last.pt``/``prev.pt`` (atomically) after every epoch; a later ``fit`` with
+            the same arguments resumes from there, bit-identically on CPU.
+        checkpoint_every: also checkpoint every N optimizer steps inside an epoch.
     """
 
     def __init__(
@@ -110,6 +114,8 @@ class Trainer:
         tensorboard: bool = False,
         eval_train: bool = True,
         progress: bool = False,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int | None = None,
     ) -> None:
         if not isinstance(epochs, int) or epochs < 1:
             raise AuxLossError(f"epochs must be a positive integer, got {epochs!r}.")
@@ -140,6 +146,10 @@ class Trainer:
         self.tensorboard = tensorboard
         self.eval_train = eval_train
         self.progress = progress
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+            raise AuxLossError(f"checkpoint_every must be a positive number of steps or None, got {checkpoint_every!r}.")
+        self.checkpoint_every = checkpoint_every
         # Set during fit, for callbacks.
         self.model: nn.Module | None = None
         self.objective: Objective | None = None
@@ -227,8 +237,13 @@ class Trainer:
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
     ) -> FitResult:
-        """Train for ``epochs`` and return the best epoch's metrics (chosen on validation) and the history."""
-        started = time.perf_counter()
+        """Train for ``epochs`` and return the best epoch's metrics (chosen on validation) and the history.
+
+        With ``checkpoint_dir`` set, a checkpoint is written atomically after every epoch (and every
+        ``checkpoint_every`` optimizer steps), and a later ``fit`` with the same arguments resumes from it: the
+        result is bit-identical to an uninterrupted run on CPU with deterministic settings.
+        """
+        started = self._fit_started = time.perf_counter()
         model.to(self.device)
         objective.to(self.device)
         if optimizer is None:
@@ -238,24 +253,30 @@ class Trainer:
             scheduler = self.build_scheduler(optimizer, steps_per_epoch * self.epochs)
         run_model: nn.Module = torch.compile(model) if self.compile else model
         self.model, self.objective, self.optimizer, self.scheduler = model, objective, optimizer, scheduler
+        self._train_loader = train_loader
         use_scaler = self.amp == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if use_scaler else None
-        logger = RunLogger(self.log_dir, tensorboard=self.tensorboard) if self.log_dir is not None else None
+        for hook_owner in (objective.weighting,):
+            if hook_owner is not None and hasattr(hook_owner, "set_lr"):
+                hook_owner.set_lr(optimizer.param_groups[0]["lr"])  # OL-AUX's look-ahead needs the model's lr
         higher = objective.main.higher_is_better
         train_eval_loader = self._train_eval_loader(train_loader) if self.eval_train else None
 
-        history: list[dict[str, Any]] = []
-        best_value, best_epoch, best_state, best_metrics = None, 0, None, {}
-        stale = 0
-        stopped_early = False
-        self._call("on_fit_start")
-        progress = _Progress(self.progress, self.epochs, steps_per_epoch)
+        st = self._fresh_state()
+        resumed = self._resume(st)
+        logger = (RunLogger(self.log_dir, tensorboard=self.tensorboard, history=st["history"],
+                            last_step=self.global_step) if self.log_dir is not None and self.is_main_process else None)
+        if not resumed:
+            self._call("on_fit_start")
+        progress = _Progress(self.progress and self.is_main_process, self.epochs, steps_per_epoch)
         try:
-            for epoch in range(1, self.epochs + 1):
+            while st["epoch"] < self.epochs and not st["stopped_early"]:
+                epoch = st["epoch"] + 1
                 self.epoch = epoch
                 objective.set_epoch(epoch - 1)
-                self._call("on_epoch_start", epoch)
-                train_means = self._train_epoch(run_model, objective, train_loader, logger, progress)
+                if st["batch_idx"] == 0:
+                    self._call("on_epoch_start", epoch)
+                train_means = self._train_epoch(run_model, objective, train_loader, logger, progress, st)
                 objective.on_epoch_end(epoch)
                 metrics: dict[str, float] = {}
                 if train_eval_loader is not None:
@@ -270,51 +291,124 @@ class Trainer:
                     "epoch": epoch,
                     "step": self.global_step,
                     "lr": optimizer.param_groups[0]["lr"],
-                    "time": time.perf_counter() - started,
+                    "time": st["elapsed"] + time.perf_counter() - started,
                     **_prefix("train", train_means),
                     **metrics,
                 }
                 if "trainval/metric/main" in record and "val/metric/main" in record:
                     gap = record["trainval/metric/main"] - record["val/metric/main"]
                     record["gap"] = gap if higher else -gap
-                history.append(record)
+                st["history"].append(record)
                 self._call("on_epoch_end", record)
                 if logger is not None:
                     logger.log_epoch(record)
                 progress.epoch_done(record)
-
-                # The best checkpoint is chosen on validation only: choosing on test would leak it.
-                if "val/metric/main" in record:
-                    value, maximize = record["val/metric/main"], higher
-                elif "val/loss/main" in record:
-                    value, maximize = record["val/loss/main"], False
-                else:
-                    best_epoch, best_metrics = epoch, metrics
-                    continue
-                better = best_value is None or (value > best_value if maximize else value < best_value)
-                if better:
-                    best_value, best_epoch, best_metrics, stale = value, epoch, metrics, 0
-                    best_state = copy.deepcopy(model.state_dict())
-                else:
-                    stale += 1
-                    if self.patience is not None and stale >= self.patience:
-                        stopped_early = True
-                        break
+                self._select_best(st, record, metrics, higher)
+                st["epoch"] = epoch
+                st["batch_idx"] = 0
+                self._save(st, started)
         finally:
             progress.close()
             if logger is not None:
                 logger.close()
-        if best_state is not None:
-            model.load_state_dict(best_state)
+        if st["best_state"] is not None:
+            model.load_state_dict(st["best_state"])
         self._call("on_fit_end")
         return FitResult(
-            best_epoch=best_epoch,
-            best=dict(best_metrics),
-            history=history,
-            stopped_early=stopped_early,
-            seconds=time.perf_counter() - started,
+            best_epoch=st["best_epoch"],
+            best=dict(st["best_metrics"]),
+            history=st["history"],
+            stopped_early=st["stopped_early"],
+            seconds=st["elapsed"] + time.perf_counter() - started,
             skipped_steps=objective.skipped_steps,
         )
+
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0 under torch.distributed (or the only process): the one that logs and writes checkpoints."""
+        import torch.distributed as dist
+
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+    def _fresh_state(self) -> dict[str, Any]:
+        self.global_step = 0
+        return {"epoch": 0, "batch_idx": 0, "history": [], "best_value": None, "best_epoch": 0,
+                "best_state": None, "best_metrics": {}, "stale": 0, "stopped_early": False, "elapsed": 0.0,
+                "sums": {}, "count": 0, "micro": 0, "epoch_gen_state": None}
+
+    def _select_best(self, st: dict[str, Any], record: dict[str, Any], metrics: dict[str, float],
+                     higher: bool) -> None:
+        # The best checkpoint is chosen on validation only: choosing on test would leak it.
+        assert self.model is not None
+        if "val/metric/main" in record:
+            value, maximize = record["val/metric/main"], higher
+        elif "val/loss/main" in record:
+            value, maximize = record["val/loss/main"], False
+        else:
+            st["best_epoch"], st["best_metrics"] = record["epoch"], metrics
+            return
+        best = st["best_value"]
+        if best is None or (value > best if maximize else value < best):
+            st.update(best_value=value, best_epoch=record["epoch"], best_metrics=metrics, stale=0,
+                      best_state=copy.deepcopy(self.model.state_dict()))
+        else:
+            st["stale"] += 1
+            if self.patience is not None and st["stale"] >= self.patience:
+                st["stopped_early"] = True
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def _checkpoint_state(self, st: dict[str, Any], started: float) -> dict[str, Any]:
+        assert self.model is not None and self.objective is not None and self.optimizer is not None
+        gen = getattr(self._train_loader, "generator", None)
+        return {
+            "trainer": {k: v for k, v in st.items() if k != "elapsed"},
+            "elapsed": st["elapsed"] + time.perf_counter() - started,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "rng": get_rng_state(),
+            "loader_generator": gen.get_state() if gen is not None else None,
+        }
+
+    def _save(self, st: dict[str, Any], started: float) -> None:
+        if self.checkpoint_dir is None or not self.is_main_process:
+            return
+        save_checkpoint(self.checkpoint_dir, self._checkpoint_state(st, started))
+
+    def _resume(self, st: dict[str, Any]) -> bool:
+        if self.checkpoint_dir is None:
+            return False
+        ckpt = load_checkpoint(self.checkpoint_dir)
+        if ckpt is None:
+            return False
+        assert self.model is not None and self.objective is not None and self.optimizer is not None
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.objective.load_state_dict(ckpt["objective"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise AuxLossError(
+                f"the checkpoint in {str(self.checkpoint_dir)!r} does not fit this model/objective ({exc}). It belongs "
+                "to another run: use another output folder, or delete the checkpoint to start over."
+            ) from exc
+        if self.scheduler is not None and ckpt["scheduler"] is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt["scaler"] is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        for cb, state in zip(self.callbacks, ckpt["callbacks"]):
+            cb.load_state_dict(state)
+        st.update(ckpt["trainer"])
+        st["elapsed"] = ckpt["elapsed"]
+        self.global_step = ckpt["global_step"]
+        gen = getattr(self._train_loader, "generator", None)
+        if gen is not None and ckpt["loader_generator"] is not None:
+            gen.set_state(ckpt["loader_generator"])
+        set_rng_state(ckpt["rng"])
+        return True
 
     def _train_eval_loader(self, train_loader: DataLoader) -> Iterable[Any] | None:
         # A separate, unshuffled loader over the same data: evaluating must not consume the training loader's
@@ -327,39 +421,58 @@ class Trainer:
 
     def _train_epoch(
         self, model: nn.Module, objective: Objective, loader: Iterable[Any], logger: RunLogger | None,
-        progress: _Progress,
+        progress: _Progress, st: dict[str, Any],
     ) -> dict[str, float]:
         assert self.optimizer is not None
         model.train()
-        sums: dict[str, float] = {}
-        count = 0
         optimizer = self.optimizer
-        optimizer.zero_grad(set_to_none=True)
-        micro = 0
-        for batch_idx, batch in enumerate(loader):
+        gen = getattr(loader, "generator", None)
+        skip = st["batch_idx"]  # > 0 when resuming inside an epoch
+        if skip and gen is not None and st["epoch_gen_state"] is not None:
+            # Replay the epoch's shuffle: restore the loader's generator as it was when the epoch began, skip the
+            # batches already trained, then put back the RNG state saved with the checkpoint.
+            after = gen.get_state()
+            gen.set_state(st["epoch_gen_state"])
+        else:
+            st.update(sums={}, count=0, micro=0, batch_idx=0)
+            st["epoch_gen_state"] = gen.get_state() if gen is not None else None
+            optimizer.zero_grad(set_to_none=True)
+        iterator = iter(loader)
+        if skip:
+            for _ in range(skip):
+                next(iterator)
+            if gen is not None and st["epoch_gen_state"] is not None:
+                gen.set_state(after)
+        sums, report, values = st["sums"], None, {}
+        for batch_idx, batch in enumerate(iterator, start=skip):
             batch = move_to(batch, self.device)
             self._call("on_train_batch_start", batch, batch_idx)
             with self._autocast():
                 outputs = model(objective.inputs(batch))
                 report = objective(outputs, batch)
+            st["batch_idx"] = batch_idx + 1
             if not report.finite:  # nonfinite="skip": drop this micro-batch's update
                 progress.step()
                 continue
             self._call("on_before_backward", report)
             objective.backward(report, scale=1.0 / self.accumulate, scaler=self.scaler)
             self._call("on_after_backward", report)
-            micro += 1
+            st["micro"] += 1
             values = report.as_dict()
             n = report.batch_size
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + value * n
-            count += n
-            if micro % self.accumulate:
+            st["count"] += n
+            if st["micro"] % self.accumulate:
                 continue
             self._optimizer_step(report, batch_idx, logger, values)
             progress.step()
-        if micro % self.accumulate:  # a last partial accumulation still updates the weights
-            self._optimizer_step(report, batch_idx, logger, values)
+            if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
+                self._save(st, self._fit_started)
+        if st["micro"] % self.accumulate and report is not None:  # a last partial accumulation still updates
+            self._optimizer_step(report, st["batch_idx"] - 1, logger, values)
+            st["micro"] = 0
+        count = st["count"]
         return {k: v / count for k, v in sums.items()} if count else {}
 
     def _optimizer_step(self, report: LossReport, batch_idx: int, logger: RunLogger | None,

@@ -7,7 +7,8 @@ training loss of auxiliary task k over epoch t, ``K`` the number of auxiliary ta
     w_k(t)   = K · exp(r_k(t−1)/τ) / Σ_j exp(r_j(t−1)/τ)          (so Σ_k w_k = K)
 
 and ``w_k = 1`` for the first two epochs, before two ratios exist. A task whose loss falls slowly (``r`` near or
-above 1) gets more weight; τ → ∞ gives equal weights. Default ``temperature=2.0`` (the paper's τ = 2).
+above 1) gets more weight; τ → ∞ gives equal weights. With a single auxiliary task the weight is always 1 (DWA
+only shares weight among tasks). Default ``temperature=2.0`` (the paper's τ = 2).
 
 Only the auxiliary tasks are weighted (``K`` counts them alone); the main task's weight stays 1. Epoch means are
 accumulated from training steps only (a forward with gradients enabled; evaluation batches under

@@ -26,7 +26,8 @@ Implementation choices:
   trainer's optimizer (``w`` is a buffer, so the main loss never pushes it down). The step's multipliers use ``w``
   before the update; the update takes effect from the next step. Each weight is floored at ``1e-6`` before the
   renormalisation, so weights stay positive.
-- A step with a non-finite loss or gradient norm leaves ``w`` unchanged.
+- A step with a non-finite loss or gradient norm leaves ``w`` unchanged. Where ``G_i`` equals its target up to
+  rounding (``|G_i − target_i| ≤ 1e-12·(|G_i| + |target_i|)``) the subgradient 0 is used.
 
 Defaults: ``alpha=1.5`` (the paper's value for its NYUv2 experiments), ``lr=0.025``. ``params`` is required.
 """
@@ -61,7 +62,10 @@ def gradnorm_update(
     target = g.mean() * rate.pow(alpha)  # a constant: no gradient flows through it
     diff = g - target
     l_grad = diff.abs().sum()
-    grad_w = torch.sign(diff) * grad_norms
+    # At the kink (|G_i − target_i| at rounding level) the subgradient 0 is taken: a difference of a few ulps has
+    # no sign worth following, and this keeps the update independent of the order the tasks are listed in.
+    tie = diff.abs() <= 1e-12 * (g.abs() + target.abs())
+    grad_w = torch.where(tie, torch.zeros_like(diff), torch.sign(diff)) * grad_norms
     new = (w - lr * grad_w).clamp_min(_FLOOR)
     return new * (w.numel() / new.sum()), l_grad
 
@@ -166,7 +170,9 @@ class GradNorm(LossWeighting):
                     "shared by every task. Choose a layer below every task's head: the last layer all tasks share "
                     "(at or below the lowest tapped layer)."
                 )
-            sq = sum(g.detach().float().pow(2).sum() for g in grads if g is not None)
+            # at least float32 (half-precision gradients under AMP), float64 kept as it is
+            sq = sum(g.detach().to(torch.promote_types(g.dtype, torch.float32)).pow(2).sum()
+                     for g in grads if g is not None)
             norms.append(torch.as_tensor(sq).sqrt())
         return torch.stack(norms)
 

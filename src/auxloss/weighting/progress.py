@@ -78,7 +78,7 @@ def _down(m: float, step: float, mode: str, lo: float, hi: float) -> float:
 
 
 def _clip(m: float, lo: float, hi: float) -> float:
-    return lo if m < lo else hi if m > hi else m
+    return max(lo, min(m, hi))
 
 
 class MainProgress(LossWeighting):

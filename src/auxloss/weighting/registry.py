@@ -4,7 +4,8 @@
 gradient-aware strategies are imported only when asked for, so this module imports without them.
 
 A ``layer`` key (a qualified module name, or a list of them) is resolved to those modules' parameters against
-the model and passed as ``params`` to strategies that take ``params`` (GradNorm's last shared layer). For an
+the model and passed as ``params`` to strategies that take ``params`` (GradNorm's last shared layer, the shared
+parameters of the gradient-aware ones); likewise ``stats_layer`` becomes ``stats_params``. For an
 :class:`~auxloss.AuxModel` the names of the user's model (``model.model``) are tried first, then the wrapper's own
 (``"model.block3"``, ``"heads.aux1"``).
 """
@@ -48,7 +49,6 @@ def _fixed(**kwargs: Any) -> None:
     """The ``fixed`` type: no strategy, the tasks' own λ (constant or scheduled) only."""
     if kwargs:
         raise AuxLossError(f"weighting 'fixed' takes no parameters, got {sorted(kwargs)}.")
-    return None
 
 
 _W = "auxloss.weighting."
@@ -64,6 +64,10 @@ WEIGHTINGS: dict[str, Callable[..., Weighting | None]] = {
     "olaux": _Lazy(_W + "olaux", "OLAux"),
     "metabalance": _Lazy(_W + "metabalance", "MetaBalance"),
 }
+
+
+# Config keys naming layers, resolved against the model to the parameter lists the strategies take.
+_LAYER_KEYS = {"layer": "params", "stats_layer": "stats_params"}
 
 
 def build_weighting(spec: Mapping[str, Any] | str | Weighting | None, *, model: nn.Module | None = None
@@ -104,13 +108,16 @@ def build_weighting(spec: Mapping[str, Any] | str | Weighting | None, *, model: 
 
     cls = builder.resolve()
     accepted = inspect.signature(cls).parameters
-    layer = params.pop("layer", None)
-    if layer is not None:
-        if "params" not in accepted:
-            raise AuxLossError(f"weighting {kind!r} takes no 'layer' (it chooses its own parameters).")
-        if "params" in params:
-            raise AuxLossError(f"weighting {kind!r}: give either 'layer' or 'params', not both.")
-        params["params"] = resolve_layer_params(model, layer, kind)
+    layer = params.get("layer")
+    for key, target in _LAYER_KEYS.items():
+        if key not in params:
+            continue
+        names = params.pop(key)
+        if target not in accepted:
+            raise AuxLossError(f"weighting {kind!r} takes no {key!r} (it has no {target!r} to fill).")
+        if target in params:
+            raise AuxLossError(f"weighting {kind!r}: give either {key!r} or {target!r}, not both.")
+        params[target] = resolve_layer_params(model, names, kind)
     clash = sorted(set(params) & set(builder.fixed))
     if clash:
         raise AuxLossError(f"weighting {kind!r} sets {clash} itself; choose the type name instead "
@@ -119,8 +126,7 @@ def build_weighting(spec: Mapping[str, Any] | str | Weighting | None, *, model: 
     unknown = sorted(k for k in params if k not in accepted)
     if unknown and not takes_any:
         valid = [k for k in accepted if k not in builder.fixed and k != "self"]
-        if "params" in valid:
-            valid.append("layer")
+        valid += [key for key, target in _LAYER_KEYS.items() if target in valid]
         raise AuxLossError(f"weighting {kind!r} has no parameter(s) {unknown}; its parameters are {valid}.")
     if kind == "gradnorm" and "params" not in params:
         raise AuxLossError("weighting 'gradnorm' needs 'layer': the qualified name of the last layer every task "
@@ -129,7 +135,7 @@ def build_weighting(spec: Mapping[str, Any] | str | Weighting | None, *, model: 
         weighting = builder(**params)
     except TypeError as exc:  # e.g. a required parameter missing
         raise AuxLossError(f"weighting {kind!r}: {exc}.") from exc
-    if layer is not None and hasattr(weighting, "layer"):
+    if layer is not None and kind == "gradnorm":
         weighting.layer = layer if isinstance(layer, str) else ",".join(layer)
     return weighting
 

@@ -1,0 +1,523 @@
+"""Per-task gradients, efficiently: the engine under every gradient-aware weighting.
+
+A gradient-aware strategy needs, for the main task and each auxiliary task k, the gradient of that task's loss
+alone: ``g_0 = ∇L_0`` and ``g_k = ∇L_k``. :class:`PerTaskGradientWeighting` gets them from the step's one forward
+pass (``report.losses``; there is never a second forward), asks its subclass how to combine them, and writes the
+combined update into ``p.grad``. The strategies (:mod:`~auxloss.weighting.gating`,
+:mod:`~auxloss.weighting.projection`, :mod:`~auxloss.weighting.olaux`, :mod:`~auxloss.weighting.metabalance`) only
+hold the maths.
+
+**Which parameters.** The strategy cannot see the model, so by default it *discovers* the trainable tensors: one
+walk over the autograd graph from the losses (``grad_fn.next_functions`` down to the ``AccumulateGrad`` nodes,
+whose ``.variable`` is a leaf that requires grad), each node visited once. The walk is redone on every statistics
+step, so a parameter set that changes (a lazily built head, a conditional branch) is always complete; it is a
+Python loop over the graph's nodes, small next to the ``1 + K`` backward passes it precedes. The discovered list is
+cached (``params_``) and per-parameter state follows parameters across a change. Pass ``params=`` (an
+``nn.Module`` or an iterable of tensors) to skip the walk; the first statistics step then checks once that the list
+covers every trainable leaf the losses reach, since a leaf outside it would silently get no gradient.
+
+**Shared parameters.** Task k's shared parameters are those that both ``L_0`` and ``L_k`` reach (non-``None``
+gradients for both). Only they are gated, projected or rescaled. Every other parameter gets the plain weighted sum:
+an auxiliary head's own parameters ``λ_k·g_k``, the main path above the taps ``g_0``. Shared sets differ between
+tasks (a head on ``layer1`` shares less of the trunk than one on ``layer3``); each task's statistics are taken on
+its own shared set.
+
+**Exact mode** (``mode="exact"``): ``1 + K`` calls of :func:`torch.autograd.grad` per step, one per task and each
+only through the part of the graph that task's loss reaches (an auxiliary loss never runs backward through the
+layers above its tap nor through the main head). With a GradScaler the losses go through ``scaler.scale`` as a
+plain ``scaler.scale(loss).backward()`` would, so the gradients written are in the scaled domain the trainer's
+``scaler.unscale_`` expects; the statistics (dot products, norms) are divided by the scale, so what the strategies
+see and remember is in the true domain whatever the current scale.
+
+**Statistics subset** (``stats_params=``): cosines, dot products and norms are summed over the given tensors only
+(say the last shared block), while the decision applies to all shared parameters. The per-tensor products cost
+little next to the backward passes; the subset's point is a cheaper, more local signal. It must meet every task's
+shared set.
+
+**Amortized mode** (``mode="amortized", every=N``): the statistics are refreshed (exact mode) on one backward call
+in N (calls are counted on :meth:`backward`, micro-batches included, starting with a refresh), and on the others a
+*single* backward runs on ``L_0 + Σ_k m_k·λ_k·L_k`` with each strategy's cached multiplier ``m_k`` (its
+"effective weight" divided by ``λ_k``; see each strategy for what it caches). Approximation: in that single
+backward the gradient from head k into the trunk cannot be scaled apart from the head's own parameters, so the
+head's private parameters also receive ``m_k·λ_k·g_k`` instead of their full ``λ_k·g_k``. (A trunk-gradient scale
+applied at the tap by :class:`~auxloss.taps.AuxModel` would remove this.) Per-tensor or non-scalar rules (a
+projection, MetaBalance's per-tensor rescaling) are summarised by one scalar per task between refreshes.
+
+**Gradient accumulation.** Each backward call is one micro-batch: the decision (gate, projection, rescaling) is
+taken on that micro-batch's own gradients, and the result times ``scale`` is added to ``p.grad``. For rules that
+are linear in the gradients with fixed coefficients this equals a decision on the whole batch only when the
+decisions agree; with non-linear rules (gating, projection) accumulation is an average of per-micro-batch
+decisions, not a decision on the average.
+
+**Non-finite gradients** (fp16 overflow): when a statistic is not finite, that step uses the plain weighted sum
+(so the infinity reaches ``p.grad`` and the GradScaler skips the step) and no state is updated.
+
+**Telemetry.** :meth:`~PerTaskGradientWeighting.telemetry` gives ``cos/<task>`` (cosine of ``g_0`` and ``g_k`` on
+the statistics set of the shared parameters), ``normratio/<task>`` (``‖g_k‖/‖g_0‖`` there) and ``effw/<task>``
+(the task's effective weight, the coefficient on ``g_k`` in the least-squares sense: ``(contribution_k·g_k)/‖g_k‖²``,
+or the cached one on amortized steps). The objective collects telemetry during the forward pass, before this
+step's backward, so a step's report carries the previous step's values.
+
+**Distributed.** :func:`torch.autograd.grad` bypasses DDP's gradient all-reduce; these strategies are for a single
+process (or DDP under ``no_sync`` with an explicit reduction, not provided here).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from auxloss.errors import AuxLossError
+from auxloss.weighting.base import GradientWeighting
+
+if TYPE_CHECKING:
+    from auxloss.objective import LossReport, Objective
+
+__all__ = [
+    "Combination",
+    "PerTaskGradientWeighting",
+    "TaskStats",
+    "combine_weighted",
+    "cosine",
+    "discover_params",
+    "per_task_gradients",
+]
+
+MODES = ("exact", "amortized")
+
+
+# -- pure helpers ------------------------------------------------------------------------------------------------
+def cosine(dot: Tensor, sq0: Tensor, sqk: Tensor) -> Tensor:
+    """``dot / (‖g_0‖·‖g_k‖)`` from the dot product and the squared norms; 0 where a norm is 0, clamped to [-1, 1]."""
+    denom = torch.sqrt(sq0 * sqk)
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.where(denom > 0, dot / safe, torch.zeros_like(dot)).clamp(-1.0, 1.0)
+
+
+def combine_weighted(g0: Tensor, gks: Tensor, coefs: Tensor) -> Tensor:
+    """``g_0 + Σ_k coefs_k·g_k`` for flat ``g0`` ``(D,)``, ``gks`` ``(K, D)`` and ``coefs`` ``(K,)``."""
+    return g0 + (coefs.to(gks.dtype)[:, None] * gks).sum(0)
+
+
+def discover_params(losses: Iterable[Tensor]) -> list[Tensor]:
+    """The leaf tensors requiring grad that the losses reach, in a deterministic order (depth first, first loss first).
+
+    Walks ``grad_fn.next_functions`` once, visiting every node once; ``AccumulateGrad`` nodes hold the leaf in
+    ``.variable``.
+    """
+    found: list[Tensor] = []
+    seen_leaves: set[int] = set()
+    seen_nodes: set[Any] = set()
+    for loss in losses:
+        if loss is None or not isinstance(loss, Tensor) or not loss.requires_grad:
+            continue
+        if loss.grad_fn is None:  # the loss is itself a leaf
+            if id(loss) not in seen_leaves:
+                seen_leaves.add(id(loss))
+                found.append(loss)
+            continue
+        stack = [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node in seen_nodes:
+                continue
+            seen_nodes.add(node)
+            variable = getattr(node, "variable", None)
+            if isinstance(variable, Tensor):
+                if id(variable) not in seen_leaves:
+                    seen_leaves.add(id(variable))
+                    found.append(variable)
+                continue
+            children = [fn for fn, _ in node.next_functions if fn is not None]
+            stack.extend(reversed(children))  # so that the first input is visited first
+    return found
+
+
+def per_task_gradients(losses: Sequence[Tensor | None], params: Sequence[Tensor]) -> tuple[list[list[Tensor | None]], int]:
+    """One :func:`torch.autograd.grad` per loss with respect to ``params`` (``None`` where a loss does not reach one).
+
+    The graph is kept for all but the last backward. Returns the gradients and the number of backward calls made
+    (losses that need no gradient cost none).
+    """
+    live = [i for i, loss in enumerate(losses) if loss is not None and loss.requires_grad]
+    out: list[list[Tensor | None]] = [[None] * len(params) for _ in losses]
+    for j, i in enumerate(live):
+        loss = losses[i]
+        assert loss is not None
+        grads = torch.autograd.grad(loss, params, retain_graph=j < len(live) - 1, allow_unused=True)
+        out[i] = list(grads)
+    return out, len(live)
+
+
+@dataclass
+class TaskStats:
+    """The statistics of one auxiliary task on its shared parameters, in the true (unscaled) gradient domain.
+
+    ``shared`` are indices into the parameter list; ``dot``, ``sq0``, ``sqk`` hold per shared tensor
+    ``g_0·g_k``, ``‖g_0‖²`` and ``‖g_k‖²``; ``in_stats`` marks the tensors of the statistics subset. The
+    properties sum them over the subset (``dot``/``sq0``/``sqk`` with an ``s_`` prefix) or over all shared tensors.
+    """
+
+    name: str
+    index: int
+    lam: float
+    shared: list[int]
+    dot: Tensor
+    sq0: Tensor
+    sqk: Tensor
+    in_stats: Tensor
+
+    @property
+    def has_shared(self) -> bool:
+        return len(self.shared) > 0
+
+    def _subset_sum(self, values: Tensor) -> Tensor:
+        # a masked sum rather than boolean indexing, which would wait for the device
+        return torch.where(self.in_stats, values, torch.zeros_like(values)).sum()
+
+    @property
+    def s_dot(self) -> Tensor:
+        return self._subset_sum(self.dot)
+
+    @property
+    def s_sq0(self) -> Tensor:
+        return self._subset_sum(self.sq0)
+
+    @property
+    def s_sqk(self) -> Tensor:
+        return self._subset_sum(self.sqk)
+
+    @property
+    def s_cos(self) -> Tensor:
+        return cosine(self.s_dot, self.s_sq0, self.s_sqk)
+
+
+@dataclass
+class Combination:
+    """How one auxiliary task enters the update on its shared tensors.
+
+    ``aux``: the coefficient on ``g_k`` (a scalar, or one per shared tensor); ``main``: an amount added to the
+    coefficient of ``g_0`` on those tensors (``None`` for none; projection uses it, and it is never negative);
+    ``effective``: the effective weight for telemetry; ``multiplier``: ``m_k`` for amortized steps (the weight
+    is ``m_k·λ_k``).
+    """
+
+    aux: Tensor
+    effective: Tensor
+    multiplier: Tensor
+    main: Tensor | None = None
+
+
+def _at(value: Tensor, pos: int) -> Tensor:
+    return value if value.dim() == 0 else value[pos]
+
+
+# -- the engine ---------------------------------------------------------------------------------------------------
+class PerTaskGradientWeighting(GradientWeighting):
+    """Base of the gradient-aware strategies: per-task gradients, shared parameters, amortization, telemetry.
+
+    Args:
+        mode: ``"exact"`` (``1 + K`` backward calls every step) or ``"amortized"`` (exact every ``every`` backward
+            calls, one backward with cached weights in between).
+        every: the refresh period of amortized mode, in backward calls.
+        stats_params: tensors on which the statistics are computed (a subset of the shared parameters); ``None`` =
+            all shared parameters.
+        params: an ``nn.Module`` or an iterable of the trainable tensors; ``None`` = discovered from the graph.
+
+    Subclasses implement :meth:`_combine`, and may override :meth:`_amortized_multipliers`, :meth:`_before_step`,
+    :meth:`_params_changed`, :meth:`_state` and :meth:`_load_state`.
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str = "exact",
+        every: int = 10,
+        stats_params: Iterable[Tensor] | None = None,
+        params: nn.Module | Iterable[Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise AuxLossError(f"mode must be 'exact' or 'amortized', got {mode!r}.")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise AuxLossError(f"every must be a positive integer (backward calls between refreshes), got {every!r}.")
+        self.mode = mode
+        self.every = every
+        # Held outside the module system on purpose: these are the model's tensors, not this strategy's state, and
+        # registering them would put the whole model into the objective's state_dict.
+        self.__dict__["_stats_list"] = self._tensor_list(stats_params, "stats_params")
+        if isinstance(params, nn.Module):
+            self.__dict__["_params_source"] = params
+        else:
+            self.__dict__["_params_source"] = self._tensor_list(params, "params")
+        self.__dict__["params_"] = None  # the parameter list of the last statistics step
+        self._checked_explicit = False
+        # state (see get_extra_state)
+        self.backward_steps = 0  # backward calls seen in training
+        self.n_backward_calls = 0  # autograd backward passes run (autograd.grad or backward)
+        self._cached: Tensor | None = None  # m_k per aux task, for amortized steps
+        self._tele: dict[str, Tensor] = {}
+
+    @staticmethod
+    def _tensor_list(values: Iterable[Tensor] | None, what: str) -> list[Tensor] | None:
+        if values is None:
+            return None
+        if isinstance(values, nn.Module):
+            values = values.parameters()
+        out = list(values)
+        if not out:
+            raise AuxLossError(f"{what} is empty; pass at least one tensor, or None.")
+        for v in out:
+            if not isinstance(v, Tensor):
+                raise AuxLossError(f"{what} must hold tensors (parameters), got a {type(v).__name__}.")
+        return out
+
+    # -- subclass hooks ---------------------------------------------------------------------------------------
+    def _combine(self, stats: list[TaskStats], *, scale: float) -> list[Combination]:
+        """One :class:`Combination` per auxiliary task (tasks without shared parameters included; ignore them)."""
+        raise NotImplementedError
+
+    def _amortized_multipliers(self) -> Tensor | None:
+        """``m_k`` per auxiliary task for an amortized step (``None``: refresh now). Default: the cached ones."""
+        return self._cached
+
+    def _before_step(self, objective: Objective) -> None:
+        """Called at the start of every backward (OL-AUX applies its periodic update here)."""
+
+    def _params_changed(self, old: list[Tensor] | None, new: list[Tensor]) -> None:
+        """Called when the parameter list changes (first step included); re-align per-parameter state."""
+
+    def _state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- parameters ---------------------------------------------------------------------------------------------
+    def _resolve_params(self, losses: Sequence[Tensor]) -> list[Tensor]:
+        source = self.__dict__["_params_source"]
+        if source is None:
+            params = discover_params(losses)
+        else:
+            if isinstance(source, nn.Module):
+                params = [p for p in source.parameters() if p.requires_grad]
+            else:
+                params = [p for p in source if p.requires_grad]
+            if not self._checked_explicit:
+                known = {id(p) for p in params}
+                missing = [p for p in discover_params(losses) if id(p) not in known]
+                if missing:
+                    shapes = ", ".join(str(tuple(p.shape)) for p in missing[:5])
+                    raise AuxLossError(
+                        f"{type(self).__name__}: the losses reach {len(missing)} trainable tensor(s) missing from "
+                        f"params= (shapes {shapes}{', ...' if len(missing) > 5 else ''}); they would get no "
+                        "gradient. Pass the whole model (params=model), or leave params=None to discover them."
+                    )
+                self._checked_explicit = True
+        old = self.__dict__["params_"]
+        if old is None or len(old) != len(params) or any(a is not b for a, b in zip(old, params)):
+            self._params_changed(old, params)
+            self.__dict__["params_"] = params
+        return params
+
+    # -- backward -----------------------------------------------------------------------------------------------
+    def backward(self, objective: Objective, report: LossReport, *, scale: float = 1.0, scaler: Any = None) -> None:
+        main = objective.main.name
+        aux = list(self.aux_names)
+        losses = report.losses
+        missing = [n for n in [main, *aux] if n not in losses]
+        if missing:
+            raise AuxLossError(
+                f"{type(self).__name__}: the report has no loss for task(s) {missing}; the strategy is bound to "
+                f"{[main, *aux]}. Set the weighting through Objective(weighting=...) or objective.set_weighting()."
+            )
+        lambdas = [float(report.weights[n]) for n in aux]
+        self._before_step(objective)
+        refresh = self.mode == "exact" or self.backward_steps % self.every == 0
+        multipliers = None if refresh else self._amortized_multipliers()
+        self.backward_steps += 1
+        if multipliers is None:
+            self._exact_backward(main, aux, lambdas, losses, scale=scale, scaler=scaler)
+        else:
+            self._single_backward(main, aux, lambdas, losses, multipliers, scale=scale, scaler=scaler)
+
+    def _single_backward(self, main: str, aux: list[str], lambdas: list[float], losses: dict[str, Tensor],
+                         multipliers: Tensor, *, scale: float, scaler: Any) -> None:
+        total = losses[main]
+        for k, name in enumerate(aux):
+            loss = losses[name]
+            weight = multipliers[k].to(device=loss.device, dtype=loss.dtype) * lambdas[k]
+            total = total + weight * loss
+            self._tele[f"effw/{name}"] = (multipliers[k] * lambdas[k]).detach()
+        if scale != 1.0:
+            total = total * scale
+        if scaler is not None:
+            total = scaler.scale(total)
+        if total.requires_grad:
+            torch.autograd.backward(total)
+            self.n_backward_calls += 1
+
+    def _exact_backward(self, main: str, aux: list[str], lambdas: list[float], losses: dict[str, Tensor], *,
+                        scale: float, scaler: Any) -> None:
+        task_losses = [losses[main], *(losses[n] for n in aux)]
+        params = self._resolve_params(task_losses)
+        if not params:
+            return
+        if scaler is not None:
+            task_losses = [scaler.scale(loss) if loss.requires_grad else loss for loss in task_losses]
+        grads, calls = per_task_gradients(task_losses, params)
+        self.n_backward_calls += calls
+        g0 = grads[0]
+        device = task_losses[0].device
+        # 1/s² turns scaled-domain products back into true-domain ones (s = the GradScaler's current scale).
+        inv_s2 = None
+        if scaler is not None:
+            s = scaler.scale(torch.ones((), device=device, dtype=torch.float32))
+            inv_s2 = 1.0 / s.to(torch.float32 if device.type == "mps" else torch.float64) ** 2  # no float64 on MPS
+
+        stats_ids = None
+        stats_list = self.__dict__["_stats_list"]
+        if stats_list is not None:
+            stats_ids = {id(t) for t in stats_list}
+        sq0_cache: dict[int, Tensor] = {}
+        stats: list[TaskStats] = []
+        for k, name in enumerate(aux):
+            gk = grads[k + 1]
+            shared = [i for i in range(len(params)) if g0[i] is not None and gk[i] is not None]
+            dots, sq0s, sqks = [], [], []
+            for i in shared:
+                a, b = g0[i], gk[i]
+                assert a is not None and b is not None
+                acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+                if i not in sq0_cache:
+                    sq0_cache[i] = (a * a).sum(dtype=acc).to(device)
+                dots.append((a * b).sum(dtype=acc).to(device))
+                sq0s.append(sq0_cache[i])
+                sqks.append((b * b).sum(dtype=acc).to(device))
+            if shared:
+                dot, sq0, sqk = torch.stack(dots), torch.stack(sq0s), torch.stack(sqks)
+                if inv_s2 is not None:
+                    dot, sq0, sqk = (t * inv_s2.to(t.dtype) for t in (dot, sq0, sqk))
+            else:
+                dot = sq0 = sqk = torch.zeros(0, device=device)
+            if stats_ids is None:
+                in_stats = torch.ones(len(shared), dtype=torch.bool, device=device)
+            else:
+                chosen = [id(params[i]) in stats_ids for i in shared]
+                in_stats = torch.tensor(chosen, dtype=torch.bool, device=device)
+                if shared and not any(chosen):
+                    raise AuxLossError(
+                        f"{type(self).__name__}: stats_params holds none of the parameters that the main task and "
+                        f"{name!r} share; give tensors of the shared trunk below {name!r}'s tap (or stats_params=None)."
+                    )
+            stats.append(TaskStats(name, k, lambdas[k], shared, dot, sq0, sqk, in_stats))
+
+        live = [s for s in stats if s.has_shared]
+        finite = not live or bool(torch.isfinite(torch.cat([torch.stack([s.dot.sum(), s.sq0.sum(), s.sqk.sum()])
+                                                           for s in live])).all())
+        if finite:
+            combos = self._combine(stats, scale=scale)
+            self._cached = torch.stack([c.multiplier.detach().to(device, torch.float64) for c in combos])
+            for s, c in zip(stats, combos):
+                if not s.has_shared:
+                    continue
+                sq0, sqk = s.s_sq0, s.s_sqk
+                self._tele[f"cos/{s.name}"] = s.s_cos.detach()
+                self._tele[f"normratio/{s.name}"] = torch.where(
+                    sq0 > 0, torch.sqrt(sqk / torch.where(sq0 > 0, sq0, torch.ones_like(sq0))),
+                    torch.full_like(sq0, float("nan"))).detach()
+                self._tele[f"effw/{s.name}"] = c.effective.detach()
+        else:  # fp16 overflow: the plain weighted sum carries the inf to p.grad, and the GradScaler skips the step
+            one = torch.ones((), dtype=torch.float64, device=device)
+            combos = [Combination(aux=one * lam, effective=one * lam, multiplier=one) for lam in lambdas]
+        self._write(params, grads, stats, combos, lambdas, scale)
+
+    def _write(self, params: list[Tensor], grads: list[list[Tensor | None]], stats: list[TaskStats],
+               combos: list[Combination], lambdas: list[float], scale: float) -> None:
+        n = len(params)
+        g0 = grads[0]
+        main_coef: list[Tensor | None] = [None] * n
+        aux_coef: list[dict[int, Tensor]] = [{} for _ in range(n)]
+        for s, c in zip(stats, combos):
+            for pos, i in enumerate(s.shared):
+                aux_coef[i][s.index] = _at(c.aux, pos)
+                if c.main is not None:
+                    extra = _at(c.main, pos)
+                    main_coef[i] = extra if main_coef[i] is None else main_coef[i] + extra
+        for i, p in enumerate(params):
+            total: Tensor | None = None
+            fresh = False  # whether `total` is a tensor we created (not an autograd output we may not own)
+            if g0[i] is not None:
+                total = g0[i]
+                if main_coef[i] is not None:
+                    total = total * (1.0 + main_coef[i].to(total.device))
+                    fresh = True
+            for k in range(len(stats)):
+                gk = grads[k + 1][i]
+                if gk is None:
+                    continue
+                coef = aux_coef[i].get(k)
+                term = gk * (coef.to(gk.device) if coef is not None else lambdas[k])
+                total = term if total is None else total + term
+                fresh = True
+            if total is None:
+                continue
+            if scale != 1.0:
+                total = total * scale
+                fresh = True
+            if p.grad is None:
+                p.grad = total if fresh else total.clone()
+            else:
+                p.grad.add_(total)
+
+    # -- telemetry and state ------------------------------------------------------------------------------------
+    def telemetry(self) -> dict[str, float]:
+        """The last computed ``cos/<task>``, ``normratio/<task>`` and ``effw/<task>`` (from the previous step)."""
+        return {k: float(v) for k, v in self._tele.items()}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "backward_steps": self.backward_steps,
+            "n_backward_calls": self.n_backward_calls,
+            "cached": None if self._cached is None else self._cached.detach().cpu().clone(),
+            "telemetry": self.telemetry(),
+            "strategy": self._state(),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.backward_steps = int(state["backward_steps"])
+        self.n_backward_calls = int(state.get("n_backward_calls", 0))
+        cached = state.get("cached")
+        self._cached = None if cached is None else torch.as_tensor(cached, dtype=torch.float64).clone()
+        self._tele = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in state.get("telemetry", {}).items()}
+        self._load_state(state.get("strategy", {}))
+
+    def _engine_repr(self) -> str:
+        stats = self.__dict__["_stats_list"]
+        source = self.__dict__["_params_source"]
+        if isinstance(source, nn.Module):
+            params = type(source).__name__
+        else:
+            params = None if source is None else f"<{len(source)} tensors>"
+        return (f"mode={self.mode!r}, every={self.every}, "
+                f"stats_params={None if stats is None else f'<{len(stats)} tensors>'}, params={params}")
+
+    def __repr__(self) -> str:
+        args = self._args_repr()
+        return f"{type(self).__name__}({args + ', ' if args else ''}{self._engine_repr()})"
+
+    def _args_repr(self) -> str:
+        return ""
+
+
+def warn_realigned(what: str) -> None:
+    warnings.warn(
+        f"{what}: the saved per-parameter state does not match the model's parameters (a different model or "
+        "parameter order); it starts afresh.",
+        stacklevel=3,
+    )
