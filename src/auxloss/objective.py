@@ -204,7 +204,8 @@ class Objective(nn.Module):
         report = LossReport(
             total=total,
             losses=losses,
-            weights={self.main.name: 1.0, **{k: float(w) for k, w in weights.items()}},
+            weights={self.main.name: 1.0, **{k: float(w.detach()) if isinstance(w, Tensor) else float(w)
+                                            for k, w in weights.items()}},
             metrics=metrics,
             step=step,
             batch_size=batch_size,

@@ -213,9 +213,9 @@ def build_run(cfg: ExperimentConfig, variant_name: str, seed: int, *, device: st
     model: nn.Module = attach(trunk, taps, example_input=example) if taps else trunk
     objective = Objective(Task("main", target=main_key, loss=cfg.main.loss, metric=cfg.main.metric), tasks)
     if variant.weighting:
-        from auxloss.weighting import build_weighting  # adaptive weightings
+        from auxloss.weighting.registry import build_weighting  # adaptive and gradient-aware weightings
 
-        objective.set_weighting(build_weighting(variant.weighting, objective))
+        objective.set_weighting(build_weighting(variant.weighting, model=model))
 
     tcfg = cfg.train.model_copy(update=variant.train) if variant.train else cfg.train
     trainer = Trainer(
