@@ -43,10 +43,13 @@ def _run_config(cfg: Any, args: argparse.Namespace, command: str) -> int:
 
     out = Path(args.out)
     started = time.perf_counter()
-    print(f"{cfg.name}: baseline + {len(cfg.variants)} variants x {cfg.seeds} seeds -> {out} "
-          f"({args.workers} worker{'s' if args.workers > 1 else ''})", flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{cfg.name}: baseline + {len(cfg.variants)} variants x {cfg.seeds} seeds -> {out} "
+              f"({args.workers} worker{'s' if args.workers > 1 else ''})", flush=True)
     results = run_experiment(cfg, out, workers=args.workers, device=args.device, force=args.force,
                              command=command, progress=args.workers == 1 and sys.stderr.isatty())
+    if not results:  # a torchrun rank other than 0: rank 0 prints
+        return 0
     _print_results(results, out, time.perf_counter() - started)
     return 0
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from auxloss.errors import AuxLossError
 from auxloss.experiment.config import ExperimentConfig, HeadConfig, TaskConfig, VariantConfig
@@ -228,8 +228,21 @@ def build_run(cfg: ExperimentConfig, variant_name: str, seed: int, *, device: st
     # RNG; the global RNG is then reseeded so dropout starts from the same state in every variant.
     g = torch.Generator().manual_seed(seed)
     bs = cfg.data.batch_size
+    from auxloss.train.distributed import is_distributed, rank, world_size
+
+    if is_distributed():
+        # Each rank trains on its shard with batch_size / world_size samples, so the global batch, and with it
+        # the statistics of a gradient-aware weighting, equals a single-process run's.
+        ws = world_size()
+        if bs % ws:
+            raise AuxLossError(f"data.batch_size={bs} is not divisible by the {ws} processes; make it a multiple.")
+        sampler = DistributedSampler(train, num_replicas=ws, rank=rank(), shuffle=True, seed=seed,
+                                     drop_last=True)
+        train_loader = DataLoader(train, batch_size=bs // ws, sampler=sampler, drop_last=len(train) > bs)
+    else:
+        train_loader = DataLoader(train, batch_size=bs, shuffle=True, generator=g, drop_last=len(train) > bs)
     loaders = {
-        "train": DataLoader(train, batch_size=bs, shuffle=True, generator=g, drop_last=len(train) > bs),
+        "train": train_loader,
         "val": DataLoader(data["val"], batch_size=512),
         "test": DataLoader(data["test"], batch_size=512),
     }

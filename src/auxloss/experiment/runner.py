@@ -90,6 +90,29 @@ def _worker_loop(cfg_json: dict[str, Any], out: str, device: str | None, threads
         done += 1
 
 
+def _distributed_loop(cfg: ExperimentConfig, out: Path, device: str | None) -> None:
+    """Under torchrun: rank 0 claims each run and broadcasts it; every rank trains it together with DDP."""
+    from auxloss.train import distributed as D
+
+    store = Store(out / STORE_FILE) if D.rank() == 0 else None
+    me = worker_id()
+    while True:
+        job = store.claim(me) if store is not None else None
+        job = D.broadcast_object(job)
+        if job is None:
+            return
+        variant, seed = job
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{torch.cuda.current_device()}"
+        # Every rank reads the run's checkpoint on resume; only rank 0 writes it, and the logs (Trainer).
+        record = run_one(cfg, variant, seed, out=out, device=device)
+        if store is not None:
+            history = record.pop("history")
+            store.finish(variant, seed, record, history, worker=me)
+            shutil.rmtree(out / "runs" / variant / f"seed{seed}" / "checkpoint", ignore_errors=True)
+        D.barrier()
+
+
 def _pool_worker(args: tuple) -> int:
     return _worker_loop(*args)
 
@@ -114,10 +137,48 @@ def run_experiment(
         workers: processes training runs in parallel (each with ``torch`` limited to share the cores).
         force: reuse a folder that holds another experiment's results (its runs are discarded).
     """
-    import yaml
+    from auxloss.train import distributed as D
 
     out = Path(out)
     started = time.perf_counter()
+    if D.init_from_env():
+        # Under torchrun: only rank 0 touches the store, the logs and the report.
+        if D.rank() == 0:
+            _prepare_store(cfg, out, force)
+        D.barrier()
+        _distributed_loop(cfg, out, device)
+        D.barrier()
+        if D.rank() != 0:
+            return {}
+        store = Store(out / STORE_FILE)
+        return _finish(cfg, out, store, command, started)
+    store = _prepare_store(cfg, out, force)
+    todo = store.status().get("pending", 0)
+    workers = max(1, min(workers, todo)) if todo else 1
+    cfg_json = cfg.model_dump(mode="json")
+    if todo and workers == 1:
+        _worker_loop(cfg_json, str(out), device, None, progress)
+    elif todo:
+        # Each process gets an equal share of the cores: oversubscribed torch threads spin and slow everyone.
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(workers) as pool:
+            pool.map(_pool_worker, [(cfg_json, str(out), device, threads, False)] * workers)
+    return _finish(cfg, out, store, command, started)
+
+
+def _finish(cfg: ExperimentConfig, out: Path, store: Store, command: str | None, started: float) -> dict[str, Any]:
+    results = aggregate(cfg, store, command=command, seconds=time.perf_counter() - started)
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    from auxloss.experiment.report import build_report
+
+    build_report(out, results, *load_histories(store))
+    return results
+
+
+def _prepare_store(cfg: ExperimentConfig, out: Path, force: bool) -> Store:
+    import yaml
+
     store_path = out / STORE_FILE
     fingerprint = config_hash(cfg)
     if store_path.exists():
@@ -143,23 +204,7 @@ def run_experiment(
     if os.environ.get("AUXLOSS_SHARED_STORE") != "1":
         store.reset_unfinished()
 
-    todo = store.status().get("pending", 0)
-    workers = max(1, min(workers, todo)) if todo else 1
-    cfg_json = cfg.model_dump(mode="json")
-    if todo and workers == 1:
-        _worker_loop(cfg_json, str(out), device, None, progress)
-    elif todo:
-        # Each process gets an equal share of the cores: oversubscribed torch threads spin and slow everyone.
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(workers) as pool:
-            pool.map(_pool_worker, [(cfg_json, str(out), device, threads, False)] * workers)
-    results = aggregate(cfg, store, command=command, seconds=time.perf_counter() - started)
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-    from auxloss.experiment.report import build_report
-
-    build_report(out, results, *load_histories(store))
-    return results
+    return store
 
 
 def load_histories(store: Store) -> tuple[dict[str, dict[int, list[dict]]], dict[str, dict[int, int]]]:

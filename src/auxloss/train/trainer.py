@@ -19,14 +19,16 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from auxloss.errors import AuxLossError
 from auxloss.objective import LossReport, Objective
 from auxloss.taps import Outputs
 from auxloss.train.callbacks import Callback
 from auxloss.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from auxloss.train.distributed import all_reduce_mean, is_distributed
 from auxloss.train.logging import RunLogger
+from auxloss.weighting.base import GradientWeighting
 
 __all__ = ["FitResult", "Trainer", "move_to"]
 
@@ -251,7 +253,14 @@ class Trainer:
         steps_per_epoch = max(1, len(train_loader) // self.accumulate) if hasattr(train_loader, "__len__") else 1
         if scheduler is None:
             scheduler = self.build_scheduler(optimizer, steps_per_epoch * self.epochs)
-        run_model: nn.Module = torch.compile(model) if self.compile else model
+        run_model: nn.Module = model
+        if is_distributed():
+            # Every parameter gets a gradient each step (a task at weight 0 still enters the total as 0·L), so
+            # DDP's cheaper find_unused_parameters=False is safe.
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            run_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.compile:
+            run_model = torch.compile(run_model)
         self.model, self.objective, self.optimizer, self.scheduler = model, objective, optimizer, scheduler
         self._train_loader = train_loader
         use_scaler = self.amp == "fp16" and self.device.type == "cuda"
@@ -274,6 +283,9 @@ class Trainer:
                 epoch = st["epoch"] + 1
                 self.epoch = epoch
                 objective.set_epoch(epoch - 1)
+                sampler = getattr(train_loader, "sampler", None)
+                if isinstance(sampler, DistributedSampler):
+                    sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
                 if st["batch_idx"] == 0:
                     self._call("on_epoch_start", epoch)
                 train_means = self._train_epoch(run_model, objective, train_loader, logger, progress, st)
@@ -447,16 +459,21 @@ class Trainer:
         for batch_idx, batch in enumerate(iterator, start=skip):
             batch = move_to(batch, self.device)
             self._call("on_train_batch_start", batch, batch_idx)
-            with self._autocast():
-                outputs = model(objective.inputs(batch))
-                report = objective(outputs, batch)
-            st["batch_idx"] = batch_idx + 1
-            if not report.finite:  # nonfinite="skip": drop this micro-batch's update
-                progress.step()
-                continue
-            self._call("on_before_backward", report)
-            objective.backward(report, scale=1.0 / self.accumulate, scaler=self.scaler)
-            self._call("on_after_backward", report)
+            # Gradient-aware weightings take per-task gradients with autograd.grad, which DDP's hooks never see:
+            # they all-reduce those gradients themselves, so DDP's own synchronisation is switched off.
+            sync_off = (isinstance(model, nn.parallel.DistributedDataParallel)
+                        and isinstance(objective.weighting, GradientWeighting))
+            with model.no_sync() if sync_off else nullcontext():
+                with self._autocast():
+                    outputs = model(objective.inputs(batch))
+                    report = objective(outputs, batch)
+                st["batch_idx"] = batch_idx + 1
+                if not report.finite:  # nonfinite="skip": drop this micro-batch's update
+                    progress.step()
+                    continue
+                self._call("on_before_backward", report)
+                objective.backward(report, scale=1.0 / self.accumulate, scaler=self.scaler)
+                self._call("on_after_backward", report)
             st["micro"] += 1
             values = report.as_dict()
             n = report.batch_size
@@ -479,6 +496,11 @@ class Trainer:
                         values: dict[str, float]) -> None:
         assert self.optimizer is not None and self.objective is not None and self.model is not None
         optimizer = self.optimizer
+        if is_distributed():
+            # The objective's own parameters (learnable task weights) are outside the DDP-wrapped model.
+            params = [p for p in self.objective.parameters() if p.grad is not None]
+            for p, g in zip(params, all_reduce_mean([p.grad for p in params])):
+                p.grad = g
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         if self.grad_clip is not None:
