@@ -233,7 +233,7 @@ def test_stats_subset_decides_for_all_shared_parameters():
         objective = build(weighting)[1]
         report, grads = reference(model, objective, batch(seed))
         objective.backward(report)
-        expected, coef = hand_gating(grads, subset=subset_names)
+        expected, _ = hand_gating(grads, subset=subset_names)
         assert_grads(model, expected)
         for k in AUX:
             names = [n for n in SHARED[k] if n in subset_names]
@@ -423,3 +423,54 @@ def test_repr_prints_every_argument():
                     "stats_params=<1 tensors>, params=AuxModel)")
     assert "beta=0.5, lr=0.01, horizon=3, init=1.0" in repr(OLAux(0.5, 0.01, 3))
     assert math.isfinite(len(repr(Projection())))
+
+
+# -- DDP ---------------------------------------------------------------------------------------------------------------
+def _ddp_worker(rank, world, init_file, out_dir, steps):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        weighting = MetaBalance(mode="amortized", every=2)
+        model, objective = build(weighting)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        grads = []
+        for s in range(steps):
+            b = batch(s)
+            half = {k: v[rank * 4:(rank + 1) * 4] for k, v in b.items()}
+            model.zero_grad()
+            objective.backward(objective(ddp(half["input"]), half))
+            grads.append([p.grad.clone() for p in model.parameters()])
+            sgd_step(model)
+        torch.save(grads, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def sgd_step(model, lr=0.2):
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
+
+
+def test_under_ddp_each_rank_writes_the_update_of_the_global_batch(tmp_path):
+    # Per-task gradients are averaged across the processes before any statistic, so two ranks with half a batch
+    # each write exactly what one process writes for the whole batch, on refresh and on amortized steps alike.
+    import torch.multiprocessing as mp
+
+    steps = 3
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), steps), nprocs=2, join=True)
+    weighting = MetaBalance(mode="amortized", every=2)
+    model, objective = build(weighting)
+    expected = []
+    for s in range(steps):
+        model.zero_grad()
+        step(model, objective, batch(s))
+        expected.append([p.grad.clone() for p in model.parameters()])
+        sgd_step(model)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for g_step, e_step in zip(got, expected):
+            for g, e in zip(g_step, e_step):
+                torch.testing.assert_close(g, e, atol=1e-12, rtol=0)

@@ -58,8 +58,10 @@ the statistics set of the shared parameters), ``normratio/<task>`` (``‖g_k‖/
 or the cached one on amortized steps). The objective collects telemetry during the forward pass, before this
 step's backward, so a step's report carries the previous step's values.
 
-**Distributed.** :func:`torch.autograd.grad` bypasses DDP's gradient all-reduce; these strategies are for a single
-process (or DDP under ``no_sync`` with an explicit reduction, not provided here).
+**Distributed.** :func:`torch.autograd.grad` bypasses DDP's gradient all-reduce, so under a process group each
+task's gradients are averaged explicitly (one flat all-reduce of all tasks, :func:`auxloss.train.distributed.
+all_reduce_mean`) before any statistic: cosines, projections and state are those of the global batch and every rank
+writes the same update. Amortized steps are a plain backward, which DDP reduces itself.
 """
 
 from __future__ import annotations
@@ -372,6 +374,7 @@ class PerTaskGradientWeighting(GradientWeighting):
             task_losses = [scaler.scale(loss) if loss.requires_grad else loss for loss in task_losses]
         grads, calls = per_task_gradients(task_losses, params)
         self.n_backward_calls += calls
+        grads = _all_reduce_tasks(grads)
         g0 = grads[0]
         device = task_losses[0].device
         # 1/s² turns scaled-domain products back into true-domain ones (s = the GradScaler's current scale).
@@ -513,6 +516,18 @@ class PerTaskGradientWeighting(GradientWeighting):
 
     def _args_repr(self) -> str:
         return ""
+
+
+def _all_reduce_tasks(grads: list[list[Tensor | None]]) -> list[list[Tensor | None]]:
+    """Under DDP, every task's gradients averaged over the processes in one all-reduce (autograd.grad bypasses
+    DDP's own), so that the statistics and the update are those of the global batch; a no-op in one process."""
+    from auxloss.train.distributed import all_reduce_mean, is_distributed  # lazy: keeps this module light
+
+    if not is_distributed():
+        return grads
+    flat = all_reduce_mean([g for task in grads for g in task])
+    n = len(grads[0]) if grads else 0
+    return [flat[i * n:(i + 1) * n] for i in range(len(grads))]
 
 
 def warn_realigned(what: str) -> None:

@@ -110,10 +110,11 @@ class OLAux(PerTaskGradientWeighting):
 
     def _before_step(self, objective: Objective) -> None:
         step = int(objective.step)
-        if step < self.window_start:  # the objective's counter went back (a new run): start a new window
-            self.window_start = step
+        # the objective's counter went back (a new run): start a new window there
+        self.window_start = min(self.window_start, step)
         if step - self.window_start >= self.horizon:
-            self.aux_weights = olaux_update(self.aux_weights, self.accumulated.to(self.aux_weights.device), self.beta)
+            accumulated = self.accumulated.to(self.aux_weights.device)
+            self.aux_weights = olaux_update(self.aux_weights, accumulated, self.beta)
             self.accumulated = torch.zeros_like(self.accumulated)
             self.window_start = step
             self.updates += 1
