@@ -6,6 +6,7 @@ Every subcommand has ``--help``. Errors in the user's input print one clear mess
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shlex
@@ -17,6 +18,15 @@ from typing import Any
 from auxloss.errors import AuxLossError
 
 __all__ = ["main"]
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "Free some disk space, then run the same command again: finished runs are kept.",
+    errno.EDQUOT: "Free some space within your disk quota, then run the same command again: finished runs are kept.",
+    errno.EROFS: "The folder is on a read-only file system; choose a writable --out folder.",
+    errno.EACCES: "You may not write there; choose a writable --out folder (or fix its permissions).",
+    errno.EPERM: "You may not write there; choose a writable --out folder (or fix its permissions).",
+}
 
 
 def _default_workers() -> int:
@@ -258,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except AuxLossError as exc:
         print(f"auxloss: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A full disk or an unwritable folder met outside the places that name it themselves (logs, the report).
+        fix = _OS_FIXES.get(exc.errno or 0)
+        if fix is None:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"auxloss: error: {exc.strerror or exc}{where}. {fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("auxloss: interrupted; run the same command again to resume.", file=sys.stderr)

@@ -211,7 +211,7 @@ class Objective(nn.Module):
             batch_size=batch_size,
             extras=extras,
         )
-        self._check_finite(report)
+        self._check_finite(report, named)
         return report
 
     def backward(self, report: LossReport, *, scale: float = 1.0, scaler: Any = None) -> None:
@@ -237,7 +237,7 @@ class Objective(nn.Module):
             total = total + weights[task.name] * losses[task.name]
         return total
 
-    def _check_finite(self, report: LossReport) -> None:
+    def _check_finite(self, report: LossReport, batch: Mapping[str, Any] | None = None) -> None:
         if bool(torch.isfinite(report.total.detach())):
             return
         bad = [n for n, v in report.losses.items() if not bool(torch.isfinite(v.detach()))]
@@ -246,6 +246,15 @@ class Objective(nn.Module):
             self.skipped_steps += 1
             return
         detail = ", ".join(f"{n}={float(report.losses[n].detach())}" for n in bad) or "the weighted sum overflowed"
+        # Only on this failure path (no cost otherwise): name the batch keys holding NaN/Inf, the usual culprit.
+        dirty = sorted(str(k) for k, v in (batch or {}).items()
+                       if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if dirty:
+            raise AuxLossError(
+                f"non-finite loss at step {report.step} in task(s) {bad or ['total']} ({detail}): this batch's "
+                f"{dirty} hold NaN or Inf values. Clean the data (drop or impute those samples, e.g. with "
+                "torch.nan_to_num), or use nonfinite='skip' to skip such batches and count them."
+            )
         raise AuxLossError(
             f"non-finite loss at step {report.step} in task(s) {bad or ['total']} ({detail}). Lower the learning "
             "rate or that task's weight, check its inputs and targets for NaN, or use nonfinite='skip'."

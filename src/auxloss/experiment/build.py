@@ -222,7 +222,7 @@ def build_run(cfg: ExperimentConfig, variant_name: str, seed: int, *, device: st
         epochs=tcfg.epochs, optimizer=tcfg.optimizer, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
         lr_schedule=tcfg.lr_schedule, grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulate, amp=tcfg.amp,
         compile=tcfg.compile, patience=tcfg.patience, device=device or tcfg.device, eval_train=tcfg.eval_train,
-        log_dir=log_dir, progress=progress,
+        log_dir=log_dir, progress=progress, checkpoint_every=tcfg.checkpoint_every,
     )
     # The loader's own generator fixes the batch order for this seed whatever the model consumed from the global
     # RNG; the global RNG is then reseeded so dropout starts from the same state in every variant.

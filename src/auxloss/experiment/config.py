@@ -103,6 +103,9 @@ class TrainConfig(_Strict):
     #: Which split's main metric is compared between variants: the test split (the best epoch is still chosen on
     #: validation).
     compare_on: Literal["test", "val"] = "test"
+    #: Also checkpoint every N optimizer steps inside an epoch (a run always checkpoints after every epoch), so a
+    #: killed run resumes closer to where it stopped.
+    checkpoint_every: int | None = Field(None, ge=1)
 
 
 class VariantConfig(_Strict):
@@ -227,7 +230,10 @@ def parse_config(data: Any, *, source: str = "<config>", lines: dict[int, dict[A
                 if "input" in err and err["type"] != "missing":
                     msg += f" (got {err['input']!r})"
             problems.append(f"{where}: {msg}")
-        raise AuxLossError("invalid config:\n  " + "\n  ".join(problems)) from None
+        fix = "Fix the key(s) named above; docs/guide.md lists every key and docs/errors.md the usual mistakes."
+        if len(problems) == 1:
+            raise AuxLossError(f"invalid config: {problems[0]}. {fix}") from None
+        raise AuxLossError("invalid config:\n  " + "\n  ".join(problems) + "\n" + fix) from None
 
 
 def _parent_fields(loc: tuple) -> list[str]:
@@ -266,14 +272,21 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
                            "(indentation, a missing ':' or an unclosed bracket).") from None
     finally:
         loader.dispose()
+    if data is None:  # an empty file: every default
+        data = {}
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     return parse_config(data, source=str(path), lines=loader.lines)  # type: ignore[attr-defined]
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def _set_dotted(data: Any, key: str, value: Any) -> None:
     parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    node, depth = data, 0
+    while depth < len(parts) - 1 and isinstance(node, dict):
+        node = node.setdefault(parts[depth], {})
+        depth += 1
+    if not isinstance(node, dict):  # the file gives a scalar or a list where the override needs a mapping
+        where = ".".join(parts[:depth]) or "the top level"
+        raise AuxLossError(f"cannot set {key!r} from the command line: {where} of the config is not a mapping "
+                           "(key: value). Fix the file, or drop the option.")
     node[parts[-1]] = value

@@ -6,13 +6,16 @@ second command on the same ``--out`` (or a crashed one restarted) never trains a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from auxloss.errors import AuxLossError
 from auxloss.experiment import stats
 from auxloss.experiment.config import ExperimentConfig
 from auxloss.experiment.store import Store, worker_id
+from auxloss.train.callbacks import Callback
 
 __all__ = ["aggregate", "run_experiment", "run_one"]
 
@@ -37,13 +41,14 @@ def config_hash(cfg: ExperimentConfig) -> str:
 
 
 def run_one(cfg: ExperimentConfig, variant: str, seed: int, *, out: Path | None = None,
-            device: str | None = None, progress: bool = False) -> dict[str, Any]:
+            device: str | None = None, progress: bool = False, callbacks: tuple = ()) -> dict[str, Any]:
     """Train one (variant, seed) and return its result record (with ``history``)."""
     from auxloss.experiment.build import build_run
 
     run_dir = out / "runs" / variant / f"seed{seed}" if out is not None else None
     built = build_run(cfg, variant, seed, device=device, log_dir=str(run_dir) if run_dir else None,
                       progress=progress)
+    built.trainer.callbacks.extend(callbacks)
     # An interrupted run resumes from its last checkpoint (bit-identically on CPU) instead of starting over.
     built.trainer.checkpoint_dir = run_dir / "checkpoint" if run_dir is not None else None
     fit = built.trainer.fit(built.model, built.objective, built.loaders["train"], built.loaders["val"],
@@ -62,21 +67,85 @@ def run_one(cfg: ExperimentConfig, variant: str, seed: int, *, out: Path | None 
     }
 
 
+def stale_after() -> float:
+    """Seconds without a heartbeat before another worker takes a claimed run over (``AUXLOSS_STALE_AFTER``)."""
+    raw = os.environ.get("AUXLOSS_STALE_AFTER", "120")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise AuxLossError(f"AUXLOSS_STALE_AFTER must be a positive number of seconds, got {raw!r}; unset it for "
+                           "the default of 120.")
+    return value
+
+
+class _Stop(Exception):
+    """This worker must stop the run: another worker took its claim over, or the process that started it died."""
+
+
+class _Heartbeat(Callback):
+    """Keeps a claimed run alive in the store while it trains, so a live worker's run is never taken over.
+
+    A heartbeat goes out at most every ``stale_after / 4`` seconds, from the training loop's hooks. If the claim is
+    no longer ours (a worker took it over after we stalled) or our parent process died, training stops.
+    """
+
+    def __init__(self, store: Store, variant: str, seed: int, worker: str, parent: int | None) -> None:
+        self.store, self.variant, self.seed, self.worker, self.parent = store, variant, seed, worker, parent
+        self.every = store.stale_after / 4
+        self.last = time.monotonic()
+
+    def beat(self, force: bool = False) -> None:
+        if self.parent is not None and os.getppid() != self.parent:
+            raise _Stop("the process that started this worker died")
+        now = time.monotonic()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        try:
+            alive = self.store.heartbeat(self.variant, self.seed, self.worker)
+        except AuxLossError:
+            return  # best effort: a busy store delays a heartbeat, it does not stop training
+        if not alive:
+            raise _Stop(f"run {self.variant}/seed{self.seed} was taken over by another worker")
+
+    def on_train_batch_end(self, trainer: Any, report: Any, batch_idx: int) -> None:
+        self.beat()
+
+    def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        self.beat()
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self.beat(force=True)
+
+
 def _worker_loop(cfg_json: dict[str, Any], out: str, device: str | None, threads: int | None,
-                 progress: bool) -> int:
+                 progress: bool, parent: int | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     cfg = ExperimentConfig.model_validate(cfg_json)
-    store = Store(Path(out) / STORE_FILE)
+    store = Store(Path(out) / STORE_FILE, stale_after=stale_after())
+    shared = os.environ.get("AUXLOSS_SHARED_STORE") == "1"
     me = worker_id()
     done = 0
     while True:
+        if parent is not None and os.getppid() != parent:
+            return done  # orphaned pool worker (its parent was killed): claim nothing more
         job = store.claim(me)
         if job is None:
+            if shared and store.status().get("running", 0):
+                # Other workers' runs are in flight: wait, to take one over if its worker dies (no heartbeat).
+                time.sleep(min(5.0, store.stale_after / 4))
+                continue
             return done
         variant, seed = job
+        heartbeat = _Heartbeat(store, variant, seed, me, parent)
         try:
-            record = run_one(cfg, variant, seed, out=Path(out), device=device, progress=progress)
+            record = run_one(cfg, variant, seed, out=Path(out), device=device, progress=progress,
+                             callbacks=(heartbeat,))
+        except _Stop:
+            continue
         except AuxLossError as exc:
             store.fail(variant, seed, str(exc))
             raise
@@ -84,10 +153,10 @@ def _worker_loop(cfg_json: dict[str, Any], out: str, device: str | None, threads
             store.fail(variant, seed, "".join(traceback.format_exception(exc)))
             raise
         history = record.pop("history")
-        store.finish(variant, seed, record, history, worker=me)
+        if store.finish(variant, seed, record, history, worker=me):
+            done += 1
         # The result is stored: the run's checkpoints are no longer needed.
         shutil.rmtree(Path(out) / "runs" / variant / f"seed{seed}" / "checkpoint", ignore_errors=True)
-        done += 1
 
 
 def _distributed_loop(cfg: ExperimentConfig, out: Path, device: str | None) -> None:
@@ -163,17 +232,50 @@ def run_experiment(
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers) as pool:
-            pool.map(_pool_worker, [(cfg_json, str(out), device, threads, False)] * workers)
+            pool.map(_pool_worker, [(cfg_json, str(out), device, threads, False, os.getpid())] * workers)
     return _finish(cfg, out, store, command, started)
 
 
 def _finish(cfg: ExperimentConfig, out: Path, store: Store, command: str | None, started: float) -> dict[str, Any]:
-    results = aggregate(cfg, store, command=command, seconds=time.perf_counter() - started)
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     from auxloss.experiment.report import build_report
 
-    build_report(out, results, *load_histories(store))
+    # Several processes may share `out` (AUXLOSS_SHARED_STORE): each aggregates and writes under a lock, so the
+    # last one to finish writes the most complete results, and results.json is replaced whole, never torn.
+    with _out_lock(out):
+        results = aggregate(cfg, store, command=command, seconds=time.perf_counter() - started)
+        write_atomic(out / RESULTS_FILE, json.dumps(results, indent=2))
+        build_report(out, results, *load_histories(store))
     return results
+
+
+@contextlib.contextmanager
+def _out_lock(out: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no POSIX locks (Windows): one process per folder
+        yield
+        return
+    with open(out / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise AuxLossError(f"cannot write {str(path)!r}: {exc.strerror or exc}. Free some disk space or choose a "
+                           "writable output folder, then run the same command again (finished runs are kept).") from exc
 
 
 def _prepare_store(cfg: ExperimentConfig, out: Path, force: bool) -> Store:
@@ -196,7 +298,7 @@ def _prepare_store(cfg: ExperimentConfig, out: Path, force: bool) -> Store:
     store = Store(store_path)
     store.set_meta("config_hash", fingerprint)
     store.set_meta("name", cfg.name)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_atomic(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     runs = [(v, s) for s in range(cfg.seeds) for v in cfg.variant_names]
     store.add_runs(runs)
     # This call is the only one working on `out` unless the user started others: any run marked running is

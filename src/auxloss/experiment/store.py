@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from auxloss._faults import fault_point
 from auxloss.errors import AuxLossError
 
 __all__ = ["Store"]
@@ -39,6 +40,17 @@ CREATE TABLE IF NOT EXISTS runs (
     PRIMARY KEY (variant, seed)
 );
 """
+
+
+def _write_error(path: Path, exc: sqlite3.OperationalError) -> str:
+    text = str(exc)
+    if "full" in text:
+        fix = "Free some disk space (or choose an --out folder on a disk with room) and run the same command again."
+    elif "locked" in text or "busy" in text:
+        fix = "Another process held it for over a minute; run the command again once the other one is done."
+    else:
+        fix = "Choose a writable --out folder with free space."
+    return f"cannot write the results store {str(path)!r}: {text}. {fix}"
 
 
 def worker_id() -> str:
@@ -84,15 +96,18 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as con:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                yield con
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            else:
-                con.execute("COMMIT")
+        try:
+            with self._connect() as con:
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    yield con
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+                else:
+                    con.execute("COMMIT")
+        except sqlite3.OperationalError as exc:  # a full disk, a read-only folder, a lock held for a minute
+            raise AuxLossError(_write_error(self.path, exc)) from exc
 
     # -- metadata ------------------------------------------------------------------------------------------
     def get_meta(self, key: str) -> Any:
@@ -135,10 +150,12 @@ class Store:
             )
         return row[0], int(row[1])
 
-    def heartbeat(self, variant: str, seed: int, worker: str | None = None) -> None:
+    def heartbeat(self, variant: str, seed: int, worker: str | None = None) -> bool:
+        """Mark a claimed run alive. False when the claim is no longer this worker's (taken over, or finished)."""
         with self._transaction() as con:
-            con.execute("UPDATE runs SET heartbeat=? WHERE variant=? AND seed=? AND worker=?",
-                        (time.time(), variant, seed, worker or worker_id()))
+            cur = con.execute("UPDATE runs SET heartbeat=? WHERE variant=? AND seed=? AND worker=? AND status='running'",
+                              (time.time(), variant, seed, worker or worker_id()))
+            return cur.rowcount > 0
 
     def finish(self, variant: str, seed: int, result: dict[str, Any], history: list[dict[str, Any]],
                worker: str | None = None) -> bool:
@@ -155,6 +172,7 @@ class Store:
                 "history=excluded.history, error=NULL",
                 (variant, seed, worker or worker_id(), time.time(), *payload),
             )
+            fault_point("store-finish")  # tests: a kill here must leave the run unfinished, not half-written
         return True
 
     def fail(self, variant: str, seed: int, error: str) -> None:

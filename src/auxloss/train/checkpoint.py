@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from auxloss._faults import fault_point
 from auxloss.errors import AuxLossError
 
 __all__ = ["get_rng_state", "load_checkpoint", "save_checkpoint", "set_rng_state"]
@@ -69,9 +70,11 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
             f.write(MAGIC + digest + b"\n" + payload)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("checkpoint-tmp")
         last = directory / LAST
         if last.exists():
             os.replace(last, directory / PREV)
+            fault_point("checkpoint-prev")
         os.replace(tmp, last)
         _fsync_dir(directory)
     except OSError as exc:

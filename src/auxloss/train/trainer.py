@@ -93,6 +93,10 @@ class Trainer:
         checkpoint_dir: where to write ``last.pt``/``prev.pt`` (atomically) after every epoch; a later ``fit`` with
             the same arguments resumes from there, bit-identically on CPU.
         checkpoint_every: also checkpoint every N optimizer steps inside an epoch.
+        check_grads: check the global gradient norm before every optimizer step (always done when ``grad_clip`` is
+            set, since clipping computes it): a NaN/Inf norm, exploding gradients from a finite loss, raises an
+            error naming the step, or with ``Objective(nonfinite="skip")`` skips the update and counts it in
+            ``skipped_steps``. Off by default: it costs a device sync per step.
     """
 
     def __init__(
@@ -118,6 +122,7 @@ class Trainer:
         progress: bool = False,
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int | None = None,
+        check_grads: bool = False,
     ) -> None:
         if not isinstance(epochs, int) or epochs < 1:
             raise AuxLossError(f"epochs must be a positive integer, got {epochs!r}.")
@@ -152,6 +157,7 @@ class Trainer:
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
             raise AuxLossError(f"checkpoint_every must be a positive number of steps or None, got {checkpoint_every!r}.")
         self.checkpoint_every = checkpoint_every
+        self.check_grads = bool(check_grads)
         # Set during fit, for callbacks.
         self.model: nn.Module | None = None
         self.objective: Objective | None = None
@@ -250,6 +256,11 @@ class Trainer:
         objective.to(self.device)
         if optimizer is None:
             optimizer = self.build_optimizer(list(model.parameters()) + list(objective.parameters()))
+        if hasattr(train_loader, "__len__") and len(train_loader) == 0:
+            raise AuxLossError(
+                "the training data is empty (0 batches): give the training split at least one sample, and at least "
+                "batch_size samples when the loader has drop_last=True."
+            )
         steps_per_epoch = max(1, len(train_loader) // self.accumulate) if hasattr(train_loader, "__len__") else 1
         if scheduler is None:
             scheduler = self.build_scheduler(optimizer, steps_per_epoch * self.epochs)
@@ -265,9 +276,6 @@ class Trainer:
         self._train_loader = train_loader
         use_scaler = self.amp == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if use_scaler else None
-        for hook_owner in (objective.weighting,):
-            if hook_owner is not None and hasattr(hook_owner, "set_lr"):
-                hook_owner.set_lr(optimizer.param_groups[0]["lr"])  # OL-AUX's look-ahead needs the model's lr
         higher = objective.main.higher_is_better
         train_eval_loader = self._train_eval_loader(train_loader) if self.eval_train else None
 
@@ -472,6 +480,9 @@ class Trainer:
                     progress.step()
                     continue
                 self._call("on_before_backward", report)
+                set_lr = getattr(objective.weighting, "set_lr", None)
+                if set_lr is not None:  # OL-AUX's look-ahead uses the model's current learning rate
+                    set_lr(optimizer.param_groups[0]["lr"])
                 objective.backward(report, scale=1.0 / self.accumulate, scaler=self.scaler)
                 self._call("on_after_backward", report)
             st["micro"] += 1
@@ -492,6 +503,20 @@ class Trainer:
         count = st["count"]
         return {k: v / count for k, v in sums.items()} if count else {}
 
+    def _skip_step(self, batch_idx: int, values: dict[str, float]) -> bool:
+        """A non-finite gradient norm: drop the update (nonfinite="skip", counted) or raise."""
+        assert self.optimizer is not None and self.objective is not None
+        if self.objective.nonfinite == "skip":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.objective.skipped_steps += 1
+            return True
+        raise AuxLossError(
+            f"non-finite gradient norm ({values['grad_norm']}) at step {self.global_step} (epoch {self.epoch}, batch "
+            f"{batch_idx}) although the loss was finite ({values.get('loss')}): the gradients exploded. Lower the "
+            "learning rate or the auxiliary weights, normalise the inputs, or pass Objective(nonfinite='skip') to skip "
+            "such steps and count them."
+        )
+
     def _optimizer_step(self, report: LossReport, batch_idx: int, logger: RunLogger | None,
                         values: dict[str, float]) -> None:
         assert self.optimizer is not None and self.objective is not None and self.model is not None
@@ -503,10 +528,16 @@ class Trainer:
                 p.grad = g
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
-        if self.grad_clip is not None:
+        if self.grad_clip is not None or (self.check_grads and self.scaler is None):
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            if self.grad_clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            else:
+                norm = _total_norm(params)
             values["grad_norm"] = float(norm)
+            # Under a GradScaler an overflow is expected: the scaler skips that step and lowers its scale itself.
+            if self.scaler is None and not math.isfinite(values["grad_norm"]) and self._skip_step(batch_idx, values):
+                return
         self._call("on_before_optimizer_step", optimizer)
         if self.scaler is not None:
             self.scaler.step(optimizer)
@@ -521,6 +552,14 @@ class Trainer:
         self._call("on_train_batch_end", report, batch_idx)
         if logger is not None and self.global_step % self.log_every == 0:
             logger.log_step(self.global_step, values)
+
+
+def _total_norm(params: Sequence[Tensor]) -> Tensor:
+    """The global L2 norm of the parameters' gradients (what ``clip_grad_norm_`` measures), without clipping."""
+    if not params:
+        return torch.zeros(())
+    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params]
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
 def _prefix(prefix: str, values: Mapping[str, float]) -> dict[str, float]:

@@ -1,5 +1,38 @@
-"""Weighting strategies: adaptive (loss-based) and gradient-aware (main task as primary)."""
+"""Weighting strategies on top of each task's scheduled weight λ_k(t).
+
+Loss-based (adaptive): :class:`MainProgress`, :class:`Uncertainty` (Kendall et al. 2018), :class:`DWA` (Liu et
+al. 2019), :class:`GradNorm` (Chen et al. 2018).
+
+Gradient-aware, with the main task as primary (defined on the gradients of the shared parameters):
+:class:`CosineGating` (Du et al. 2018), :class:`Projection` (the PCGrad rule, applied asymmetrically),
+:class:`OLAux` (Lin et al. 2019), :class:`MetaBalance` (He et al. 2022).
+
+``build_weighting({"type": ..., ...}, model=...)`` builds any of them from a config.
+"""
 
 from auxloss.weighting.base import GradientWeighting, LossWeighting, Weighting
+from auxloss.weighting.dwa import DWA
+from auxloss.weighting.gating import CosineGating
+from auxloss.weighting.gradnorm import GradNorm
+from auxloss.weighting.metabalance import MetaBalance
+from auxloss.weighting.olaux import OLAux
+from auxloss.weighting.progress import MainProgress
+from auxloss.weighting.projection import Projection
+from auxloss.weighting.registry import WEIGHTINGS, build_weighting
+from auxloss.weighting.uncertainty import Uncertainty
 
-__all__ = ["GradientWeighting", "LossWeighting", "Weighting"]
+__all__ = [
+    "DWA",
+    "WEIGHTINGS",
+    "CosineGating",
+    "GradNorm",
+    "GradientWeighting",
+    "LossWeighting",
+    "MainProgress",
+    "MetaBalance",
+    "OLAux",
+    "Projection",
+    "Uncertainty",
+    "Weighting",
+    "build_weighting",
+]

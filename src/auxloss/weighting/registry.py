@@ -109,7 +109,12 @@ def build_weighting(spec: Mapping[str, Any] | str | Weighting | None, *, model: 
     cls = builder.resolve()
     accepted = inspect.signature(cls).parameters
     layer = params.get("layer")
-    for key, target in _LAYER_KEYS.items():
+    keys = dict(_LAYER_KEYS)
+    if kind != "gradnorm":
+        # For the gradient-aware strategies a layer names where the statistics are taken (the last shared block):
+        # their `params` must cover every trainable tensor, so a layer there would miss the rest.
+        keys["layer"] = "stats_params"
+    for key, target in keys.items():
         if key not in params:
             continue
         names = params.pop(key)
