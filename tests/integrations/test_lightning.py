@@ -27,6 +27,11 @@ try:
 except ImportError:  # pragma: no cover - depends on the extra
     L = None
 
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`"),
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),  # lightning vs new torch
+]
+
 needs_lightning = pytest.mark.skipif(L is None, reason="lightning is not installed (pip install auxloss[lightning])")
 
 N, BATCH = 64, 16
@@ -188,6 +193,28 @@ def test_cosine_gating_under_lightning_equals_auxloss_trainer():
     assert obj_l.weighting.n_backward_calls == obj_a.weighting.n_backward_calls == 8 * 2  # 1 + K per batch
     assert_same_weights(model_l, model_a)
     assert any(k.startswith("train/cos/deep") for k in trainer.callback_metrics)  # telemetry is logged
+
+
+@needs_lightning
+def test_gradient_weighting_gets_lightnings_grad_scaler():
+    """fp16 with a GradScaler (CPU autocast; Lightning's own "16-mixed" falls back to bf16 on CPU, so the plugin is
+    given explicitly): the weighting must scale its per-task losses with Lightning's scaler, which then unscales
+    before the step. Without it the update would be 1024 times too small."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from auxloss.integrations.lightning import AuxLossModule
+
+    gating = pytest.importorskip("auxloss.weighting.gating", reason="CosineGating is not available")
+    states = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        model, objective = build(weighting=gating.CosineGating())
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=scaler)] if scaler is not None else None
+        trainer = lightning_trainer(plugins=plugins)
+        trainer.fit(AuxLossModule(model, objective, optimizer="sgd", lr=0.1), loader(data(), shuffle=False))
+        states.append(model.state_dict())
+    assert trainer.precision_plugin.scaler is scaler and scaler.get_scale() == 2.0**10  # no overflow, no skip
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], atol=1e-3, rtol=0)  # fp16 vs fp32 maths
 
 
 @needs_lightning

@@ -44,6 +44,17 @@ _SHAPES: dict[str, Any] = {
          "taps": {"mask": {"layer": "block1", "head": _MASK_HEAD}},
          "tasks": [{"name": "mask", "source": "mask", "target": "mask", "loss": "bce",
                     "weight": {"type": "curriculum", "value": 3.0, "start": 30, "ramp": 45}}]},
+        # Safety: an unrelated auxiliary task (the shape labels shuffled once over the data set, so they say
+        # nothing about the image) on the last block at a weight large enough to hurt...
+        {"name": "harmful-fixed",
+         "taps": {"shuffled": {"layer": "block3", "head": {"type": "linear"}}},
+         "tasks": [{"name": "shuffled", "source": "shuffled", "shuffle_target": True, "weight": 5.0}]},
+        # ...and the same task guarded by weighted gradient-cosine gating (Du et al. 2018), which lets an
+        # auxiliary gradient through only in proportion to its agreement with the main task's.
+        {"name": "harmful-guarded",
+         "taps": {"shuffled": {"layer": "block3", "head": {"type": "linear"}}},
+         "weighting": {"type": "gating_weighted"},
+         "tasks": [{"name": "shuffled", "source": "shuffled", "shuffle_target": True, "weight": 5.0}]},
     ],
 }
 

@@ -314,6 +314,8 @@ class Trainer:
                     "time": st["elapsed"] + time.perf_counter() - started,
                     **_prefix("train", train_means),
                     **metrics,
+                    # gradient telemetry of gradient-aware weightings (epoch means), for the report's health section
+                    **{k: v for k, v in train_means.items() if k.startswith(("cos/", "normratio/", "effw/"))},
                 }
                 if "trainval/metric/main" in record and "val/metric/main" in record:
                     gap = record["trainval/metric/main"] - record["val/metric/main"]

@@ -1,0 +1,304 @@
+"""Cost of each weighting strategy's training step against the fixed-weight step, measured side by side.
+
+The model is a :class:`~auxloss.zoo.models.SmallCNN` trunk with one main task and two auxiliary heads on two
+different blocks (``block1``, ``block2``), a batch of 32 images of 32×32. A step is forward, objective, backward
+and optimizer step. Reported, each as the median of per-round ratios:
+
+- loss-based strategies (``main_progress``, ``uncertainty``, ``dwa``, ``gradnorm``): ``vs_fixed``.
+- gradient-aware strategies (``gating``, ``projection``, ``olaux``, ``metabalance``): ``exact`` and
+  ``amortized10`` (``mode="amortized", every=10``), both against the fixed step, and ``exact_vs_raw``: the exact
+  mode against a hand-written step that makes the same ``1 + K`` :func:`torch.autograd.grad` calls and sums the
+  gradients into ``.grad``, with no statistics. That ratio is the engine's own overhead (target ≤ 1.05); the raw
+  step against the fixed one (``raw_vs_fixed``) is the price of the extra backward passes themselves.
+- LibMTL's PCGrad and GradNorm on the same model, against the fixed step, when LibMTL is installed.
+
+Each comparison is timed in adjacent blocks of ``--iters`` steps (the fixed and raw steps are re-timed next to
+every strategy, in an order that rotates round after round), so drift in the machine's speed cancels out of the
+ratios. ``--iters`` is rounded up to a multiple of 10, so that every amortized block holds the same number of
+refreshes. The last line printed is one JSON object.
+
+    python benchmarks/weighting_cost.py [--rounds 7] [--iters 20] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import auxloss as al
+from auxloss.weighting import build_weighting
+from auxloss.zoo.models import SmallCNN
+
+EVERY = 10
+LAMBDA = 0.3
+LOSS_BASED = ("main_progress", "uncertainty", "dwa", "gradnorm")
+GRADIENT = ("gating", "projection", "olaux", "metabalance")
+TARGETS = {"exact_vs_raw": 1.05, "amortized10_vs_fixed": 1.10}
+
+
+def fresh_model(base: al.AuxModel) -> al.AuxModel:
+    """A copy of ``base`` with its own hooks: attach() again on copies of its trunk and heads (a deepcopy of an
+    AuxModel would keep hooks that feed the original's captures)."""
+    taps = {name: al.Tap(tap.layer, copy.deepcopy(tap.head)) for name, tap in base.taps.items()}
+    return al.attach(copy.deepcopy(base.model), taps)
+
+
+class Setup:
+    """One copy of the model (same initial weights for every variant), its objective and optimizer."""
+
+    def __init__(self, base: al.AuxModel, weighting: Any = None) -> None:
+        self.model = fresh_model(base)
+        self.objective = al.Objective(aux=[al.Task("aux1", source="aux1", weight=LAMBDA),
+                                           al.Task("aux2", source="aux2", weight=LAMBDA)])
+        if isinstance(weighting, dict):
+            weighting = build_weighting(weighting, model=self.model)
+        if weighting is not None:
+            self.objective.set_weighting(weighting)
+        params = list(self.model.parameters()) + list(self.objective.parameters())
+        self.opt = torch.optim.SGD(params, lr=1e-3)
+
+
+def auxloss_step(setup: Setup, x: torch.Tensor, batch: dict) -> Callable[[], None]:
+    model, objective, opt = setup.model, setup.objective, setup.opt
+
+    def step() -> None:
+        report = objective(model(x), batch)
+        opt.zero_grad(set_to_none=True)
+        objective.backward(report)
+        opt.step()
+        objective.advance()
+
+    return step
+
+
+def raw_step(setup: Setup, x: torch.Tensor, batch: dict) -> Callable[[], None]:
+    """What exact mode cannot avoid: 1 + K autograd.grad calls over all trainable tensors, summed into .grad."""
+    model, objective, opt = setup.model, setup.objective, setup.opt
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = ["main", "aux1", "aux2"]
+
+    def step() -> None:
+        report = objective(model(x), batch)
+        opt.zero_grad(set_to_none=True)
+        losses = [report.losses[n] for n in names]
+        coefs = [1.0] + [report.weights[n] for n in names[1:]]
+        grads = [torch.autograd.grad(loss, params, retain_graph=j < len(losses) - 1, allow_unused=True)
+                 for j, loss in enumerate(losses)]
+        for i, p in enumerate(params):
+            total = None
+            for j, coef in enumerate(coefs):
+                g = grads[j][i]
+                if g is None:
+                    continue
+                term = g if coef == 1.0 else g * coef
+                total = term if total is None else total + term
+            if total is not None:
+                p.grad = total
+        opt.step()
+        objective.advance()
+
+    return step
+
+
+# -- LibMTL (optional, never a dependency) ------------------------------------------------------------------------
+def load_libmtl() -> tuple[dict[str, type] | None, str]:
+    """LibMTL's PCGrad and GradNorm classes, or None and why not.
+
+    LibMTL's top-level package imports its model zoo, which needs ``torchvision.models.utils`` (gone from current
+    torchvision); the weighting modules need only torch and numpy. So the ``LibMTL.weighting`` modules are loaded
+    from the installed files under a bare package entry, without running the top-level ``__init__``.
+    """
+    spec = importlib.util.find_spec("LibMTL")
+    if spec is None or not spec.submodule_search_locations:
+        return None, "not installed"
+    root = Path(next(iter(spec.submodule_search_locations)))
+    try:
+        import LibMTL.weighting as weighting  # noqa: F401  (works where torchvision is there)
+    except Exception as exc:  # noqa: BLE001
+        for name in [n for n in sys.modules if n == "LibMTL" or n.startswith("LibMTL.")]:
+            del sys.modules[name]
+        reason = f"top-level import failed ({type(exc).__name__}: {exc}); weighting modules loaded directly"
+        for name, path in (("LibMTL", root), ("LibMTL.weighting", root / "weighting")):
+            package = types.ModuleType(name)
+            package.__path__ = [str(path)]
+            sys.modules[name] = package
+    else:
+        reason = "imported"
+    try:
+        from LibMTL.weighting.GradNorm import GradNorm
+        from LibMTL.weighting.PCGrad import PCGrad
+    except Exception as exc:  # noqa: BLE001
+        return None, f"installed but unusable ({type(exc).__name__}: {exc})"
+    return {"pcgrad": PCGrad, "gradnorm": GradNorm}, reason
+
+
+def libmtl_step(cls: type, base: al.AuxModel, x: torch.Tensor, batch: dict) -> Callable[[], None]:
+    """LibMTL's weighting on the same model: the trunk (block1..3) is its shared encoder, the heads its decoders.
+
+    The losses go in as a list (λ folded into the auxiliary ones), so each of its per-task backward passes runs
+    through that task's graph only.
+    """
+    setup = Setup(base)
+    model, objective = setup.model, setup.objective
+    trunk = model.model
+    shared = [p for name, p in trunk.named_parameters() if not name.startswith("fc.")]
+
+    class Adapter(cls):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self.task_num, self.device, self.rep_grad, self.epoch = 3, x.device, False, 1
+            self.train_loss_buffer = None
+            self.init_param()
+
+        def get_share_params(self) -> list[nn.Parameter]:
+            return shared
+
+        def zero_grad_share_params(self) -> None:
+            for p in shared:  # zeros, not None: the torch-1.x `zero_grad()` LibMTL was written against
+                if p.grad is not None:
+                    p.grad.zero_()
+
+    weighting = Adapter()
+    opt = torch.optim.SGD(list(model.parameters()) + list(weighting.parameters()), lr=1e-3)
+    first = objective(model(x), batch).losses
+    weighting.train_loss_buffer = torch.tensor([[float(first[n])] for n in ("main", "aux1", "aux2")]).numpy()
+
+    def step() -> None:
+        report = objective(model(x), batch)
+        opt.zero_grad(set_to_none=False)  # LibMTL writes into existing .grad tensors
+        losses = [report.losses["main"], LAMBDA * report.losses["aux1"], LAMBDA * report.losses["aux2"]]
+        weighting.backward(losses, alpha=1.5)
+        opt.step()
+        objective.advance()
+
+    return step
+
+
+# -- timing -------------------------------------------------------------------------------------------------------
+def timed(fn: Callable[[], None], iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) / iters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=20, help="steps per timed block (rounded up to a multiple "
+                                                               "of 10)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-libmtl", action="store_true", help="skip LibMTL even when it is installed")
+    args = parser.parse_args()
+    iters = -(-max(args.iters, 1) // EVERY) * EVERY
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    x = torch.randn(args.batch, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch,))
+    batch = {"input": x, "target": y}
+    base = al.attach(SmallCNN(10, width=args.width), {"aux1": al.Tap("block1", al.LinearHead(10)),
+                                                      "aux2": al.Tap("block2", al.LinearHead(10))},
+                     example_input=x[:1])
+    base.strip()  # the heads are materialised; without its hooks, copies of the trunk carry only their own
+
+    steps: dict[str, Callable[[], None]] = {
+        "fixed": auxloss_step(Setup(base), x, batch),
+        "raw": raw_step(Setup(base), x, batch),
+    }
+    loss_specs: dict[str, Any] = {"main_progress": {"type": "main_progress"}, "uncertainty": {"type": "uncertainty"},
+                                  "dwa": {"type": "dwa"}, "gradnorm": {"type": "gradnorm", "layer": "block1.conv2"}}
+    for name in LOSS_BASED:
+        steps[name] = auxloss_step(Setup(base, loss_specs[name]), x, batch)
+    for name in GRADIENT:
+        extra = {"lr": 1e-3} if name == "olaux" else {}
+        steps[f"{name}/exact"] = auxloss_step(Setup(base, {"type": name, "mode": "exact", **extra}), x, batch)
+        steps[f"{name}/amortized10"] = auxloss_step(
+            Setup(base, {"type": name, "mode": "amortized", "every": EVERY, **extra}), x, batch)
+    libmtl, libmtl_note = (None, "skipped (--no-libmtl)") if args.no_libmtl else load_libmtl()
+    if libmtl is not None:
+        for name, cls in libmtl.items():
+            steps[f"libmtl/{name}"] = libmtl_step(cls, base, x, batch)
+    print(f"libmtl: {libmtl_note}")
+
+    # Adjacent groups: each compared variant is timed next to the step(s) it is compared with.
+    groups = [["fixed", name] for name in LOSS_BASED]
+    groups += [["fixed", "raw", f"{name}/exact", f"{name}/amortized10"] for name in GRADIENT]
+    if libmtl is not None:
+        groups.append(["fixed", *(f"libmtl/{n}" for n in libmtl)])
+
+    for fn in steps.values():  # warm-up: one full amortized cycle, first refresh included
+        timed(fn, EVERY)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    ratios: dict[tuple[str, str], list[float]] = {}
+    start = time.perf_counter()
+    for r in range(args.rounds):
+        for g, group in enumerate(groups):
+            shift = (r + g) % len(group)  # rotate the order, so that no variant always runs first
+            order = group[shift:] + group[:shift]
+            measured = {name: timed(steps[name], iters) for name in order}
+            for name, t in measured.items():
+                times[name].append(t)
+            for name in group[1:]:
+                ratios.setdefault((name, "fixed"), []).append(measured[name] / measured["fixed"])
+                if name.endswith("/exact"):
+                    ratios.setdefault((name, "raw"), []).append(measured[name] / measured["raw"])
+            if "raw" in group:
+                ratios.setdefault(("raw", "fixed"), []).append(measured["raw"] / measured["fixed"])
+        print(f"round {r + 1}/{args.rounds} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+
+    def med(a: str, b: str) -> float:
+        return round(statistics.median(ratios[(a, b)]), 4)
+
+    def ms(name: str) -> float:
+        return round(1e3 * statistics.median(times[name]), 3)
+
+    result: dict[str, Any] = {"fixed_ms": ms("fixed"), "raw_ms": ms("raw"), "raw_vs_fixed": med("raw", "fixed")}
+    for name in LOSS_BASED:
+        result[name] = {"vs_fixed": med(name, "fixed"), "ms": ms(name)}
+    for name in GRADIENT:
+        result[name] = {"exact": med(f"{name}/exact", "fixed"), "amortized10": med(f"{name}/amortized10", "fixed"),
+                        "exact_vs_raw": med(f"{name}/exact", "raw"),
+                        "ms": {"exact": ms(f"{name}/exact"), "amortized10": ms(f"{name}/amortized10")}}
+    if libmtl is None:
+        result["libmtl"] = libmtl_note
+    else:
+        result["libmtl"] = {n: {"vs_fixed": med(f"libmtl/{n}", "fixed"), "ms": ms(f"libmtl/{n}")} for n in libmtl}
+    missed = [f"{n}.{key}" for n in GRADIENT for key, target in
+              (("exact_vs_raw", TARGETS["exact_vs_raw"]), ("amortized10", TARGETS["amortized10_vs_fixed"]))
+              if result[n][key] > target]
+    result["targets"] = {**TARGETS, "missed": missed}
+    result.update({"rounds": args.rounds, "iters": iters, "batch": args.batch, "width": args.width,
+                   "threads": args.threads, "torch": torch.__version__, "machine": platform.machine()})
+
+    print(f"fixed {result['fixed_ms']} ms, raw 1+K autograd.grad {result['raw_ms']} ms "
+          f"(x{result['raw_vs_fixed']})")
+    for name in LOSS_BASED:
+        print(f"  {name:<14} x{result[name]['vs_fixed']:<7} vs fixed")
+    for name in GRADIENT:
+        res = result[name]
+        print(f"  {name:<14} exact x{res['exact']:<7} amortized10 x{res['amortized10']:<7} "
+              f"exact/raw x{res['exact_vs_raw']}")
+    if libmtl is not None:
+        for n, res in result["libmtl"].items():
+            print(f"  libmtl {n:<7} x{res['vs_fixed']} vs fixed")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
