@@ -17,7 +17,7 @@ every strategy, in an order that rotates round after round), so drift in the mac
 ratios. ``--iters`` is rounded up to a multiple of 10, so that every amortized block holds the same number of
 refreshes. The last line printed is one JSON object.
 
-    python benchmarks/weighting_cost.py [--rounds 7] [--iters 20] [--threads 1]
+    python benchmarks/weighting_cost.py [--rounds 7] [--iters 10] [--threads 1]
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def libmtl_step(cls: type, base: al.AuxModel, x: torch.Tensor, batch: dict) -> C
     weighting = Adapter()
     opt = torch.optim.SGD(list(model.parameters()) + list(weighting.parameters()), lr=1e-3)
     first = objective(model(x), batch).losses
-    weighting.train_loss_buffer = torch.tensor([[float(first[n])] for n in ("main", "aux1", "aux2")]).numpy()
+    weighting.train_loss_buffer = torch.tensor([[first[n].item()] for n in ("main", "aux1", "aux2")]).numpy()
 
     def step() -> None:
         report = objective(model(x), batch)
@@ -198,7 +198,7 @@ def timed(fn: Callable[[], None], iters: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--iters", type=int, default=20, help="steps per timed block (rounded up to a multiple "
+    parser.add_argument("--iters", type=int, default=10, help="steps per timed block (rounded up to a multiple "
                                                                "of 10)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--width", type=int, default=16)

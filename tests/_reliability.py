@@ -49,12 +49,12 @@ def store_rows(out: Path) -> list[dict[str, Any]]:
         return []
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
     try:
-        rows = con.execute("SELECT variant, seed, status, attempts, result, history, error FROM runs "
+        rows = con.execute("SELECT variant, seed, status, attempts, result, history, error, worker FROM runs "
                            "ORDER BY variant, seed").fetchall()
     finally:
         con.close()
-    return [{"variant": v, "seed": s, "status": st, "attempts": a, "result": r, "history": h, "error": e}
-            for v, s, st, a, r, h, e in rows]
+    return [{"variant": v, "seed": s, "status": st, "attempts": a, "result": r, "history": h, "error": e,
+             "worker": w} for v, s, st, a, r, h, e, w in rows]
 
 
 def check_store(out: Path, epochs: int) -> dict[str, int]:

@@ -295,6 +295,8 @@ def _prepare_store(cfg: ExperimentConfig, out: Path, force: bool) -> Store:
             store_path.unlink()
             for suffix in ("-wal", "-shm"):
                 Path(str(store_path) + suffix).unlink(missing_ok=True)
+            # Their logs and checkpoints too: a run of the new config must never resume an old run's checkpoint.
+            shutil.rmtree(out / "runs", ignore_errors=True)
     store = Store(store_path)
     store.set_meta("config_hash", fingerprint)
     store.set_meta("name", cfg.name)
