@@ -71,6 +71,14 @@ def _is_number(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def _float(x: object) -> float:
+    """``float(x)``, with an int too large for a float (``10**400``) as ±inf instead of an OverflowError."""
+    try:
+        return float(x)  # type: ignore[arg-type]
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf  # type: ignore[operator]
+
+
 def _weight(owner: str, name: str, x: object) -> float:
     """A weight: a finite number ``>= 0``, returned as ``float``."""
     if not _is_number(x):
@@ -78,7 +86,7 @@ def _weight(owner: str, name: str, x: object) -> float:
             f"{owner}: {name} must be a number >= 0, got {x!r} ({type(x).__name__}); "
             f"pass a Python float such as {name}=0.1 (call .item() on a tensor)."
         )
-    v = float(x)  # type: ignore[arg-type]
+    v = _float(x)
     if not math.isfinite(v) or v < 0.0:
         raise AuxLossError(
             f"{owner}: {name} must be finite and >= 0, got {v!r}; a weight scales a loss and a "
@@ -95,7 +103,7 @@ def _time(owner: str, name: str, x: object) -> Time:
             f"({type(x).__name__}); pass e.g. {name}=100."
         )
     v: Time = int(x) if isinstance(x, numbers.Integral) else float(x)  # type: ignore[arg-type]
-    if not math.isfinite(v) or v < 0:
+    if not math.isfinite(_float(v)) or v < 0:
         raise AuxLossError(
             f"{owner}: {name} must be finite and >= 0 (training time starts at 0), got {v!r}; "
             f"pass e.g. {name}=100."
@@ -105,7 +113,7 @@ def _time(owner: str, name: str, x: object) -> Time:
 
 def _gamma(owner: str, x: object, *, name: str = "gamma") -> float:
     """A decay factor in (0, 1]."""
-    if not _is_number(x) or not 0.0 < float(x) <= 1.0:  # type: ignore[arg-type]
+    if not _is_number(x) or not 0.0 < _float(x) <= 1.0:
         raise AuxLossError(
             f"{owner}: {name} must be a decay factor in (0, 1], got {x!r}; {name}=1 keeps the value "
             f"constant and smaller values decay faster (e.g. {name}=0.999 per step)."
@@ -186,7 +194,7 @@ class Schedule(abc.ABC):
         return self._value(self._check_t(t))
 
     def _check_t(self, t: object) -> float:
-        if not _is_number(t) or not math.isfinite(t):  # type: ignore[arg-type]
+        if not _is_number(t) or not math.isfinite(_float(t)):
             raise AuxLossError(
                 f"{self!r}: t must be a finite number (the {self._unit} count), got {t!r}; "
                 f"pass an int or float (call .item() on a tensor)."
@@ -395,7 +403,7 @@ class Step(Schedule):
                     f"{self._milestones[i]} follows {self._milestones[i - 1]}; sort them and drop "
                     f"duplicates (a repeated milestone would be the same as gamma squared)."
                 )
-        if not _is_number(gamma) or not math.isfinite(gamma) or gamma < 0:
+        if not _is_number(gamma) or not math.isfinite(_float(gamma)) or gamma < 0:
             raise AuxLossError(
                 f"Step: gamma must be a finite number >= 0 (the factor applied at each milestone), got "
                 f"{gamma!r}; use gamma=0.1 to divide by 10 at each milestone."

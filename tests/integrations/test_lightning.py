@@ -57,8 +57,8 @@ def loader(ds: TensorDataset, shuffle: bool = True, seed: int = 0) -> DataLoader
 
 
 def lightning_trainer(**kwargs):
-    defaults = dict(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False)
+    defaults = {"max_epochs": 2, "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+                "enable_progress_bar": False, "enable_model_summary": False}
     return L.Trainer(**{**defaults, **kwargs})
 
 
@@ -89,7 +89,7 @@ def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
 # -- fixed weights ------------------------------------------------------------------------------------------------
 @needs_lightning
 def test_fixed_weights_train_exactly_like_auxloss_trainer():
-    (module, trainer, model_l, obj_l), (model_a, obj_a) = fit_both(build)
+    (_, trainer, model_l, obj_l), (model_a, obj_a) = fit_both(build)
     before, _ = build()
     assert not torch.equal(before.state_dict()["model.0.weight"], model_l.state_dict()["model.0.weight"])
     assert_same_weights(model_l, model_a)
@@ -175,7 +175,7 @@ def test_gradient_weighting_backward_replaces_loss_backward():
         counting.append(weighting)
         return build(weighting=weighting)
 
-    (module, trainer, model_l, _), (model_a, _) = fit_both(make, accumulate=2)
+    (_, _, model_l, _), (model_a, _) = fit_both(make, accumulate=2)
     calls_l, calls_a = counting[0].calls, counting[1].calls
     assert len(calls_l) == len(calls_a) == 8  # one per batch, sanity check and validation excluded
     assert calls_l == calls_a == [(0.5, None)] * 8
@@ -189,7 +189,7 @@ def test_cosine_gating_under_lightning_equals_auxloss_trainer():
     def make():
         return build(weighting=gating.CosineGating())
 
-    (module, trainer, model_l, obj_l), (model_a, obj_a) = fit_both(make, accumulate=2)
+    (_, trainer, model_l, obj_l), (model_a, obj_a) = fit_both(make, accumulate=2)
     assert obj_l.weighting.n_backward_calls == obj_a.weighting.n_backward_calls == 8 * 2  # 1 + K per batch
     assert_same_weights(model_l, model_a)
     assert any(k.startswith("train/cos/deep") for k in trainer.callback_metrics)  # telemetry is logged
@@ -299,6 +299,8 @@ def test_validation_and_epoch_events_reach_the_weighting():
     assert {"val/metric/main", "val/loss/main", "val/loss/deep", "val/loss"} <= set(last)
     for key in ("val/metric/main", "val/loss/deep"):
         assert last[key] == pytest.approx(float(trainer.callback_metrics[key]), rel=1e-5)
+    trainer.validate(module, DataLoader(ds, batch_size=24), verbose=False)
+    assert len(recorder.validations) == 2  # validating outside fit() does not move the weighting on
     model.eval()
     with torch.no_grad():
         x, y = ds.tensors

@@ -235,11 +235,13 @@ def test_config_model_by_name_builds_and_trains(fake_torchvision):
 
 # -- the real packages, where they import ------------------------------------------------------------------------
 def _import_or_skip(module: str):
+    # pytest.importorskip would not do: PyPI's torchvision beside a CPU-only torch fails with a RuntimeError.
     try:
         return importlib.import_module(module)
-    except Exception as exc:  # noqa: BLE001 - PyPI torchvision beside a CPU torch raises RuntimeError
-        pytest.skip(f"{module} cannot be imported here ({type(exc).__name__}: {str(exc)[:120]}); install the "
-                    f"{module} build matching this torch to run this test")
+    except Exception as exc:  # noqa: BLE001
+        extra = {"torchvision": "vision", "timm": "timm"}[module]
+        pytest.skip(f"{module} cannot be imported here ({type(exc).__name__}: {str(exc)[:120]}); run this test "
+                    f"after `pip install auxloss[{extra}]` with a torchvision built for this torch")
 
 
 @pytest.mark.parametrize("name", ["torchvision:resnet18", "timm:resnet18"])

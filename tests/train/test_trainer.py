@@ -63,11 +63,17 @@ def test_accumulation_matches_one_large_batch():
 def test_best_epoch_is_chosen_on_validation_and_restored(tmp_path):
     m, obj = model_and_objective()
     train, val, test = (DataLoader(data(64, s), batch_size=16) for s in (0, 1, 2))
-    result = Trainer(epochs=6, lr=0.05, log_dir=tmp_path).fit(m, obj, train, val, test)
+    result = Trainer(epochs=6, lr=0.05, log_dir=tmp_path, test_every_epoch=True).fit(m, obj, train, val, test)
     vals = [r["val/metric/main"] for r in result.history]
     assert result.best_epoch == 1 + vals.index(max(vals))
     chosen = result.history[result.best_epoch - 1]
     assert result.best["test/metric/main"] == chosen["test/metric/main"]
+    # By default the test split is evaluated once, after training, on the best epoch's weights: same number.
+    m2, obj2 = model_and_objective()
+    train, val, test = (DataLoader(data(64, s), batch_size=16) for s in (0, 1, 2))
+    once = Trainer(epochs=6, lr=0.05).fit(m2, obj2, train, val, test)
+    assert once.best["test/metric/main"] == result.best["test/metric/main"]
+    assert "test/metric/main" not in once.history[0]
     # The restored weights are the best epoch's: evaluating again reproduces its validation metric.
     again = Trainer(epochs=1).evaluate(m, obj, val)
     assert again["metric/main"] == pytest.approx(chosen["val/metric/main"])

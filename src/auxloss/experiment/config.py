@@ -225,15 +225,18 @@ def parse_config(data: Any, *, source: str = "<config>", lines: dict[int, dict[A
 
                     hint = close_matches(str(loc[-1]), parent)
                     msg += f" (did you mean {hint[0]!r}?)" if hint else f" (valid keys: {sorted(parent)})"
+            elif err["type"] == "value_error":  # our own validators: the message names what is wrong
+                msg = f"{path}: {err['msg'].removeprefix('Value error, ')}"
             else:
                 msg = f"{path}: {err['msg']}"
                 if "input" in err and err["type"] != "missing":
                     msg += f" (got {err['input']!r})"
             problems.append(f"{where}: {msg}")
-        fix = "Fix the key(s) named above; docs/guide.md lists every key and docs/errors.md the usual mistakes."
+        docs = "docs/guide.md lists every key, docs/errors.md the usual mistakes."
         if len(problems) == 1:
-            raise AuxLossError(f"invalid config: {problems[0]}. {fix}") from None
-        raise AuxLossError("invalid config:\n  " + "\n  ".join(problems) + "\n" + fix) from None
+            raise AuxLossError(f"invalid config: {problems[0]}. Fix that key in the config; {docs}") from None
+        raise AuxLossError("invalid config:\n  " + "\n  ".join(problems) + f"\nFix these keys in the config; {docs}") \
+            from None
 
 
 def _parent_fields(loc: tuple) -> list[str]:

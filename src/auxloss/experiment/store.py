@@ -102,7 +102,8 @@ class Store:
                 try:
                     yield con
                 except BaseException:
-                    con.execute("ROLLBACK")
+                    if con.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
+                        con.execute("ROLLBACK")
                     raise
                 else:
                     con.execute("COMMIT")

@@ -30,7 +30,7 @@ def require(module: str, extra: str, *, note: str = "") -> ModuleType:
     """
     try:
         return importlib.import_module(module)
-    except Exception as exc:  # noqa: BLE001 - a broken install fails with RuntimeError/OSError as well
+    except Exception as exc:  # a broken install fails with RuntimeError/OSError as well
         missing = isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == module.split(".")[0]
         what = "is not installed" if missing else f"cannot be imported ({type(exc).__name__}: {exc})"
         raise MissingExtraError(

@@ -37,12 +37,14 @@ from torch import Tensor, nn
 
 from auxloss.errors import AuxLossError
 from auxloss.integrations import MissingExtraError, require
+from auxloss.objective import Objective
 from auxloss.weighting.base import GradientWeighting
 
 if TYPE_CHECKING:
-    from auxloss.objective import LossReport, Objective
+    from auxloss.objective import LossReport
 
-__all__ = ["AuxLossMixin", "AuxLossModule", "lightning_module_base"]
+# AuxLossModule is built on first access (see __getattr__ at the end), so that importing needs no Lightning.
+__all__ = ["AuxLossMixin", "AuxLossModule", "lightning_module_base"]  # noqa: F822
 
 STAGES = ("train", "val", "test")
 
@@ -73,8 +75,6 @@ class AuxLossMixin:
     def _auxloss_parts(self) -> tuple[nn.Module, Objective]:
         model = getattr(self, "aux_model", None)
         objective = getattr(self, "objective", None)
-        from auxloss.objective import Objective
-
         if not isinstance(model, nn.Module) or not isinstance(objective, Objective):
             raise AuxLossError(
                 f"{type(self).__name__} uses AuxLossMixin but has no `aux_model` (an nn.Module) and `objective` (an "
@@ -185,13 +185,17 @@ class AuxLossMixin:
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()  # type: ignore[misc]
         sums, count = self.__dict__.pop("_auxloss_val", ({}, 0))
-        if self.trainer.sanity_checking or not sums:  # type: ignore[attr-defined]
+        trainer = self.trainer  # type: ignore[attr-defined]
+        # Only validation inside fit() moves the weighting on; trainer.validate() leaves it alone (as auxloss's
+        # Trainer, which calls on_validation_end only while training).
+        if trainer.sanity_checking or getattr(trainer.state, "fn", None) != "fit" or not sums:
             return
         keys = sorted(sums)
-        packed = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64)
-        packed = self.trainer.strategy.reduce(packed.to(self.device), reduce_op="sum").cpu()  # type: ignore
-        total = float(packed[-1])
-        metrics = {f"val/{k}": float(v) / total for k, v in zip(keys, packed[:-1].tolist())}
+        if trainer.world_size > 1:  # every process saw its own shard: sum over all of them
+            packed = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float32, device=self.device)
+            packed = trainer.strategy.reduce(packed, reduce_op="sum").cpu().tolist()  # type: ignore[attr-defined]
+            sums, count = dict(zip(keys, packed[:-1])), packed[-1]
+        metrics = {f"val/{k}": float(sums[k]) / count for k in keys}
         _, objective = self._auxloss_parts()
         objective.on_validation_end(metrics)
 
@@ -251,7 +255,6 @@ def _build_module_class() -> type:
             lr_scheduler_interval: str = "step",
         ) -> None:
             super().__init__()
-            from auxloss.objective import Objective
             from auxloss.train.trainer import Trainer
 
             if not isinstance(model, nn.Module):

@@ -139,7 +139,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, name: str) -> None:
         raise AuxLossError(f"{name}: checkpoint {str(path)!r} does not exist; give the path of a saved state dict.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - pickle/zip errors of a file that is not a state dict
+    except Exception as exc:  # pickle/zip errors of a file that is not a state dict
         raise AuxLossError(f"{name}: cannot read {str(path)!r} as a state dict ({exc}).") from exc
     if isinstance(state, dict):
         for key in ("state_dict", "model"):

@@ -79,8 +79,8 @@ class Trainer:
             callable ``optimizer -> LRScheduler`` stepped once per optimizer step.
         grad_clip: max global gradient norm, or ``None``.
         accumulate: micro-batches per optimizer step.
-        amp: ``False``, ``"bf16"`` or ``"fp16"`` (autocast on CUDA; fp16 uses a GradScaler). Ignored on CPU except
-            ``"bf16"``, which CPU autocast supports.
+        amp: ``False``, ``"bf16"`` or ``"fp16"`` (autocast on CUDA; fp16 uses a GradScaler). On CPU, ``"bf16"``
+            uses CPU autocast and ``"fp16"`` runs in float32 without a scaler (CPU autocast has no fp16 path).
         compile: wrap the model in ``torch.compile`` (hooks are registered before, as compile requires).
         patience: early stopping after this many epochs without a better validation main metric; ``None`` = off.
         device: ``"auto"`` (CUDA when available), or any torch device.
@@ -123,6 +123,7 @@ class Trainer:
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int | None = None,
         check_grads: bool = False,
+        test_every_epoch: bool = False,
     ) -> None:
         if not isinstance(epochs, int) or epochs < 1:
             raise AuxLossError(f"epochs must be a positive integer, got {epochs!r}.")
@@ -157,6 +158,7 @@ class Trainer:
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
             raise AuxLossError(f"checkpoint_every must be a positive number of steps or None, got {checkpoint_every!r}.")
         self.checkpoint_every = checkpoint_every
+        self.test_every_epoch = test_every_epoch
         self.check_grads = bool(check_grads)
         # Set during fit, for callbacks.
         self.model: nn.Module | None = None
@@ -303,7 +305,7 @@ class Trainer:
                     metrics.update(_prefix("trainval", self.evaluate(run_model, objective, train_eval_loader)))
                 if val_loader is not None:
                     metrics.update(_prefix("val", self.evaluate(run_model, objective, val_loader)))
-                if test_loader is not None:
+                if test_loader is not None and self.test_every_epoch:
                     metrics.update(_prefix("test", self.evaluate(run_model, objective, test_loader)))
                 objective.on_validation_end(metrics)
                 self._call("on_validation_end", metrics)
@@ -335,6 +337,11 @@ class Trainer:
                 logger.close()
         if st["best_state"] is not None:
             model.load_state_dict(st["best_state"])
+        if test_loader is not None and not self.test_every_epoch:
+            # The test split is evaluated once, on the weights chosen on validation: the same number as evaluating
+            # it every epoch and reading the best epoch's, at a fraction of the cost.
+            st["best_metrics"] = {**st["best_metrics"],
+                                  **_prefix("test", self.evaluate(run_model, objective, test_loader))}
         self._call("on_fit_end")
         return FitResult(
             best_epoch=st["best_epoch"],
@@ -413,8 +420,10 @@ class Trainer:
             self.objective.load_state_dict(ckpt["objective"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
+            detail = " ".join(str(exc).split())  # torch's message spans lines and lists every key: one short line
+            detail = detail if len(detail) <= 240 else detail[:240] + "..."
             raise AuxLossError(
-                f"the checkpoint in {str(self.checkpoint_dir)!r} does not fit this model/objective ({exc}). It belongs "
+                f"the checkpoint in {str(self.checkpoint_dir)!r} does not fit this model/objective ({detail}). It belongs "
                 "to another run: use another output folder, or delete the checkpoint to start over."
             ) from exc
         if self.scheduler is not None and ckpt["scheduler"] is not None:

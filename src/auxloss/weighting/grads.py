@@ -69,6 +69,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -161,8 +162,10 @@ class TaskStats:
     """The statistics of one auxiliary task on its shared parameters, in the true (unscaled) gradient domain.
 
     ``shared`` are indices into the parameter list; ``dot``, ``sq0``, ``sqk`` hold per shared tensor
-    ``g_0·g_k``, ``‖g_0‖²`` and ``‖g_k‖²``; ``in_stats`` marks the tensors of the statistics subset. The
-    properties sum them over the subset (``dot``/``sq0``/``sqk`` with an ``s_`` prefix) or over all shared tensors.
+    ``g_0·g_k``, ``‖g_0‖²`` and ``‖g_k‖²``; ``in_stats`` marks the tensors of the statistics subset
+    (``all_in_stats``: every one of them, so that no mask is needed). The properties sum them over the subset
+    (``dot``/``sq0``/``sqk`` with an ``s_`` prefix) or over all shared tensors; each is computed once, on first use
+    (the statistics are not changed after construction).
     """
 
     name: str
@@ -173,28 +176,31 @@ class TaskStats:
     sq0: Tensor
     sqk: Tensor
     in_stats: Tensor
+    all_in_stats: bool = False
 
     @property
     def has_shared(self) -> bool:
         return len(self.shared) > 0
 
     def _subset_sum(self, values: Tensor) -> Tensor:
+        if self.all_in_stats:
+            return values.sum()
         # a masked sum rather than boolean indexing, which would wait for the device
         return torch.where(self.in_stats, values, torch.zeros_like(values)).sum()
 
-    @property
+    @cached_property
     def s_dot(self) -> Tensor:
         return self._subset_sum(self.dot)
 
-    @property
+    @cached_property
     def s_sq0(self) -> Tensor:
         return self._subset_sum(self.sq0)
 
-    @property
+    @cached_property
     def s_sqk(self) -> Tensor:
         return self._subset_sum(self.sqk)
 
-    @property
+    @cached_property
     def s_cos(self) -> Tensor:
         return cosine(self.s_dot, self.s_sq0, self.s_sqk)
 
@@ -213,10 +219,6 @@ class Combination:
     effective: Tensor
     multiplier: Tensor
     main: Tensor | None = None
-
-
-def _at(value: Tensor, pos: int) -> Tensor:
-    return value if value.dim() == 0 else value[pos]
 
 
 # -- the engine ---------------------------------------------------------------------------------------------------
@@ -387,6 +389,9 @@ class PerTaskGradientWeighting(GradientWeighting):
         stats_list = self.__dict__["_stats_list"]
         if stats_list is not None:
             stats_ids = {id(t) for t in stats_list}
+        # With every parameter on the losses' device (the usual case) the .to(device) calls would all be no-ops,
+        # each still a dispatch: skip them.
+        one_device = all(p.device == device for p in params)
         sq0_cache: dict[int, Tensor] = {}
         stats: list[TaskStats] = []
         for k, name in enumerate(aux):
@@ -398,10 +403,14 @@ class PerTaskGradientWeighting(GradientWeighting):
                 assert a is not None and b is not None
                 acc = torch.float64 if a.dtype == torch.float64 else torch.float32
                 if i not in sq0_cache:
-                    sq0_cache[i] = (a * a).sum(dtype=acc).to(device)
-                dots.append((a * b).sum(dtype=acc).to(device))
+                    sq0 = (a * a).sum(dtype=acc)
+                    sq0_cache[i] = sq0 if one_device else sq0.to(device)
+                dot, sqk = (a * b).sum(dtype=acc), (b * b).sum(dtype=acc)
+                if not one_device:
+                    dot, sqk = dot.to(device), sqk.to(device)
+                dots.append(dot)
                 sq0s.append(sq0_cache[i])
-                sqks.append((b * b).sum(dtype=acc).to(device))
+                sqks.append(sqk)
             if shared:
                 dot, sq0, sqk = torch.stack(dots), torch.stack(sq0s), torch.stack(sqks)
                 if inv_s2 is not None:
@@ -418,7 +427,7 @@ class PerTaskGradientWeighting(GradientWeighting):
                         f"{type(self).__name__}: stats_params holds none of the parameters that the main task and "
                         f"{name!r} share; give tensors of the shared trunk below {name!r}'s tap (or stats_params=None)."
                     )
-            stats.append(TaskStats(name, k, lambdas[k], shared, dot, sq0, sqk, in_stats))
+            stats.append(TaskStats(name, k, lambdas[k], shared, dot, sq0, sqk, in_stats, all_in_stats=stats_ids is None))
 
         live = [s for s in stats if s.has_shared]
         finite = not live or bool(torch.isfinite(torch.cat([torch.stack([s.dot.sum(), s.sq0.sum(), s.sqk.sum()])
@@ -438,19 +447,21 @@ class PerTaskGradientWeighting(GradientWeighting):
         else:  # fp16 overflow: the plain weighted sum carries the inf to p.grad, and the GradScaler skips the step
             one = torch.ones((), dtype=torch.float64, device=device)
             combos = [Combination(aux=one * lam, effective=one * lam, multiplier=one) for lam in lambdas]
-        self._write(params, grads, stats, combos, lambdas, scale)
+        self._write(params, grads, stats, combos, lambdas, scale, one_device=one_device)
 
     def _write(self, params: list[Tensor], grads: list[list[Tensor | None]], stats: list[TaskStats],
-               combos: list[Combination], lambdas: list[float], scale: float) -> None:
+               combos: list[Combination], lambdas: list[float], scale: float, *, one_device: bool = False) -> None:
         n = len(params)
         g0 = grads[0]
         main_coef: list[Tensor | None] = [None] * n
         aux_coef: list[dict[int, Tensor]] = [{} for _ in range(n)]
         for s, c in zip(stats, combos):
+            aux_scalar = c.aux.dim() == 0
+            main_scalar = c.main is None or c.main.dim() == 0
             for pos, i in enumerate(s.shared):
-                aux_coef[i][s.index] = _at(c.aux, pos)
+                aux_coef[i][s.index] = c.aux if aux_scalar else c.aux[pos]
                 if c.main is not None:
-                    extra = _at(c.main, pos)
+                    extra = c.main if main_scalar else c.main[pos]
                     main_coef[i] = extra if main_coef[i] is None else main_coef[i] + extra
         for i, p in enumerate(params):
             total: Tensor | None = None
@@ -458,14 +469,17 @@ class PerTaskGradientWeighting(GradientWeighting):
             if g0[i] is not None:
                 total = g0[i]
                 if main_coef[i] is not None:
-                    total = total * (1.0 + main_coef[i].to(total.device))
+                    coef = main_coef[i] if one_device else main_coef[i].to(total.device)
+                    total = total * (1.0 + coef)
                     fresh = True
             for k in range(len(stats)):
                 gk = grads[k + 1][i]
                 if gk is None:
                     continue
                 coef = aux_coef[i].get(k)
-                term = gk * (coef.to(gk.device) if coef is not None else lambdas[k])
+                if coef is not None and not one_device:
+                    coef = coef.to(gk.device)
+                term = gk * (coef if coef is not None else lambdas[k])
                 total = term if total is None else total + term
                 fresh = True
             if total is None:

@@ -1,0 +1,332 @@
+"""Every bad input of docs/errors.md, one test each: the project's own error, a message naming the problem and
+saying how to fix it, and through the command line exit code 2 with one line on stderr and no traceback.
+
+The rows' ids (C1, M1, ...) are the first column of the table in docs/errors.md; the last test checks that the
+page and this file list the same rows.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import auxloss as al
+from auxloss import schedules as S
+from auxloss.cli import main
+from auxloss.experiment.store import Store
+from auxloss.train import Trainer
+from auxloss.zoo.data import DictDataset
+from auxloss.zoo.models import SmallCNN
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+
+GOOD = """\
+name: catalogue
+seeds: 1
+data: {name: shapes, n_train: 32, n_val: 16, n_test: 16, batch_size: 16, params: {image_size: 16}}
+model: {name: small_cnn, params: {width: 4}}
+train: {epochs: 1, lr: 0.01, eval_train: false}
+variants:
+  - name: deep
+    taps: {aux1: {layer: block1, head: {type: linear}}}
+    tasks: [{name: aux1, source: aux1, weight: 0.3}]
+"""
+
+
+# -- how a row is provoked -----------------------------------------------------------------------------------------
+def cli(env, yaml_text=None, *args, out=None):
+    """`auxloss run` on a config; must fail with exit 2 and exactly one line on stderr. Returns that line."""
+    tmp, capsys = env["tmp"], env["capsys"]
+    argv = list(args)
+    if yaml_text is not None:
+        cfg = tmp / "c.yaml"
+        cfg.write_text(yaml_text)
+        argv = ["run", str(cfg), "--out", str(out or tmp / "out"), "--workers", "1", *args]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("auxloss: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def api(fn):
+    with pytest.raises(al.AuxLossError) as info:
+        fn()
+    return str(info.value)
+
+
+def tiny_model(**taps):
+    torch.manual_seed(0)
+    return al.attach(SmallCNN(3, width=4), taps, example_input=torch.randn(1, 3, 16, 16))
+
+
+def batch(n=4, **extra):
+    return {"input": torch.randn(n, 3, 16, 16), "target": torch.randint(0, 3, (n,)), **extra}
+
+
+def objective_error(model, objective, b):
+    return api(lambda: objective(model(b["input"]), b))
+
+
+def fit(model, objective, x, y, **trainer):
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    return Trainer(epochs=1, device="cpu", eval_train=False, **trainer).fit(model, objective, loader)
+
+
+class Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 3)
+        self.spare = nn.Linear(4, 4)  # never called in forward
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def bad_grad_loss(pred, target):
+    """Cross entropy plus sqrt(0): the loss is finite, its gradient is NaN (d sqrt(u)/du at 0 is inf, times 0)."""
+    return nn.functional.cross_entropy(pred, target) + torch.sqrt(((pred - pred.detach()) ** 2).sum())
+
+
+class _FsyncFull:
+    """The os module of the checkpoint writer, with a disk that is full when the file is flushed to it."""
+
+    def __getattr__(self, name):
+        import os
+
+        return getattr(os, name)
+
+    @staticmethod
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def full_store_connect(real):
+    def connect(*args, **kwargs):  # SQLite's own SQLITE_FULL: the database may not grow by a single page
+        con = real(*args, **kwargs)
+        pages = con.execute("PRAGMA page_count").fetchone()[0]
+        con.execute(f"PRAGMA max_page_count={max(pages, 1)}")
+        return con
+    return connect
+
+
+# -- the rows ----------------------------------------------------------------------------------------------------
+ROWS = {
+    # config
+    "C1": (lambda e: cli(e, "name: x\nseeds: 1\ntrain:\n  epochs: 1\n  learnin_rate: 0.1\n"), r"c\.yaml:5: unknown key 'train\.learnin_rate'", r"valid keys: \[.*'lr'|Fix that key"),
+    "C2": (lambda e: cli(e, "name: x\nseeds: two\n"), r"c\.yaml:2: seeds: .*integer.*'two'", r"Fix that key"),
+    "C3": (lambda e: cli(e, None, "run", str(e["tmp"] / "nope.yaml")), r"nope\.yaml' does not exist",
+           r"give the path of a YAML file"),
+    "C4": (lambda e: cli(e, "name: x\ntrain: [1, 2\nseeds: 1\n"), r"c\.yaml:3: YAML syntax error",
+           r"Fix the file's syntax"),
+    "C5": (lambda e: cli(e, "- name: x\n- seeds: 2\n"), r"must be a YAML mapping", r"\(key: value\)"),
+    "C6": (lambda e: cli(e, GOOD.replace("source: aux1", "source: aux2")),
+           r"task 'aux1' reads source 'aux2', which is not one of this variant's taps \['aux1'\]",
+           r"Fix that key"),
+    "C7": (lambda e: cli(e, "- name: x\n", "--seeds", "3"), r"cannot set 'seeds' from the command line",
+           r"Fix the file, or drop the option"),
+    "C8": (lambda e: cli(e, GOOD.replace("name: shapes", "name: shape")), r"unknown data\.name 'shape'",
+           r"use 'shapes'"),
+    "C9": (lambda e: cli(e, GOOD.replace("name: small_cnn", "name: smal_cnn")), r"Unknown model 'smal_cnn'",
+           r"Did you mean 'small_cnn'"),
+    "C10": (lambda e: cli(e, GOOD + "    weighting: {type: dwaa}\n"), r"unknown weighting type 'dwaa'",
+            r"Did you mean 'dwa'"),
+    # model
+    "M1": (lambda e: api(lambda: tiny_model(a=al.Tap("blok1", al.LinearHead(3)))),
+           r"no layer named 'blok1'.*Closest names: \['block1'", r"list_layers"),
+    "M2": (lambda e: api(lambda: al.attach(Unused(), {"a": al.Tap("spare", al.LinearHead(2))},
+                                           example_input=torch.randn(1, 4))),
+           r"tap 'a': layer 'spare' never ran", r"Tap a layer that the model's forward actually calls"),
+    "M3": (lambda e: objective_error(
+               tiny_model(a=al.Tap("block1", al.LinearHead(3))),
+               al.Objective(aux=[al.Task("a", source="a", target="box", loss="mse")]),
+               batch(box=torch.randn(4, 2))),
+           r"head output shape \(4, 3\) does not fit target shape \(4, 2\)", r"make the head output \(2,\)"),
+    "M4": (lambda e: objective_error(
+               tiny_model(a=al.Tap("block1", al.LinearHead(3))),
+               al.Objective(aux=[al.Task("a", source="a", target="size")]), batch(size=torch.rand(4))),
+           r"cross entropy needs integer class labels", r"use loss='mse'.*or cast it with \.long\(\)"),
+    "M5": (lambda e: cli(e, GOOD.replace("layer: block1", "layer: block9")), r"no layer named 'block9'",
+           r"Closest names|list_layers"),
+    # data
+    "D1": (lambda e: objective_error(
+               tiny_model(a=al.Tap("block1", al.LinearHead(3))),
+               al.Objective(aux=[al.Task("a", source="a", target="colour")]), batch(shape=torch.zeros(4))),
+           r"no target key 'colour'; the keys present are \['input', 'shape', 'target'\]",
+           r"Set the task's `target` to one of them"),
+    "D2": (lambda e: objective_error(tiny_model(), al.Objective(),
+                                     {"input": torch.randn(4, 3, 16, 16), "target": torch.tensor([0, 1, 2, 7])}),
+           r"labels out of range: they span \[0, 7\] but the head predicts 3 classes",
+           r"Give the head as many outputs as there are classes"),
+    "D3": (lambda e: api(lambda: fit(tiny_model(), al.Objective(),
+                                     torch.randn(8, 3, 16, 16).index_fill_(0, torch.tensor([5]), math.nan),
+                                     torch.randint(0, 3, (8,)))),
+           r"non-finite loss at step 1 .*this batch's \['input'\] hold NaN or Inf", r"Clean the data"),
+    "D4": (lambda e: api(lambda: DictDataset({"input": torch.zeros(0, 3), "target": torch.zeros(0)})),
+           r"DictDataset has 0 items", r"give it at least one item"),
+    "D5": (lambda e: api(lambda: Trainer(epochs=1).fit(
+               tiny_model(), al.Objective(),
+               DataLoader(TensorDataset(torch.randn(3, 3, 16, 16), torch.zeros(3).long()), batch_size=4,
+                          drop_last=True))),
+           r"the training data is empty \(0 batches\)", r"at least batch_size samples"),
+    "D6": (lambda e: cli(e, GOOD.replace("name: shapes,", f"name: folder, root: {e['tmp'] / 'no-such'},")
+                         .replace("params: {image_size: 16}", "params: {}")),
+           r"Image folder .*no-such does not exist", r"Give the folder that holds one subfolder per class"),
+    "D7": (lambda e: cli(e, GOOD.replace("name: shapes,", f"name: fashion-mnist, root: {e['tmp']},")
+                         .replace("params: {image_size: 16}", "params: {}")),
+           r"Fashion-MNIST train images and labels not found", r"apt-get install dataset-fashion-mnist|pass root="),
+    "D8": (lambda e: cli(e, GOOD.replace("name: shapes, n_train: 32", "name: digits, n_train: 3000")
+                         .replace("params: {image_size: 16}", "params: {}")),
+           r"the digits data has 1797 samples but the splits ask for 3032", r"lower data\.n_train"),
+    "D9": (lambda e: api(lambda: al.Objective().inputs((torch.zeros(2), torch.zeros(2), torch.zeros(2)))),
+           r"a tuple batch has 3 items but only 2 names", r"pass batch_keys="),
+    "D10": (lambda e: api(lambda: Trainer(epochs=1).evaluate(tiny_model(), al.Objective(), [])),
+            r"an evaluation split is empty", r"give it at least one sample"),
+    # training
+    "T1": (lambda e: objective_error(
+               tiny_model(a=al.Tap("block1", al.LinearHead(3))),
+               al.Objective(aux=[al.Task("a", source="a", loss=lambda p, t: p.sum() * math.nan)]), batch()),
+           r"non-finite loss at step 0 in task\(s\) \['a'\] \(a=nan\)",
+           r"Lower the learning rate or that task's weight.*nonfinite='skip'"),
+    "T2": (lambda e: objective_error(
+               tiny_model(a=al.Tap("block1", al.LinearHead(3))),
+               al.Objective(aux=[al.Task("a", source="a", loss=lambda p, t: p.sum() * math.inf)]), batch()),
+           r"non-finite loss at step 0 in task\(s\) \['a'\]", r"nonfinite='skip'"),
+    "T3": (lambda e: api(lambda: fit(tiny_model(), al.Objective(al.Task("main", loss=bad_grad_loss)),
+                                     torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,)), check_grads=True)),
+           r"non-finite gradient norm \(nan\) at step 0 \(epoch 1, batch 0\) although the loss was finite",
+           r"Lower the learning rate.*Objective\(nonfinite='skip'\)"),
+    "T4": (lambda e: api(lambda: Trainer(lr=-0.1)), r"lr must be a positive finite number, got -0\.1",
+           r"positive finite number"),
+    "T5": (lambda e: api(lambda: _other_models_checkpoint(e["tmp"])), r"does not fit this model/objective",
+           r"use another output folder, or delete the checkpoint"),
+    # weights
+    "W1": (lambda e: api(lambda: al.Task("a", weight=-0.3)),
+           r"task 'a': Constant: value must be finite and >= 0, got -0\.3", r"Pass e\.g\. value=0\.1"),
+    "W2": (lambda e: api(lambda: al.Task("a", weight=math.nan)), r"must be finite and >= 0, got nan",
+           r"Pass e\.g\. value=0\.1"),
+    "W3": (lambda e: cli(e, GOOD.replace("weight: 0.3", "weight: -1")), r"task 'aux1'.* must be finite and >= 0",
+           r"Pass e\.g\."),
+    "W4": (lambda e: api(lambda: S.Curriculum(0.3, start=100, ramp=50, stop=120)),
+           r"the schedule ends before it starts: stop \(120\) is before start \+ ramp", r"set stop >= 150"),
+    "W5": (lambda e: api(lambda: S.Linear(0.0, 0.3, begin=500, stop=100)), r"begin \(500\) is after stop \(100\)",
+           r"Swap them"),
+    "W6": (lambda e: cli(e, GOOD.replace("weight: 0.3", "weight: {type: linear, start: 0, end: 0.3, begn: 0, "
+                                                        "stop: 10}")),
+           r"unknown key 'begn' for Linear", r"Did you mean 'begin'"),
+    # output folder
+    "O1": (lambda e: _another_experiment(e), r"holds the results of another experiment \('someone-else'",
+           r"Use another --out folder, or pass --force"),
+    "O2": (lambda e: _read_only(e), r"cannot write the results store .*(unable to open|readonly)",
+           r"Choose a writable --out folder"),
+    "O3": (lambda e: _full_disk_checkpoint(e), r"cannot write a checkpoint in .*No space left on device",
+           r"Free some disk space"),
+    "O4": (lambda e: _full_disk_store(e), r"cannot write the results store .*database or disk is full",
+           r"Free some disk space"),
+    "O5": (lambda e: _full_disk_results(e), r"cannot write .*results\.json.*No space left on device",
+           r"Free some disk space"),
+    "O6": (lambda e: _full_disk_logs(e), r"No space left on device \(.*epochs\.jsonl\)", r"Free some disk space"),
+    "O7": (lambda e: cli(e, None, "report", str(e["tmp"])), r"holds no auxloss results",
+           r"give the --out folder of an `auxloss run`"),
+}
+
+
+def _other_models_checkpoint(tmp):
+    model = tiny_model()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,))
+    fit(model, al.Objective(), x, y, checkpoint_dir=tmp / "ckpt")
+    other = al.attach(nn.Sequential(nn.Flatten(), nn.Linear(768, 3)), {})
+    fit(other, al.Objective(), x, y, checkpoint_dir=tmp / "ckpt")
+
+
+def _another_experiment(e):
+    store = Store(e["tmp"] / "out" / "results.sqlite")
+    store.set_meta("config_hash", "0123456789abcdef")
+    store.set_meta("name", "someone-else")
+    return cli(e, GOOD)
+
+
+def _read_only(e):
+    out = e["tmp"] / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    if hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0:
+        # root writes anywhere: make SQLite meet the read-only folder as an ordinary user would
+        def refuse(*args, **kwargs):
+            raise sqlite3.OperationalError("unable to open database file")
+        e["monkeypatch"].setattr("auxloss.experiment.store.sqlite3.connect", refuse)
+    try:
+        return cli(e, GOOD, out=out)
+    finally:
+        out.chmod(0o755)
+
+
+def _full_disk_checkpoint(e):
+    e["monkeypatch"].setattr("auxloss.train.checkpoint.os", _FsyncFull())
+    return cli(e, GOOD)
+
+
+def _full_disk_store(e):
+    store = Store(e["tmp"] / "s.sqlite")
+    store.add_runs([("deep", 0)])
+    store.claim("w")
+    e["monkeypatch"].setattr("auxloss.experiment.store.sqlite3.connect", full_store_connect(sqlite3.connect))
+    try:
+        return api(lambda: store.finish("deep", 0, {"main": 0.5}, [{"epoch": 1, "log": "x" * 20000}], worker="w"))
+    finally:
+        e["monkeypatch"].undo()
+        (row,) = store.runs(None)
+        assert row["status"] == "running" and row["result"] is None  # nothing half-written
+
+
+def _full_disk_results(e):
+    from auxloss.experiment import runner
+
+    e["monkeypatch"].setattr("auxloss.experiment.runner.os", _FsyncFull())
+    return api(lambda: runner.write_atomic(e["tmp"] / "results.json", "{}"))
+
+
+def _full_disk_logs(e):
+    def full(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.directory / "epochs.jsonl"))
+
+    e["monkeypatch"].setattr("auxloss.train.logging.RunLogger.log_epoch", full)
+    return cli(e, GOOD)
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_bad_input_is_named_with_its_fix(row, tmp_path, capsys, monkeypatch):
+    provoke, problem, fix = ROWS[row]
+    message = provoke({"tmp": tmp_path, "capsys": capsys, "monkeypatch": monkeypatch})
+    assert re.search(problem, message), message
+    assert re.search(fix, message), message
+
+
+def test_nan_loss_and_nan_gradients_can_be_skipped_and_counted():
+    model = tiny_model(a=al.Tap("block1", al.LinearHead(3)))
+    objective = al.Objective(aux=[al.Task("a", source="a", loss=lambda p, t: p.sum() * math.nan)], nonfinite="skip")
+    report = objective(model(batch()["input"]), batch())
+    assert not report.finite and objective.skipped_steps == 1
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    result = fit(model, al.Objective(al.Task("main", loss=bad_grad_loss), nonfinite="skip"),
+                 torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,)), grad_clip=1.0)
+    assert result.skipped_steps == 2  # both steps: NaN gradients, update dropped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_page_lists_exactly_these_rows():
+    text = DOC.read_text()
+    ids = re.findall(r"^\| *([A-Z]\d+) *\|", text, flags=re.MULTILINE)
+    assert len(ids) == len(set(ids)) >= 25
+    assert set(ids) == set(ROWS)
