@@ -14,16 +14,19 @@ and optimizer step. Reported, each as the median of per-round ratios:
 
 Each comparison is timed in adjacent blocks of ``--iters`` steps (the fixed and raw steps are re-timed next to
 every strategy, in an order that rotates round after round), so drift in the machine's speed cancels out of the
-ratios. ``--iters`` is rounded up to a multiple of 10, so that every amortized block holds the same number of
-refreshes. The last line printed is one JSON object.
+ratios. All variants train one shared model (see :class:`Setup`). ``--iters`` is rounded up to a multiple of 10, so
+that every amortized block holds the same number of refreshes. On the CPU the clock is the process's CPU time by
+default (``--clock wall`` for elapsed time): on a machine shared with other jobs it is far steadier. With
+``--device cuda`` it is elapsed time, with the device synchronised around each block. Even so, on a busy
+2-core machine two identical steps can differ by 2-3%, so read a ratio to about ±0.03. The last line printed is
+one JSON object.
 
-    python benchmarks/weighting_cost.py [--rounds 7] [--iters 10] [--threads 1]
+    python benchmarks/weighting_cost.py [--rounds 10] [--iters 10] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import platform
@@ -49,18 +52,16 @@ GRADIENT = ("gating", "projection", "olaux", "metabalance")
 TARGETS = {"exact_vs_raw": 1.05, "amortized10_vs_fixed": 1.10}
 
 
-def fresh_model(base: al.AuxModel) -> al.AuxModel:
-    """A copy of ``base`` with its own hooks: attach() again on copies of its trunk and heads (a deepcopy of an
-    AuxModel would keep hooks that feed the original's captures)."""
-    taps = {name: al.Tap(tap.layer, copy.deepcopy(tap.head)) for name, tap in base.taps.items()}
-    return al.attach(copy.deepcopy(base.model), taps)
-
-
 class Setup:
-    """One copy of the model (same initial weights for every variant), its objective and optimizer."""
+    """A variant: its own objective (and strategy) and optimizer, on the model that every variant shares.
 
-    def __init__(self, base: al.AuxModel, weighting: Any = None) -> None:
-        self.model = fresh_model(base)
+    Sharing one model (plain SGD, so the optimizer objects hold no state) means every variant computes on the same
+    weights in the same memory: separate copies drift apart and differ in memory placement, which alone moved
+    identical steps apart by a few percent.
+    """
+
+    def __init__(self, model: al.AuxModel, weighting: Any = None) -> None:
+        self.model = model
         self.objective = al.Objective(aux=[al.Task("aux1", source="aux1", weight=LAMBDA),
                                            al.Task("aux2", source="aux2", weight=LAMBDA)])
         if isinstance(weighting, dict):
@@ -145,14 +146,13 @@ def load_libmtl() -> tuple[dict[str, type] | None, str]:
     return {"pcgrad": PCGrad, "gradnorm": GradNorm}, reason
 
 
-def libmtl_step(cls: type, base: al.AuxModel, x: torch.Tensor, batch: dict) -> Callable[[], None]:
+def libmtl_step(cls: type, model: al.AuxModel, x: torch.Tensor, batch: dict) -> Callable[[], None]:
     """LibMTL's weighting on the same model: the trunk (block1..3) is its shared encoder, the heads its decoders.
 
     The losses go in as a list (λ folded into the auxiliary ones), so each of its per-task backward passes runs
     through that task's graph only.
     """
-    setup = Setup(base)
-    model, objective = setup.model, setup.objective
+    objective = Setup(model).objective
     trunk = model.model
     shared = [p for name, p in trunk.named_parameters() if not name.startswith("fc.")]
 
@@ -191,56 +191,65 @@ def libmtl_step(cls: type, base: al.AuxModel, x: torch.Tensor, batch: dict) -> C
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
-def timed(fn: Callable[[], None], iters: int, clock: Callable[[], float] = time.perf_counter) -> float:
+def timed(fn: Callable[[], None], iters: int, clock: Callable[[], float] = time.perf_counter,
+          sync: Callable[[], None] = lambda: None) -> float:
+    sync()
     start = clock()
     for _ in range(iters):
         fn()
+    sync()  # CUDA runs asynchronously: wait for the queued work before reading the clock
     return (clock() - start) / iters
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--iters", type=int, default=10, help="steps per timed block (rounded up to a multiple "
                                                                "of 10)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--clock", choices=["auto", *sorted(CLOCKS)], default="auto",
                         help="cpu: the process's CPU time (user + system, all threads), which other jobs on a shared "
-                             "machine disturb far less than wall time; wall: elapsed time")
+                             "machine disturb far less than wall time; wall: elapsed time; auto (default): cpu on "
+                             "the CPU, wall on an accelerator")
     parser.add_argument("--no-libmtl", action="store_true", help="skip LibMTL even when it is installed")
     args = parser.parse_args()
     iters = -(-max(args.iters, 1) // EVERY) * EVERY
-    clock = CLOCKS[args.clock]
+    device = torch.device(args.device)
+    clock_name = args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" else "wall")
+    if clock_name == "cpu" and device.type != "cpu":
+        parser.error("--clock cpu measures host time only; use --clock wall on an accelerator")
+    clock = CLOCKS[clock_name]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    x = torch.randn(args.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch,))
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
     batch = {"input": x, "target": y}
-    base = al.attach(SmallCNN(10, width=args.width), {"aux1": al.Tap("block1", al.LinearHead(10)),
-                                                      "aux2": al.Tap("block2", al.LinearHead(10))},
-                     example_input=x[:1])
-    base.strip()  # the heads are materialised; without its hooks, copies of the trunk carry only their own
+    model = al.attach(SmallCNN(10, width=args.width).to(device), {"aux1": al.Tap("block1", al.LinearHead(10)),
+                                                       "aux2": al.Tap("block2", al.LinearHead(10))},
+                      example_input=x[:1]).to(device)
 
     steps: dict[str, Callable[[], None]] = {
-        "fixed": auxloss_step(Setup(base), x, batch),
-        "raw": raw_step(Setup(base), x, batch),
+        "fixed": auxloss_step(Setup(model), x, batch),
+        "raw": raw_step(Setup(model), x, batch),
     }
     loss_specs: dict[str, Any] = {"main_progress": {"type": "main_progress"}, "uncertainty": {"type": "uncertainty"},
                                   "dwa": {"type": "dwa"}, "gradnorm": {"type": "gradnorm", "layer": "block1.conv2"}}
     for name in LOSS_BASED:
-        steps[name] = auxloss_step(Setup(base, loss_specs[name]), x, batch)
+        steps[name] = auxloss_step(Setup(model, loss_specs[name]), x, batch)
     for name in GRADIENT:
         extra = {"lr": 1e-3} if name == "olaux" else {}
-        steps[f"{name}/exact"] = auxloss_step(Setup(base, {"type": name, "mode": "exact", **extra}), x, batch)
+        steps[f"{name}/exact"] = auxloss_step(Setup(model, {"type": name, "mode": "exact", **extra}), x, batch)
         steps[f"{name}/amortized10"] = auxloss_step(
-            Setup(base, {"type": name, "mode": "amortized", "every": EVERY, **extra}), x, batch)
+            Setup(model, {"type": name, "mode": "amortized", "every": EVERY, **extra}), x, batch)
     libmtl, libmtl_note = (None, "skipped (--no-libmtl)") if args.no_libmtl else load_libmtl()
     if libmtl is not None:
         for name, cls in libmtl.items():
-            steps[f"libmtl/{name}"] = libmtl_step(cls, base, x, batch)
+            steps[f"libmtl/{name}"] = libmtl_step(cls, model, x, batch)
     print(f"libmtl: {libmtl_note}")
 
     # Adjacent groups: each compared variant is timed next to the step(s) it is compared with.
@@ -258,7 +267,7 @@ def main() -> None:
         for g, group in enumerate(groups):
             shift = (r + g) % len(group)  # rotate the order, so that no variant always runs first
             order = group[shift:] + group[:shift]
-            measured = {name: timed(steps[name], iters, clock) for name in order}
+            measured = {name: timed(steps[name], iters, clock, sync) for name in order}
             for name, t in measured.items():
                 times[name].append(t)
             for name in group[1:]:
@@ -286,12 +295,14 @@ def main() -> None:
         result["libmtl"] = libmtl_note
     else:
         result["libmtl"] = {n: {"vs_fixed": med(f"libmtl/{n}", "fixed"), "ms": ms(f"libmtl/{n}")} for n in libmtl}
+        result["libmtl"]["import"] = libmtl_note
     missed = [f"{n}.{key}" for n in GRADIENT for key, target in
               (("exact_vs_raw", TARGETS["exact_vs_raw"]), ("amortized10", TARGETS["amortized10_vs_fixed"]))
               if result[n][key] > target]
     result["targets"] = {**TARGETS, "missed": missed}
     result.update({"rounds": args.rounds, "iters": iters, "batch": args.batch, "width": args.width,
-                   "threads": args.threads, "clock": args.clock, "torch": torch.__version__, "machine": platform.machine()})
+                   "threads": args.threads, "clock": clock_name, "device": str(device), "torch": torch.__version__,
+                   "machine": platform.machine()})
 
     print(f"fixed {result['fixed_ms']} ms, raw 1+K autograd.grad {result['raw_ms']} ms "
           f"(x{result['raw_vs_fixed']})")
@@ -302,8 +313,8 @@ def main() -> None:
         print(f"  {name:<14} exact x{res['exact']:<7} amortized10 x{res['amortized10']:<7} "
               f"exact/raw x{res['exact_vs_raw']}")
     if libmtl is not None:
-        for n, res in result["libmtl"].items():
-            print(f"  libmtl {n:<7} x{res['vs_fixed']} vs fixed")
+        for n in libmtl:
+            print(f"  libmtl {n:<14} x{result['libmtl'][n]['vs_fixed']} vs fixed")
     print(json.dumps(result))
 
 

@@ -141,6 +141,8 @@ ROWS = {
            r"Did you mean 'small_cnn'"),
     "C10": (lambda e: cli(e, GOOD + "    weighting: {type: dwaa}\n"), r"unknown weighting type 'dwaa'",
             r"Did you mean 'dwa'"),
+    "C11": (lambda e: _binary_config(e), r"c\.yaml: not a text file \(byte 0 is not UTF-8\)",
+            r"give a YAML config file, saved as UTF-8"),
     # model
     "M1": (lambda e: api(lambda: tiny_model(a=al.Tap("blok1", al.LinearHead(3)))),
            r"no layer named 'blok1'.*Closest names: \['block1'", r"list_layers"),
@@ -247,6 +249,11 @@ def _other_models_checkpoint(tmp):
     fit(model, al.Objective(), x, y, checkpoint_dir=tmp / "ckpt")
     other = al.attach(nn.Sequential(nn.Flatten(), nn.Linear(768, 3)), {})
     fit(other, al.Objective(), x, y, checkpoint_dir=tmp / "ckpt")
+
+
+def _binary_config(e):
+    (e["tmp"] / "c.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    return cli(e, None, "run", str(e["tmp"] / "c.yaml"))
 
 
 def _another_experiment(e):

@@ -18,7 +18,7 @@ import warnings
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -379,6 +379,7 @@ def test_gradient_weightings_write_finite_gradients_whatever_the_magnitudes(kind
         try:
             report = _report(objective, losses)
         except AuxLossError:
+            event("the objective refused a non-finite total")
             return
         plain = torch.autograd.grad(sum(report.weights[n] * losses[n] for n in losses), [W, *heads],
                                     allow_unused=True, retain_graph=True)
@@ -387,14 +388,17 @@ def test_gradient_weightings_write_finite_gradients_whatever_the_magnitudes(kind
                 warnings.simplefilter("ignore")
                 objective.backward(report)
         except AuxLossError:
+            event("the strategy raised AuxLossError")
             return
         if not all(g is None or bool(torch.isfinite(g).all()) for g in plain):
-            return  # the plain sum overflows too: nothing finite to write
+            event("the plain weighted sum overflows too")
+            return  # nothing finite to write
         for p in [W, *heads]:
             assert p.grad is None or bool(torch.isfinite(p.grad).all()), (kind, s, u, p.grad)
         for name, value in weighting.telemetry().items():
             assert math.isfinite(value) or name.startswith("normratio/"), (kind, name, value)
         objective.advance()
+    event("every step checked finite")
 
 
 def _report(objective, losses):

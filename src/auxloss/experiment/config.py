@@ -264,17 +264,25 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     if not path.is_file():
         raise AuxLossError(f"config file {str(path)!r} does not exist; give the path of a YAML file "
                            "(see examples/ for ready-made ones).")
-    loader = _LineLoader(path.read_text())
-    loader.lines = {}  # type: ignore[attr-defined]
     try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise AuxLossError(f"{path}: not a text file (byte {exc.start} is not UTF-8); give a YAML config file, "
+                           "saved as UTF-8.") from None
+    loader = None
+    try:
+        loader = _LineLoader(text)  # the reader rejects control characters here already
+        loader.lines = {}  # type: ignore[attr-defined]
         data = loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise AuxLossError(f"{where}: YAML syntax error: {getattr(exc, 'problem', exc)}. Fix the file's syntax "
-                           "(indentation, a missing ':' or an unclosed bracket).") from None
+        raise AuxLossError(f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or exc}. Fix the file's "
+                           "syntax (indentation, a missing ':' or an unclosed bracket, a stray control character)."
+                           ) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if data is None:  # an empty file: every default
         data = {}
     for key, value in (overrides or {}).items():

@@ -222,7 +222,10 @@ def run_experiment(
         store = Store(out / STORE_FILE)
         return _finish(cfg, out, store, command, started)
     store = _prepare_store(cfg, out, force)
-    todo = store.status().get("pending", 0)
+    status = store.status()
+    todo = status.get("pending", 0)
+    if os.environ.get("AUXLOSS_SHARED_STORE") == "1":
+        todo += status.get("running", 0)  # other workers' runs: wait, to take over any whose worker dies
     workers = max(1, min(workers, todo)) if todo else 1
     cfg_json = cfg.model_dump(mode="json")
     if todo and workers == 1:
