@@ -11,15 +11,16 @@ and optimizer step. Reported, each as the median of per-round ratios:
   gradients into ``.grad``, with no statistics. That ratio is the engine's own overhead (target ≤ 1.05); the raw
   step against the fixed one (``raw_vs_fixed``) is the price of the extra backward passes themselves.
 - LibMTL's PCGrad and GradNorm on the same model, against the fixed step, when LibMTL is installed.
+- ``control_fixed_vs_fixed``: the fixed step timed as if it were a strategy; its distance from 1 is the noise.
 
-Each comparison is timed in adjacent blocks of ``--iters`` steps (the fixed and raw steps are re-timed next to
-every strategy, in an order that rotates round after round), so drift in the machine's speed cancels out of the
-ratios. All variants train one shared model (see :class:`Setup`). ``--iters`` is rounded up to a multiple of 10, so
-that every amortized block holds the same number of refreshes. On the CPU the clock is the process's CPU time by
-default (``--clock wall`` for elapsed time): on a machine shared with other jobs it is far steadier. With
-``--device cuda`` it is elapsed time, with the device synchronised around each block. Even so, on a busy
-2-core machine two identical steps can differ by 2-3%, so read a ratio to about ±0.03. The last line printed is
-one JSON object.
+Each comparison is timed in a group: the strategy's variants with the fixed step (and the raw one), in adjacent
+blocks of ``--iters`` steps (each after one untimed step), in an order that rotates round after round, so drift in
+the machine's speed cancels out of the ratios; the fixed and raw steps are re-timed in every group. All variants
+train one shared model (see :class:`Setup`). ``--iters`` is rounded up to a multiple of 10, so that every amortized
+block holds the same number of refreshes. On the CPU the clock is the process's CPU time by default (``--clock
+wall`` for elapsed time): on a machine shared with other jobs it is far steadier. With ``--device cuda`` it is
+elapsed time, with the device synchronised around each block. Two runs of the same code on a busy 2-core machine
+still differ by a few hundredths in a ratio. The last line printed is one JSON object.
 
     python benchmarks/weighting_cost.py [--rounds 10] [--iters 10] [--threads 1]
 """
@@ -191,13 +192,20 @@ def libmtl_step(cls: type, model: al.AuxModel, x: torch.Tensor, batch: dict) -> 
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
-def timed(fn: Callable[[], None], iters: int, clock: Callable[[], float] = time.perf_counter,
-          sync: Callable[[], None] = lambda: None) -> float:
-    sync()
+def timed(fn: Callable[[], None], iters: int, clock: Callable[[], float], sync: Callable[[], None]) -> float:
+    """Mean time per step over ``iters`` consecutive steps, after one untimed step.
+
+    The untimed step lets the variant settle: right after another variant (say an exact step, which holds more
+    gradients at its peak) the allocator's state makes the first step pay for page faults that belong to the switch,
+    not to the step. Any ``iters`` consecutive amortized steps, iters a multiple of 10, hold the same number of
+    refreshes, wherever the block starts.
+    """
+    fn()
+    sync()  # CUDA runs asynchronously: time the queued work, not the launches
     start = clock()
     for _ in range(iters):
         fn()
-    sync()  # CUDA runs asynchronously: wait for the queued work before reading the clock
+    sync()
     return (clock() - start) / iters
 
 
@@ -235,6 +243,7 @@ def main() -> None:
 
     steps: dict[str, Callable[[], None]] = {
         "fixed": auxloss_step(Setup(model), x, batch),
+        "fixed_again": auxloss_step(Setup(model), x, batch),  # a control: the same step timed as a variant
         "raw": raw_step(Setup(model), x, batch),
     }
     loss_specs: dict[str, Any] = {"main_progress": {"type": "main_progress"}, "uncertainty": {"type": "uncertainty"},
@@ -253,13 +262,14 @@ def main() -> None:
     print(f"libmtl: {libmtl_note}")
 
     # Adjacent groups: each compared variant is timed next to the step(s) it is compared with.
-    groups = [["fixed", name] for name in LOSS_BASED]
+    groups = [["fixed", name] for name in ("fixed_again", *LOSS_BASED)]
     groups += [["fixed", "raw", f"{name}/exact", f"{name}/amortized10"] for name in GRADIENT]
     if libmtl is not None:
         groups.append(["fixed", *(f"libmtl/{n}" for n in libmtl)])
 
     for fn in steps.values():  # warm-up: one full amortized cycle, first refresh included
-        timed(fn, EVERY)
+        for _ in range(EVERY):
+            fn()
     times: dict[str, list[float]] = {name: [] for name in steps}
     ratios: dict[tuple[str, str], list[float]] = {}
     start = time.perf_counter()
@@ -284,7 +294,8 @@ def main() -> None:
     def ms(name: str) -> float:
         return round(1e3 * statistics.median(times[name]), 3)
 
-    result: dict[str, Any] = {"fixed_ms": ms("fixed"), "raw_ms": ms("raw"), "raw_vs_fixed": med("raw", "fixed")}
+    result: dict[str, Any] = {"fixed_ms": ms("fixed"), "raw_ms": ms("raw"), "raw_vs_fixed": med("raw", "fixed"),
+                              "control_fixed_vs_fixed": med("fixed_again", "fixed")}
     for name in LOSS_BASED:
         result[name] = {"vs_fixed": med(name, "fixed"), "ms": ms(name)}
     for name in GRADIENT:
@@ -305,7 +316,7 @@ def main() -> None:
                    "machine": platform.machine()})
 
     print(f"fixed {result['fixed_ms']} ms, raw 1+K autograd.grad {result['raw_ms']} ms "
-          f"(x{result['raw_vs_fixed']})")
+          f"(x{result['raw_vs_fixed']}); control fixed/fixed x{result['control_fixed_vs_fixed']}")
     for name in LOSS_BASED:
         print(f"  {name:<14} x{result[name]['vs_fixed']:<7} vs fixed")
     for name in GRADIENT:

@@ -410,3 +410,21 @@ def _report(objective, losses):
                         step=objective.step, batch_size=1)
     objective._check_finite(report)
     return report
+
+
+def test_metabalance_after_its_moving_average_decayed_to_almost_zero_writes_no_nan():
+    """Found by the fuzzer: m_k ~ 1e-166 and g_k = 0 gave f ~ 1e166, inf in float32, and inf·0 = NaN in .grad."""
+    from auxloss.weighting.metabalance import MetaBalance
+
+    W = nn.Parameter(torch.ones(4))
+    head = nn.Parameter(torch.ones(()))
+    weighting = MetaBalance(relax=1.0, beta=3.4e-166)
+    objective = al.Objective(al.Task("main", loss=lambda p, t: p, metric=None),
+                             [al.Task("aux0", loss=lambda p, t: p, metric=None)], weighting=weighting)
+    e = torch.eye(4)
+    for u0, uk in ((torch.zeros(4), e[2]), (e[0], torch.zeros(4))):  # g_k: a step with a gradient, then 0
+        losses = {"main": (W * u0).sum(), "aux0": (W * uk).sum() * head}
+        W.grad = head.grad = None
+        objective.backward(_report(objective, losses))
+        assert bool(torch.isfinite(W.grad).all()), W.grad
+        objective.advance()

@@ -44,6 +44,7 @@ __all__ = [
     "Linear",
     "Piecewise",
     "Product",
+    "ProgressiveDrop",
     "Schedule",
     "Step",
     "Unit",
@@ -739,6 +740,75 @@ class Product(Schedule):
         return self._bound
 
 
+class ProgressiveDrop(Schedule):
+    """Al-Rfou et al. 2018's intermediate-layer losses: layer ``l`` of ``n_layers`` stops at ``fraction·l/n`` of training::
+
+        λ(t) = value    t < fraction · total · layer / n_layers
+               0        otherwise
+
+    From "Character-Level Language Modeling with Deeper Self-Attention" (Al-Rfou, Choe, Constant, Guo and Jones,
+    AAAI 2019, §"Multiple Intermediate Layer Losses"): with ``n`` layers, the loss of the ``l``-th intermediate
+    layer (``l`` counted from 1 at the bottom) ceases to contribute after ``l/2n`` of training, so the lowest layers'
+    losses go first and every intermediate loss is gone by half-way. That is ``fraction=0.5``, the default.
+    ``fraction=1`` spreads the drops over all of training instead (layer ``l`` stops at ``l/n``). ``total`` is the
+    length of training in this schedule's unit (steps, or epochs with ``unit="epoch"``). Give each layer's task its
+    own schedule::
+
+        weights = [ProgressiveDrop(1.0, layer=l, n_layers=4, total=10_000) for l in (1, 2, 3)]
+    """
+
+    def __init__(
+        self, value: float, layer: int, n_layers: int, total: Time, fraction: float = 0.5, unit: Unit = "step"
+    ) -> None:
+        self._weight = _weight("ProgressiveDrop", "value", value)
+        for name, v in (("layer", layer), ("n_layers", n_layers)):
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+                raise AuxLossError(
+                    f"ProgressiveDrop: {name} must be an integer >= 1 (layers count from 1 at the bottom), got "
+                    f"{v!r}; pass e.g. layer=1, n_layers=4."
+                )
+        if layer > n_layers:
+            raise AuxLossError(
+                f"ProgressiveDrop: layer ({layer}) is above n_layers ({n_layers}); number the layers 1..n_layers, "
+                f"the lowest first."
+            )
+        self._layer, self._n_layers = int(layer), int(n_layers)
+        self._total = _time("ProgressiveDrop", "total", total)
+        if self._total <= 0:
+            raise AuxLossError(
+                f"ProgressiveDrop: total must be > 0 (the length of training in {unit}s), got {self._total!r}."
+            )
+        if not _is_number(fraction) or not 0.0 < float(fraction) <= 1.0:  # type: ignore[arg-type]
+            raise AuxLossError(
+                f"ProgressiveDrop: fraction must be in (0, 1] (the share of training after which the top "
+                f"intermediate layer stops), got {fraction!r}; the paper's is 0.5."
+            )
+        self._fraction = float(fraction)  # type: ignore[arg-type]
+        self._unit = _unit("ProgressiveDrop", unit)
+
+    @property
+    def stop(self) -> float:
+        """The time from which λ is 0: ``fraction · total · layer / n_layers``."""
+        return self._fraction * self._total * self._layer / self._n_layers
+
+    def _value(self, t: float) -> float:
+        return self._weight if t < self.stop else 0.0
+
+    def _params(self) -> dict[str, Any]:
+        return {
+            "value": self._weight,
+            "layer": self._layer,
+            "n_layers": self._n_layers,
+            "total": self._total,
+            "fraction": self._fraction,
+            "unit": self._unit,
+        }
+
+    @property
+    def bound(self) -> float:
+        return self._weight
+
+
 def _one_unit(s: Schedule) -> None:
     """A composite evaluated at a raw t needs all its parts to agree on what t counts."""
     units = s.units
@@ -786,6 +856,7 @@ _CLASSES: tuple[type[Schedule], ...] = (
     Piecewise,
     DecayToThreshold,
     Product,
+    ProgressiveDrop,
 )
 _TYPES: dict[str, type[Schedule]] = {_snake(c.__name__): c for c in _CLASSES}
 _BY_NORM: dict[str, type[Schedule]] = {_norm(c.__name__): c for c in _CLASSES}

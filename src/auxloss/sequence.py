@@ -138,6 +138,7 @@ class TrinhDecoderHead(nn.Module):
         rnn: nn.Module | None = None,
         anchors: int = 1,
         loss: Literal["mse", "bce", "cross_entropy"] = "mse",
+        teacher_forcing: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -166,6 +167,7 @@ class TrinhDecoderHead(nn.Module):
         if loss not in _LOSSES:
             raise AuxLossError(f"loss must be one of {_LOSSES}, got {loss!r}.")
         self.loss_name = loss
+        self.teacher_forcing = bool(teacher_forcing)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise AuxLossError(f"seed must be an integer, got {seed!r}.")
         self.seed = seed
@@ -230,8 +232,10 @@ class TrinhDecoderHead(nn.Module):
         flat = anchors.reshape(-1)
         h = self._anchor_state(states, x, rows, flat)
         target = x.detach()[rows.unsqueeze(1), self.segment_positions(flat)]  # (B, L, D): data, never a path
-        start = torch.zeros_like(target[:, :1])
-        teacher = torch.cat([start, target[:, :-1]], dim=1)
+        if self.teacher_forcing:
+            teacher = torch.cat([torch.zeros_like(target[:, :1]), target[:, :-1]], dim=1)
+        else:  # the segment must come from the anchor state alone
+            teacher = torch.zeros_like(target)
         out, _ = self.decoder(teacher, self._initial_state(h))
         return self.out(out), target
 
@@ -356,6 +360,7 @@ def trinh_auxiliary(
     cell: Literal["lstm", "gru"] = "lstm",
     anchors: int = 1,
     loss: Literal["mse", "bce", "cross_entropy"] = "mse",
+    teacher_forcing: bool = True,
     seed: int = 0,
     input_key: str = "input",
 ) -> tuple[dict[str, Tap], list[Task]]:
@@ -383,7 +388,7 @@ def trinh_auxiliary(
     state_size = rnn.proj_size if getattr(rnn, "proj_size", 0) else rnn.hidden_size
     head = TrinhDecoderHead(
         rnn.input_size, state_size, segment, mode=mode, hidden=hidden or rnn.hidden_size, layers=layers, cell=cell,
-        truncate=truncate, rnn=rnn, anchors=anchors, loss=loss, seed=seed,
+        truncate=truncate, rnn=rnn, anchors=anchors, loss=loss, teacher_forcing=teacher_forcing, seed=seed,
     )
     taps = {name: Tap(layer, head, select=0)}
     tasks = [Task(name, source=name, target=input_key, loss=head.loss, metric=None, weight=weight)]

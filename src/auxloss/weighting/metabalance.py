@@ -142,6 +142,9 @@ class MetaBalance(PerTaskGradientWeighting):
             self.m_aux[s.index, idx] = moving_average(self.m_aux[s.index, idx], s.sqk.to(torch.float64).sqrt(),
                                                       self.beta)
             f = metabalance_factor(self.m_main[idx], self.m_aux[s.index, idx], self.relax, self.adapt)
+            # A tensor where g_k is 0 now contributes nothing whatever f is; but m_k may have decayed to almost 0
+            # there, and a huge f times a zero gradient is NaN once cast to the gradient's dtype: use 1.
+            f = torch.where(s.sqk > 0, f, torch.ones_like(f))
             sqk = torch.where(s.in_stats, s.sqk.to(torch.float64), torch.zeros_like(f))
             total = sqk.sum()
             fbar = torch.where(total > 0, (f * sqk).sum() / torch.where(total > 0, total, one), f.mean())
