@@ -192,3 +192,18 @@ def test_torchvision_resnet18_if_installed():
     m = al.attach(net, {"l3": al.Tap("layer3", al.LinearHead(10))}, example_input=x[:1])
     assert m.heads["l3"].fc.weight.shape == (10, 256)
     assert m(x).aux["l3"].shape == (2, 10)
+
+
+def test_deepcopy_gives_an_independent_working_model(x):
+    import copy
+
+    m = al.attach(Net(), {"a": al.Tap("layer1", al.LinearHead(7))}, example_input=x[:1])
+    twin = copy.deepcopy(m)
+    out, out_twin = m(x), twin(x)  # the copy's hooks feed the copy's heads
+    assert torch.equal(out.aux["a"], out_twin.aux["a"])
+    with torch.no_grad():
+        twin.model.layer1[0].weight.add_(1.0)
+    assert not torch.equal(m(x).aux["a"], twin(x).aux["a"])
+    twin.strip()
+    assert len(twin.model.layer1._forward_hooks) == 0 and len(m.model.layer1._forward_hooks) == 1
+    assert m(x).aux["a"].shape == (4, 7)

@@ -135,6 +135,24 @@ def _as_tap(name: str, spec: Tap | tuple | Mapping) -> Tap:
     )
 
 
+class _TapHook:
+    """The forward hook of one tapped layer: stores the selected output(s) for the heads.
+
+    A callable object rather than a closure, so that ``copy.deepcopy`` of an :class:`AuxModel` (EMA/SWA copies)
+    gives hooks that write into the *copy's* capture dict: deepcopy copies this object along with the model,
+    whereas it would share a closure with the original.
+    """
+
+    def __init__(self, taps: list[tuple[str, Selector, bool]], captured: dict[str, Any]) -> None:
+        self.taps = taps
+        self.captured = captured
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        for name, selector, detach in self.taps:
+            feature = select(output, selector)
+            self.captured[name] = feature.detach() if detach else feature
+
+
 class AuxModel(nn.Module):
     """A model with auxiliary heads on named layers. Build it with :func:`attach`.
 
@@ -184,16 +202,8 @@ class AuxModel(nn.Module):
         for layer, names in by_layer.items():
             self._handles.append(modules[layer].register_forward_hook(self._make_hook(names)))
 
-    def _make_hook(self, names: list[str]) -> Callable[[nn.Module, Any, Any], None]:
-        taps = [(n, self._taps[n].select, self._taps[n].detach) for n in names]
-        captured = self._captured
-
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            for name, selector, detach in taps:
-                feature = select(output, selector)
-                captured[name] = feature.detach() if detach else feature
-
-        return hook
+    def _make_hook(self, names: list[str]) -> _TapHook:
+        return _TapHook([(n, self._taps[n].select, self._taps[n].detach) for n in names], self._captured)
 
     @property
     def taps(self) -> dict[str, Tap]:
