@@ -60,6 +60,11 @@ def build_data(cfg: ExperimentConfig, seed: int) -> dict[str, DictDataset]:
 
         full = load_digits_dataset(**d.params)
         return _split(full, None, d.n_train, d.n_val, d.n_test, s, "digits")
+    if d.name == "digits-sequence":
+        from auxloss.zoo.data import load_digits_dataset
+
+        return _split(_pixel_sequences(load_digits_dataset(), **d.params), None, d.n_train, d.n_val, d.n_test, s,
+                      "digits-sequence")
     if d.name == "fashion-mnist":
         from auxloss.zoo.data import FASHION_MNIST_DEFAULT_ROOT, load_fashion_mnist
 
@@ -74,7 +79,19 @@ def build_data(cfg: ExperimentConfig, seed: int) -> dict[str, DictDataset]:
             raise AuxLossError("data.name 'folder' needs data.root: the folder holding one subfolder per class.")
         full = load_image_folder(d.root, **d.params)
         return _split(full, None, d.n_train, d.n_val, d.n_test, s, "folder")
-    raise AuxLossError(f"unknown data.name {d.name!r}; use 'shapes', 'digits', 'fashion-mnist' or 'folder'.")
+    raise AuxLossError(f"unknown data.name {d.name!r}; use 'shapes', 'digits', 'digits-sequence', 'fashion-mnist' "
+                       "or 'folder'.")
+
+
+def _pixel_sequences(images: DictDataset, step: int = 1) -> DictDataset:
+    """Images ``(N, 1, H, W)`` read in raster order, ``step`` pixels per time step: ``(N, H·W/step, step)``."""
+    x = images.tensors["input"]
+    pixels = int(math.prod(x.shape[1:]))
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1 or pixels % step:
+        raise AuxLossError(f"data.params.step must be a positive divisor of the {pixels} pixels, got {step!r}.")
+    tensors = dict(images.tensors, input=x.reshape(len(x), pixels // step, step))
+    return DictDataset(tensors, num_classes=images.num_classes, class_names=images.class_names,
+                       info={**images.info, "sequence_step": step})
 
 
 def _split(full: DictDataset, test: DictDataset | None, n_train: int, n_val: int, n_test: int, seed: int,
@@ -120,6 +137,11 @@ def build_model(cfg: ExperimentConfig, train: DictDataset) -> nn.Module:
         params["in_channels"] = int(x.shape[1])
     if name == "deep_mlp" and "in_features" not in params:
         params["in_features"] = int(math.prod(x.shape[1:]))
+    if name == "lstm_classifier" and "input_size" not in params:
+        params["input_size"] = int(x.shape[-1])
+    if name == "tiny_transformer" and params.get("vocab_size") is None:
+        params.setdefault("in_channels", int(x.shape[1]))
+        params.setdefault("image_size", int(x.shape[-1]))
     if n_classes is not None and "num_classes" not in params:
         params["num_classes"] = n_classes
     return models.build_model(name, **params)
@@ -186,7 +208,16 @@ def build_run(cfg: ExperimentConfig, variant_name: str, seed: int, *, device: st
     taps: dict[str, Tap] = {}
     tasks: list[Task] = []
     by_source = {t.source: t for t in variant.tasks}
+    trinh_losses: dict[str, Any] = {}  # tap name -> its decoder's loss (auxloss.sequence)
     for name, tap_cfg in variant.taps.items():
+        if tap_cfg.head.type == "trinh":
+            from auxloss.sequence import trinh_auxiliary
+
+            trinh_taps, trinh_tasks = trinh_auxiliary(trunk, tap_cfg.layer, name=name,
+                                                      **{"seed": seed, **tap_cfg.head.params})
+            taps[name] = trinh_taps[name]
+            trinh_losses[name] = trinh_tasks[0].loss
+            continue
         task = by_source.get(name)
         key = _target_key(task, main_key) if task is not None else main_key
         out = tap_cfg.head.out
@@ -207,7 +238,12 @@ def build_run(cfg: ExperimentConfig, variant_name: str, seed: int, *, device: st
         elif t.target is not None and ":" in t.target:
             target = _target_fn(t.target)
         weight = schedule_from_config(t.weight) if isinstance(t.weight, dict) else t.weight
-        tasks.append(Task(t.name, source=t.source, target=target, loss=t.loss, metric=t.metric, weight=weight))
+        if t.source in trinh_losses:  # the decoder scores itself against the input sequence
+            tasks.append(Task(t.name, source=t.source, target=target or "input", loss=trinh_losses[t.source],
+                              metric=None, weight=weight))
+            continue
+        loss: Any = _target_fn(t.loss) if ":" in t.loss else t.loss  # a 'module:function' loss
+        tasks.append(Task(t.name, source=t.source, target=target, loss=loss, metric=t.metric, weight=weight))
 
     example = train.tensors["input"][:1]
     model: nn.Module = attach(trunk, taps, example_input=example) if taps else trunk

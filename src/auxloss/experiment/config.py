@@ -52,10 +52,12 @@ class ModelConfig(_Strict):
 
 
 class HeadConfig(_Strict):
-    """A head: ``type`` is ``linear``, ``mlp``, ``inception_aux``, ``dense`` or ``sequence``. ``out`` is its output
-    size; when omitted it is the number of classes of the task's target."""
+    """A head: ``type`` is ``linear``, ``mlp``, ``inception_aux``, ``dense``, ``sequence`` or ``trinh``. ``out`` is its
+    output size; when omitted it is the number of classes of the task's target. A ``trinh`` head (Trinh et al.
+    2018, :func:`auxloss.sequence.trinh_auxiliary`) takes ``segment``, ``mode``, ``truncate``, ... as ``params``; its
+    task needs no ``loss`` and reads the input sequence."""
 
-    type: Literal["linear", "mlp", "inception_aux", "dense", "sequence"] = "linear"
+    type: Literal["linear", "mlp", "inception_aux", "dense", "sequence", "trinh"] = "linear"
     out: int | None = Field(None, ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -69,7 +71,8 @@ class TapConfig(_Strict):
 
 class TaskConfig(_Strict):
     """An auxiliary task. ``target``: a batch key, ``null`` for the main label, or ``module:function`` computing
-    it from the batch. ``weight``: a number or a schedule such as ``{type: curriculum, value: 0.3, start: 100}``."""
+    it from the batch. ``loss``: a built-in name or ``module:function``. ``weight``: a number or a schedule such as
+    ``{type: curriculum, value: 0.3, start: 100}``."""
 
     name: str
     source: str
