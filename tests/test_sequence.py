@@ -45,7 +45,7 @@ def test_tapping_per_step_and_last_step_of_gru_and_two_layer_lstm(cell):
         "h_layer0": al.Tap("rnn", nn.Identity(), select=(1, 0, 0) if cell is nn.LSTM else (1, 0)),
     }, example_input=x[:1])
     out = model(x)
-    seq, state = net.rnn(x)
+    seq, _ = net.rnn(x)
     assert out.aux["per_step"].shape == (5, 7, 2) and out.aux["last"].shape == (5, 4)
     head = model.heads["per_step"].net
     assert torch.allclose(out.aux["per_step"], head(seq))           # the head at every step of the top layer
@@ -83,7 +83,7 @@ def test_segment_positions_and_anchor_ranges_by_hand():
 @pytest.mark.parametrize("mode", ["reconstruct", "predict"])
 def test_decoder_targets_and_teacher_forcing_inputs(mode):
     net = Tagger()
-    taps, tasks = trinh_auxiliary(net, "rnn", segment=4, mode=mode, anchors=2)
+    taps, _ = trinh_auxiliary(net, "rnn", segment=4, mode=mode, anchors=2)
     model = al.attach(net, taps, example_input=torch.zeros(1, 9, 3))
     head = model.heads["trinh"]
     x = torch.randn(3, 9, 3)
@@ -201,7 +201,7 @@ def test_eval_anchors_repeat_and_leave_the_training_generator_alone():
 @pytest.mark.parametrize("loss", ["bce", "cross_entropy"])
 def test_other_losses_by_hand(loss):
     net = Tagger(d=4)
-    taps, tasks = trinh_auxiliary(net, "rnn", segment=3, loss=loss, cell="gru", layers=2, hidden=5)
+    taps, _ = trinh_auxiliary(net, "rnn", segment=3, loss=loss, cell="gru", layers=2, hidden=5)
     model = al.attach(net, taps, example_input=torch.zeros(1, 8, 4))
     x = F.one_hot(torch.randint(0, 4, (3, 8)), 4).float()
     sample = model(x).aux["trinh"]

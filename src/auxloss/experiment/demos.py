@@ -100,7 +100,8 @@ _SEQUENCES: dict[str, Any] = {
          "tasks": [{"name": "trinh", "source": "trinh",
                     "weight": {"type": "curriculum", "value": 10.0, "stop": 16, "ramp_out": 8, "unit": "epoch"}}]},
         {"name": "deep-supervision",  # target replication: the label at every step (Lipton et al. 2016)
-         "taps": {"replicated": {"layer": "rnn", "select": 0, "head": {"type": "sequence", "out": 10, "params": {"mode": "all"}}}},
+         "taps": {"replicated": {"layer": "rnn", "select": 0,
+                                 "head": {"type": "sequence", "out": 10, "params": {"mode": "all"}}}},
          "tasks": [{"name": "replicated", "source": "replicated", "loss": "auxloss.sequence:target_replication_loss",
                     "metric": None, "weight": 0.3}]},
     ],
@@ -112,7 +113,7 @@ DEMOS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         "generated shapes, 500 training images with 30% noisy labels: deep supervision, an object-mask "
         "auxiliary task, the same task on a curriculum",
         _SHAPES,
-        {"seeds": 3, "data.n_val": 300, "data.n_test": 500, "train.epochs": 6},
+        {"seeds": 3, "data.n_val": 300, "data.n_test": 500, "train.epochs": 8},
     ),
     "fashion-mnist": (
         "real Fashion-MNIST from local IDX files, 500 training images: deep supervision, garment-group aux task",
@@ -120,8 +121,8 @@ DEMOS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         {"seeds": 3, "data.n_val": 300, "data.n_test": 1000, "train.epochs": 5},
     ),
     "sequences": (
-        "digits read pixel by pixel by an LSTM (64 steps): Trinh et al. 2018's reconstruction loss, constant and "
-        "front-loaded, and target replication",
+        ("digits read pixel by pixel by an LSTM (64 steps): Trinh et al. 2018's reconstruction loss, constant "
+         "and front-loaded, and target replication"),
         _SEQUENCES,
         {"seeds": 3},
     ),
