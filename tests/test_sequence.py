@@ -189,6 +189,34 @@ def test_anchors_are_reproducible_and_resume_exactly_from_the_state_dict():
     assert all(torch.equal(u, v) for u, v in zip(after, again))
 
 
+def test_trainer_resume_is_bit_identical_with_the_trinh_head(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from auxloss.train import Trainer
+    from auxloss.zoo.data import DictDataset
+
+    data = DictDataset({"input": torch.randn(48, 10, 3), "target": torch.randint(0, 4, (48,))})
+
+    def fit(epochs, folder):
+        torch.manual_seed(0)
+        net = LSTMClassifier(3, 4, hidden=8)
+        taps, tasks = trinh_auxiliary(net, "rnn", segment=3, truncate=3, seed=7)
+        model = al.attach(net, taps, example_input=data.tensors["input"][:1])
+        loader = DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+        Trainer(epochs=epochs, lr=1e-2, eval_train=False, checkpoint_dir=folder).fit(
+            model, al.Objective(aux=tasks), loader, DataLoader(data, batch_size=48))
+        return model
+
+    straight = fit(3, tmp_path / "a")
+    fit(1, tmp_path / "b")                 # interrupted after one epoch ...
+    resumed = fit(3, tmp_path / "b")       # ... and resumed: the head's generator state comes back with it
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        if name.endswith("_extra_state"):
+            assert torch.equal(a["generator"], b["generator"])
+        else:
+            assert torch.equal(a, b), name
+
+
 def test_eval_anchors_repeat_and_leave_the_training_generator_alone():
     head = TrinhDecoderHead(2, 8, 4, seed=0)
     before = head.generator.get_state()
@@ -389,3 +417,27 @@ def test_transformer_deep_supervision_cls_heads_and_errors():
     with pytest.raises(al.AuxLossError, match="one weight per block"):
         recipes.transformer_deep_supervision(TinyTransformer(4, image_size=8, patch_size=4, dim=8, depth=2, heads=2),
                                              ["blocks.0", "blocks.1"], 4, weight=[0.1])
+
+
+# -- 4. The sequences demo and its config -------------------------------------------------------------------------
+def test_sequences_demo_builds_every_variant_from_its_config():
+    pytest.importorskip("sklearn")
+    from auxloss.experiment.build import build_run
+    from auxloss.experiment.demos import demo_config
+    from auxloss.sequence import TrinhDecoderHead
+
+    cfg = demo_config("sequences", quick=True)
+    assert cfg.seeds >= 3 and demo_config("sequences").seeds >= 5
+    for variant in cfg.variant_names:
+        built = build_run(cfg, variant, seed=1)
+        assert built.data["train"].tensors["input"].shape == (cfg.data.n_train, 64, 1)  # 8x8 pixels, one per step
+        batch = next(iter(built.loaders["train"]))
+        report = built.objective(built.model(batch["input"]), batch)
+        report.total.backward()
+        if variant in ("aux-task", "curriculum"):
+            head = built.model.heads["trinh"]
+            assert isinstance(head, TrinhDecoderHead) and head.truncate == 16 and head.seed == 1
+            assert set(report.losses) == {"main", "trinh"} and "trinh" not in report.metrics
+        if variant == "deep-supervision":
+            assert report.losses["replicated"].item() > 0  # target replication, a 'module:function' loss
+    assert built.model.heads["replicated"].mode == "all"

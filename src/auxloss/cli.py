@@ -57,7 +57,8 @@ def _run_config(cfg: Any, args: argparse.Namespace, command: str) -> int:
         print(f"{cfg.name}: baseline + {len(cfg.variants)} variants x {cfg.seeds} seeds -> {out} "
               f"({args.workers} worker{'s' if args.workers > 1 else ''})", flush=True)
     results = run_experiment(cfg, out, workers=args.workers, device=args.device, force=args.force,
-                             command=command, progress=args.workers == 1 and sys.stderr.isatty())
+                             command=command, progress=args.workers == 1 and sys.stderr.isatty(),
+                             store=getattr(args, "store", None))
     if not results:  # a torchrun rank other than 0: rank 0 prints
         return 0
     _print_results(results, out, time.perf_counter() - started)
@@ -104,18 +105,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from auxloss.experiment.config import parse_config
     from auxloss.experiment.report import build_report
-    from auxloss.experiment.runner import RESULTS_FILE, STORE_FILE, aggregate, load_histories
-    from auxloss.experiment.store import Store
+    from auxloss.experiment.runner import (RESULTS_FILE, STORE_FILE, STORE_URL_FILE, aggregate, load_histories,
+                                           open_experiment_store)
 
     out = Path(args.dir)
-    if not (out / STORE_FILE).exists():
+    if not (out / STORE_FILE).exists() and not (out / STORE_URL_FILE).exists():
         raise AuxLossError(f"{str(out)!r} holds no auxloss results ({STORE_FILE} is missing); give the --out folder "
                            "of an `auxloss run` or `auxloss demo`.")
-    store = Store(out / STORE_FILE)
     previous = json.loads((out / RESULTS_FILE).read_text()) if (out / RESULTS_FILE).exists() else {}
     import yaml
 
     cfg = parse_config(yaml.safe_load((out / "config.yaml").read_text()), source=str(out / "config.yaml"))
+    store = open_experiment_store(out, cfg.name)
     results = aggregate(cfg, store, command=previous.get("config", {}).get("command"),
                         seconds=previous.get("timing", {}).get("total_seconds"))
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
@@ -193,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="torch device (default: CUDA when available, else CPU)")
         p.add_argument("--force", action="store_true",
                        help="reuse an output folder that holds another experiment's results (discarding them)")
+        p.add_argument("--store", default=None, metavar="URL",
+                       help="keep the runs in a PostgreSQL database (postgresql://user@host/db) shared by workers "
+                            "on several machines (set AUXLOSS_SHARED_STORE=1 on each), instead of "
+                            "OUT/results.sqlite")
 
     p = sub.add_parser("demo", help="run a built-in demo: baseline vs auxiliary-loss variants",
                        description="Run a built-in demo on data that needs no download, print the verdict table, "

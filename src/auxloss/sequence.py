@@ -118,6 +118,8 @@ class TrinhDecoderHead(nn.Module):
         anchors: anchors drawn per sequence (each one decodes its own segment; the loss is their mean).
         loss: ``"mse"`` (real-valued inputs), ``"bce"`` (inputs in [0, 1], the decoder predicts logits) or
             ``"cross_entropy"`` (one-hot or probability inputs over the ``D`` values).
+        teacher_forcing: ``True`` (the paper's): the decoder reads the true segment shifted by one step.
+            ``False``: it reads zeros, so the whole segment must come from the anchor state.
         seed: seeds the head's own ``torch.Generator`` for the training anchors. Its state is saved in the
             head's ``state_dict`` (extra state), so a resumed run draws the very same anchors. In eval mode the
             anchors come from a fresh generator seeded from ``seed`` on every call, so evaluation is repeatable
@@ -283,8 +285,11 @@ class TrinhDecoderHead(nn.Module):
             h0 = _state_after(rnn, seqs, begin)
         idx = (begin.unsqueeze(1) + torch.arange(k, device=x.device)).clamp(max=x.shape[1] - 1)
         window = seqs.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        packed = pack_padded_sequence(window, (anchors - begin).cpu(), batch_first=True, enforce_sorted=False)
-        _, hn = rnn(packed, h0)
+        lengths = anchors - begin
+        if bool((lengths == k).all()):  # every window is full: no packing (2x faster on a CPU)
+            _, hn = rnn(window, h0)
+        else:
+            _, hn = rnn(pack_padded_sequence(window, lengths.cpu(), batch_first=True, enforce_sorted=False), h0)
         h = (hn[0] if isinstance(hn, tuple) else hn)[-1]
         if self._checks_left > 0 and not (rnn.training and rnn.dropout > 0 and rnn.num_layers > 1):
             self._checks_left -= 1

@@ -24,7 +24,7 @@ import torch
 from auxloss.errors import AuxLossError
 from auxloss.experiment import stats
 from auxloss.experiment.config import ExperimentConfig
-from auxloss.experiment.store import Store, worker_id
+from auxloss.experiment.store import Store, open_store, worker_id
 from auxloss.train.callbacks import Callback
 
 __all__ = ["aggregate", "run_experiment", "run_one"]
@@ -120,12 +120,26 @@ class _Heartbeat(Callback):
         self.beat(force=True)
 
 
+STORE_URL_FILE = "store_url.txt"
+
+
+def open_experiment_store(out: str | Path, name: str, url: str | None = None) -> Store:
+    """The store of the experiment under ``out``: SQLite in the folder, or the database whose URL was given to
+    ``run_experiment(store=...)`` (remembered in ``out/store_url.txt`` so that ``auxloss report`` finds it)."""
+    out = Path(out)
+    if url is None and (out / STORE_URL_FILE).exists():
+        url = (out / STORE_URL_FILE).read_text().strip()
+    if url:
+        return open_store(url, namespace=name, stale_after=stale_after())
+    return Store(out / STORE_FILE, stale_after=stale_after())
+
+
 def _worker_loop(cfg_json: dict[str, Any], out: str, device: str | None, threads: int | None,
                  progress: bool, parent: int | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     cfg = ExperimentConfig.model_validate(cfg_json)
-    store = Store(Path(out) / STORE_FILE, stale_after=stale_after())
+    store = open_experiment_store(out, cfg.name)
     shared = os.environ.get("AUXLOSS_SHARED_STORE") == "1"
     me = worker_id()
     done = 0
@@ -163,7 +177,7 @@ def _distributed_loop(cfg: ExperimentConfig, out: Path, device: str | None) -> N
     """Under torchrun: rank 0 claims each run and broadcasts it; every rank trains it together with DDP."""
     from auxloss.train import distributed as D
 
-    store = Store(out / STORE_FILE) if D.rank() == 0 else None
+    store = open_experiment_store(out, cfg.name) if D.rank() == 0 else None
     me = worker_id()
     while True:
         job = store.claim(me) if store is not None else None
@@ -196,6 +210,7 @@ def run_experiment(
     progress: bool = False,
     command: str | None = None,
     quiet: bool = False,
+    store: str | None = None,
 ) -> dict[str, Any]:
     """Train every (variant, seed) not yet finished under ``out``, then write ``results.json`` and the report.
 
@@ -205,11 +220,16 @@ def run_experiment(
             ``results.json`` and ``report.html``/``report.md``.
         workers: processes training runs in parallel (each with ``torch`` limited to share the cores).
         force: reuse a folder that holds another experiment's results (its runs are discarded).
+        store: a ``postgresql://`` URL to keep the runs in a shared database instead of ``out/results.sqlite``, so
+            that workers on several machines (each with ``AUXLOSS_SHARED_STORE=1``) split one experiment.
     """
     from auxloss.train import distributed as D
 
     out = Path(out)
     started = time.perf_counter()
+    if store:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / STORE_URL_FILE, store + "\n")
     if D.init_from_env():
         # Under torchrun: only rank 0 touches the store, the logs and the report.
         if D.rank() == 0:
@@ -219,10 +239,9 @@ def run_experiment(
         D.barrier()
         if D.rank() != 0:
             return {}
-        store = Store(out / STORE_FILE)
-        return _finish(cfg, out, store, command, started)
-    store = _prepare_store(cfg, out, force)
-    status = store.status()
+        return _finish(cfg, out, open_experiment_store(out, cfg.name), command, started)
+    db = _prepare_store(cfg, out, force)
+    status = db.status()
     todo = status.get("pending", 0)
     if os.environ.get("AUXLOSS_SHARED_STORE") == "1":
         todo += status.get("running", 0)  # other workers' runs: wait, to take over any whose worker dies
@@ -236,7 +255,7 @@ def run_experiment(
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers) as pool:
             pool.map(_pool_worker, [(cfg_json, str(out), device, threads, False, os.getpid())] * workers)
-    return _finish(cfg, out, store, command, started)
+    return _finish(cfg, out, db, command, started)
 
 
 def _finish(cfg: ExperimentConfig, out: Path, store: Store, command: str | None, started: float) -> dict[str, Any]:
@@ -286,8 +305,9 @@ def _prepare_store(cfg: ExperimentConfig, out: Path, force: bool) -> Store:
 
     store_path = out / STORE_FILE
     fingerprint = config_hash(cfg)
-    if store_path.exists():
-        store = Store(store_path)
+    shared_db = (out / STORE_URL_FILE).exists()
+    if store_path.exists() or shared_db:
+        store = open_experiment_store(out, cfg.name)
         previous = store.get_meta("config_hash")
         if previous is not None and previous != fingerprint:
             if not force:
@@ -295,12 +315,15 @@ def _prepare_store(cfg: ExperimentConfig, out: Path, force: bool) -> Store:
                     f"{str(out)!r} holds the results of another experiment ({store.get_meta('name')!r}, a different "
                     "config). Use another --out folder, or pass --force to discard them."
                 )
-            store_path.unlink()
-            for suffix in ("-wal", "-shm"):
-                Path(str(store_path) + suffix).unlink(missing_ok=True)
+            if shared_db:
+                store.clear()
+            else:
+                store_path.unlink()
+                for suffix in ("-wal", "-shm"):
+                    Path(str(store_path) + suffix).unlink(missing_ok=True)
             # Their logs and checkpoints too: a run of the new config must never resume an old run's checkpoint.
             shutil.rmtree(out / "runs", ignore_errors=True)
-    store = Store(store_path)
+    store = open_experiment_store(out, cfg.name)
     store.set_meta("config_hash", fingerprint)
     store.set_meta("name", cfg.name)
     write_atomic(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

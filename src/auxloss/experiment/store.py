@@ -1,4 +1,4 @@
-"""The results store: one SQLite file under the output folder, safe for several worker processes.
+"""The results store: one SQLite file under the output folder (or a PostgreSQL database), safe for many workers.
 
 A run (variant, seed) is *claimed* inside an immediate transaction, so two workers never train the same run, and
 its result is written in one transaction with its status, so the store never holds a half-written run. Running
@@ -21,7 +21,7 @@ from typing import Any
 from auxloss._faults import fault_point
 from auxloss.errors import AuxLossError
 
-__all__ = ["Store"]
+__all__ = ["PostgresStore", "Store", "open_store"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -180,6 +180,12 @@ class Store:
         with self._transaction() as con:
             con.execute("UPDATE runs SET status='failed', error=? WHERE variant=? AND seed=?", (error, variant, seed))
 
+    def clear(self) -> None:
+        """Forget every run and all metadata (``--force`` on a store that held another experiment)."""
+        with self._transaction() as con:
+            con.execute("DELETE FROM runs")
+            con.execute("DELETE FROM meta")
+
     def status(self) -> dict[str, int]:
         with self._connect() as con:
             rows = con.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
@@ -199,3 +205,147 @@ class Store:
              "history": json.loads(h) if h else [], "error": e, "attempts": a}
             for v, s, st, r, h, e, a in rows
         ]
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------------------
+_PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    ord SERIAL,
+    variant TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    worker TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    started DOUBLE PRECISION,
+    heartbeat DOUBLE PRECISION,
+    finished DOUBLE PRECISION,
+    result TEXT,
+    history TEXT,
+    error TEXT,
+    PRIMARY KEY (variant, seed)
+)
+"""
+
+
+def _pg_sql(query: str) -> str:
+    """The store's SQLite statements in PostgreSQL's dialect (the store uses only these few forms)."""
+    q = query.replace("?", "%s").replace("rowid", "ord")
+    if q.startswith("INSERT OR IGNORE INTO "):
+        q = "INSERT INTO " + q[len("INSERT OR IGNORE INTO "):] + " ON CONFLICT DO NOTHING"
+    elif q.startswith("INSERT OR REPLACE INTO meta"):
+        q = "INSERT INTO meta" + q[len("INSERT OR REPLACE INTO meta"):] + \
+            " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+    elif q.startswith("SELECT variant, seed FROM runs WHERE status='pending'"):
+        # Row locks instead of SQLite's database lock: concurrent claimers skip each other's rows.
+        q += " FOR UPDATE SKIP LOCKED"
+    elif q.startswith("SELECT status FROM runs WHERE variant="):
+        q += " FOR UPDATE"
+    return q
+
+
+class _PgConnection:
+    """The slice of sqlite3's connection API the store uses, over a psycopg2 connection."""
+
+    def __init__(self, con: Any) -> None:
+        self.con = con
+
+    def execute(self, query: str, args: tuple = ()) -> Any:
+        cur = self.con.cursor()
+        cur.execute(_pg_sql(query), args)
+        return cur
+
+    def executemany(self, query: str, rows: list[tuple]) -> Any:
+        cur = self.con.cursor()
+        cur.executemany(_pg_sql(query), rows)
+        return cur
+
+    @property
+    def in_transaction(self) -> bool:
+        import psycopg2.extensions as ext
+
+        return self.con.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE
+
+
+class PostgresStore(Store):
+    """The same store in a PostgreSQL database, so workers on many machines share one experiment.
+
+    Each experiment gets its own schema (``namespace``, from the config's name), so one database can hold many.
+    Claims use ``SELECT ... FOR UPDATE SKIP LOCKED``; a finished run is written in one transaction, as with SQLite.
+    """
+
+    def __init__(self, url: str, *, namespace: str, stale_after: float = 120.0) -> None:
+        try:
+            import psycopg2  # noqa: F401
+        except ImportError as exc:
+            raise AuxLossError("a PostgreSQL results store needs psycopg2: pip install 'auxloss[postgres]'.") from exc
+        self.url = url
+        self.path = Path(_hide_password(url))  # for messages only
+        self.schema = "auxloss_" + "".join(c if c.isalnum() else "_" for c in namespace.lower())[:50]
+        self.stale_after = stale_after
+        with self._connect() as con:
+            con.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+        with self._transaction() as con:
+            # Concurrent first workers would race on CREATE TABLE IF NOT EXISTS: serialise on an advisory lock.
+            con.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (self.schema,))
+            for statement in _PG_SCHEMA.split(";"):
+                if statement.strip():
+                    con.execute(statement)
+
+    @contextmanager
+    def _connect(self) -> Iterator[Any]:
+        import psycopg2
+
+        dsn = self.url.replace("postgresql+psycopg2://", "postgresql://", 1)
+        try:
+            raw = psycopg2.connect(dsn, connect_timeout=30)
+        except psycopg2.OperationalError as exc:
+            raise AuxLossError(f"cannot connect to the results store {str(self.path)!r}: {str(exc).strip()}. Check "
+                               "the URL, that the server runs, and the user's password.") from exc
+        raw.autocommit = True  # transactions are opened explicitly, as with SQLite
+        try:
+            con = _PgConnection(raw)
+            if self._schema_ready(con):
+                con.execute(f'SET search_path TO "{self.schema}"')
+            yield con
+        finally:
+            raw.close()
+
+    def _schema_ready(self, con: _PgConnection) -> bool:
+        row = con.execute("SELECT 1 FROM pg_namespace WHERE nspname = ?", (self.schema,)).fetchone()
+        return row is not None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        import psycopg2
+
+        try:
+            with self._connect() as con:
+                con.execute("BEGIN")
+                try:
+                    yield con
+                except BaseException:
+                    if con.in_transaction:
+                        con.execute("ROLLBACK")
+                    raise
+                else:
+                    con.execute("COMMIT")
+        except psycopg2.Error as exc:
+            raise AuxLossError(f"cannot write the results store {str(self.path)!r}: {str(exc).strip()}.") from exc
+
+
+def _hide_password(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def open_store(location: str | Path, *, namespace: str = "default", stale_after: float = 120.0) -> Store:
+    """A SQLite store for a file path, a PostgreSQL one for a ``postgresql://`` URL."""
+    text = str(location)
+    if text.startswith(("postgresql://", "postgresql+psycopg2://", "postgres://")):
+        return PostgresStore(text.replace("postgres://", "postgresql://", 1), namespace=namespace,
+                             stale_after=stale_after)
+    return Store(location, stale_after=stale_after)
