@@ -19,6 +19,13 @@ __all__ = ["DEMOS", "demo_config"]
 # paper's 128/1024 would give each head more parameters than the whole trunk.
 _AUX_HEAD = {"type": "inception_aux", "params": {"conv_channels": 32, "hidden": 128}}
 
+# GoogLeNet's recipe on the small CNN: two auxiliary classifiers, after the first and second blocks, at 0.3.
+_DEEP_SUPERVISION: dict[str, Any] = {
+    "name": "deep-supervision",
+    "taps": {"aux1": {"layer": "block1", "head": _AUX_HEAD}, "aux2": {"layer": "block2", "head": _AUX_HEAD}},
+    "tasks": [{"name": "aux1", "source": "aux1", "weight": 0.3}, {"name": "aux2", "source": "aux2", "weight": 0.3}],
+}
+
 # The dense head that predicts the object's mask, from the first block's 16x16 features.
 _MASK_HEAD = {"type": "dense", "out": 1, "params": {"hidden": 16}}
 
@@ -33,10 +40,7 @@ _SHAPES: dict[str, Any] = {
     "model": {"name": "small_cnn", "params": {"width": 12}},
     "train": {"epochs": 15, "lr": 0.003, "optimizer": "adam", "lr_schedule": "cosine"},
     "variants": [
-        {"name": "deep-supervision",
-         "taps": {"aux1": {"layer": "block1", "head": _AUX_HEAD}, "aux2": {"layer": "block2", "head": _AUX_HEAD}},
-         "tasks": [{"name": "aux1", "source": "aux1", "weight": 0.3},
-                   {"name": "aux2", "source": "aux2", "weight": 0.3}]},
+        _DEEP_SUPERVISION,
         {"name": "aux-task",
          "taps": {"mask": {"layer": "block1", "head": _MASK_HEAD}},
          "tasks": [{"name": "mask", "source": "mask", "target": "mask", "loss": "bce", "weight": 3.0}]},
@@ -65,10 +69,7 @@ _FASHION: dict[str, Any] = {
     "model": {"name": "small_cnn", "params": {"width": 12}},
     "train": {"epochs": 10, "lr": 0.003, "optimizer": "adam", "lr_schedule": "cosine"},
     "variants": [
-        {"name": "deep-supervision",
-         "taps": {"aux1": {"layer": "block1", "head": _AUX_HEAD}, "aux2": {"layer": "block2", "head": _AUX_HEAD}},
-         "tasks": [{"name": "aux1", "source": "aux1", "weight": 0.3},
-                   {"name": "aux2", "source": "aux2", "weight": 0.3}]},
+        _DEEP_SUPERVISION,
         {"name": "aux-task",
          "taps": {"group": {"layer": "block2", "head": {"type": "linear"}}},
          "tasks": [{"name": "group", "source": "group", "target": "group", "weight": 0.5}]},
