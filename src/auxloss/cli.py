@@ -141,10 +141,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
         if args.model not in MODELS:
             build_model(args.model)  # raises with close names
         kwargs: dict[str, Any] = {"num_classes": args.num_classes}
+        shape_kwargs: dict[str, Any] = {}
         if args.model == "deep_mlp":
-            kwargs["in_features"] = 64
-        model = build_model(args.model, **kwargs)
-        x = zoo_example(args.model, **({"in_features": 64} if args.model == "deep_mlp" else {}))
+            shape_kwargs = {"in_features": 64}
+        elif args.model == "lstm_classifier":
+            shape_kwargs = {"input_size": 1}
+        model = build_model(args.model, **kwargs, **shape_kwargs)
+        x = zoo_example(args.model, **shape_kwargs)
     with torch.no_grad():
         infos = list_layers(model, x, leaves=args.leaves, max_depth=args.depth)
     print(f"{'layer':<40} {'type':<22} {'output':<28} {'params':>11}")

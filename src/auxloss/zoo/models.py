@@ -543,6 +543,14 @@ def example_input(name: str, **kwargs: Any) -> Tensor:
         if "in_features" not in kwargs:
             raise AuxLossError("example_input('deep_mlp') needs in_features=..., the model's input size.")
         return torch.randn(1, _check_int("in_features", kwargs["in_features"]))
+    if key == "lstm_classifier":
+        # (N, T, D): a sequence of `input_size` features per step; 64 steps, as in the digits-sequence demo.
+        return torch.randn(1, 64, _check_int("input_size", kwargs.get("input_size", 1)))
+    if key == "tiny_transformer":
+        if kwargs.get("vocab_size"):
+            return torch.randint(0, int(kwargs["vocab_size"]), (1, int(kwargs.get("max_len", 128)) // 2))
+        size = _check_int("image_size", kwargs.get("image_size", 28))
+        return torch.randn(1, _check_int("in_channels", kwargs.get("in_channels", 1)), size, size)
     # A model registered into MODELS by a user has no known input shape.
     raise AuxLossError(
         f"No example input is known for model {key!r}; pass an input tensor of the right shape yourself."
