@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_three_processes_lose_no_trial_and_repeat_none(tmp_path, url, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(TINY_YAML)
     storage = f"sqlite:///{tmp_path / 'study.sqlite'}" if url == "sqlite" else url
-    study = f"workers-{tmp_path.name}"
+    study = f"workers-{uuid.uuid4().hex[:10]}"  # a database outlives a test run: never reuse a study name
     trials = 6
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(cfg), storage, study, str(trials), str(i)],
