@@ -12,7 +12,7 @@ PAGES = sorted(p for p in DOCS.glob("*.md") if "```python" in p.read_text())
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_doc_examples_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples that write files write them here
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
     assert blocks
     namespace: dict = {"__name__": "__docs__"}
     for i, block in enumerate(blocks):

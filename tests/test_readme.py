@@ -7,12 +7,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def python_blocks(path: Path) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
 
 
 def test_readme_opens_with_the_two_commands():
     text = (ROOT / "README.md").read_text()
-    first_block = re.search(r"```\n(.*?)```", text, flags=re.S).group(1)
+    first_block = re.search(r"```\n(.*?)```", text, flags=re.DOTALL).group(1)
     commands = [line.split("#")[0].strip() for line in first_block.splitlines() if line.strip()]
     assert commands == ["make demo", "make test"]
 

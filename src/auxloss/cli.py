@@ -105,8 +105,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from auxloss.experiment.config import parse_config
     from auxloss.experiment.report import build_report
-    from auxloss.experiment.runner import (RESULTS_FILE, STORE_FILE, STORE_URL_FILE, aggregate, load_histories,
-                                           open_experiment_store)
+    from auxloss.experiment.runner import (
+        RESULTS_FILE,
+        STORE_FILE,
+        STORE_URL_FILE,
+        aggregate,
+        load_histories,
+        open_experiment_store,
+    )
 
     out = Path(args.dir)
     if not (out / STORE_FILE).exists() and not (out / STORE_URL_FILE).exists():
@@ -136,7 +142,8 @@ def cmd_layers(args: argparse.Namespace) -> int:
         model = resolve_model(args.model, num_classes=args.num_classes)
         x = example_input(args.model, size=args.size)
     else:
-        from auxloss.zoo.models import MODELS, build_model, example_input as zoo_example
+        from auxloss.zoo.models import MODELS, build_model
+        from auxloss.zoo.models import example_input as zoo_example
 
         if args.model not in MODELS:
             build_model(args.model)  # raises with close names

@@ -19,7 +19,7 @@ from auxloss.schedules import Schedule
 from auxloss.taps import AuxModel, Selector, Tap, attach
 from auxloss.tasks import Task
 
-__all__ = ["deep_supervision", "googlenet", "GOOGLENET_AUX_LAYERS"]
+__all__ = ["GOOGLENET_AUX_LAYERS", "deep_supervision", "googlenet"]
 
 #: Where Szegedy et al. 2015 (§5) put the two auxiliary classifiers: on the outputs of inception 4a and 4d.
 GOOGLENET_AUX_LAYERS = {"aux1": "inception4a", "aux2": "inception4d"}

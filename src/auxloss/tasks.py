@@ -22,7 +22,7 @@ from auxloss.taps import Outputs, Selector, select
 __all__ = ["LOSSES", "METRICS", "Task", "batch_as_dict"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-MetricFn = Callable[[Tensor, Tensor], Union[Tensor, float]]
+MetricFn = Callable[[Tensor, Tensor], Tensor | float]
 Target = Union[str, Callable[[Mapping[str, Any]], Tensor], None]
 
 

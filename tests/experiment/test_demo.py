@@ -50,7 +50,7 @@ def test_fashion_mnist_demo_trains_on_the_real_files(tmp_path):
 
 
 def test_fashion_demo_without_files_says_how_to_get_them(monkeypatch, capsys):
-    import auxloss.zoo.data as data
+    from auxloss.zoo import data
 
     monkeypatch.setattr(data, "fashion_mnist_available", lambda root=None: False)
     assert main(["demo", "fashion-mnist", "--quick"]) == 2

@@ -42,7 +42,7 @@ def test_claims_takeover_and_single_finish():
     assert not store.finish("a", 0, {"main": 2.0}, [], worker="w1")
     done = store.runs("done")
     assert len(done) == 1 and done[0]["result"] == {"main": 1.0} and done[0]["attempts"] == 2
-    store.set_meta("k", [1]); store.set_meta("k", [2])  # noqa: E702
+    store.set_meta("k", [1]); store.set_meta("k", [2])
     assert store.get_meta("k") == [2]
 
 

@@ -9,7 +9,7 @@ and, where the YAML gives it, the file line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -65,7 +65,7 @@ class HeadConfig(_Strict):
 class TapConfig(_Strict):
     layer: str
     head: HeadConfig = Field(default_factory=HeadConfig)
-    select: Union[int, str, list[Union[int, str]], None] = None
+    select: int | str | list[int | str] | None = None
     detach: bool = False
 
 
@@ -79,7 +79,7 @@ class TaskConfig(_Strict):
     target: str | None = None
     loss: str = "cross_entropy"
     metric: str | None = "auto"
-    weight: Union[float, dict[str, Any]] = 1.0
+    weight: float | dict[str, Any] = 1.0
     #: Shuffle this task's targets within each batch: an unrelated (harmful) task, for safety checks.
     shuffle_target: bool = False
 

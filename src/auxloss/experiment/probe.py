@@ -139,7 +139,7 @@ def _summarise(cos: list[float], aff: list[float], losses: list[float], metrics:
         learn = "too hard"
     else:
         learn = "learnable"
-    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan
     return {
         "cosine": mean(cos),
         "cosine_positive_fraction": sum(c > 0 for c in cos) / len(cos) if cos else math.nan,
