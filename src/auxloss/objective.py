@@ -243,7 +243,8 @@ class Objective(nn.Module):
         bad = [n for n, v in report.losses.items() if not bool(torch.isfinite(v.detach()))]
         if self.nonfinite == "skip":
             report.finite = False
-            self.skipped_steps += 1
+            if torch.is_grad_enabled():  # evaluation batches (no_grad) are not training steps
+                self.skipped_steps += 1
             return
         detail = ", ".join(f"{n}={float(report.losses[n].detach())}" for n in bad) or "the weighted sum overflowed"
         # Only on this failure path (no cost otherwise): name the batch keys holding NaN/Inf, the usual culprit.

@@ -179,8 +179,8 @@ def test_non_accuracy_metric_uses_four_significant_digits_and_lower_is_better(tm
     build_report(tmp_path, res, _histories(variants=finals))
     md = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "-0.01234 loss" in md and "points" not in md.split("## Setup")[0]
-    # Overfitting for lower-is-better metrics is explained with the sign flipped.
-    assert "negative gap" in md
+    # The trainer stores the gap sign-normalised (positive = overfitting) for every metric: the text says how.
+    assert "validation loss minus the train-set loss" in md and "larger positive gap means more overfitting" in md
 
 
 def test_negative_cosine_flagged(built: tuple[Path, str, str]) -> None:

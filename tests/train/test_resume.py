@@ -24,7 +24,7 @@ class KillAt(Callback):
             raise Kill()
 
 
-def setup(seed=0):
+def setup(seed=0, own_generator=True):
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 16), nn.BatchNorm1d(16),
                         nn.ReLU(), nn.Linear(16, 3))
@@ -33,7 +33,8 @@ def setup(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(96, 6, generator=g)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
-    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1) if own_generator else None
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=gen)
     return model, objective, loader
 
 
@@ -41,8 +42,8 @@ def flat(model):
     return torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
 
 
-def train(tmp, kill_step=None, every=None):
-    model, objective, loader = setup()
+def train(tmp, kill_step=None, every=None, own_generator=True):
+    model, objective, loader = setup(own_generator=own_generator)
     cbs = [KillAt(kill_step)] if kill_step else []
     trainer = Trainer(epochs=4, lr=0.01, lr_schedule="cosine", checkpoint_dir=tmp, checkpoint_every=every,
                       callbacks=cbs, log_dir=tmp / "logs")
@@ -61,6 +62,18 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, kill_step, every):
     assert [r["train/loss"] for r in resumed.history] == [r["train/loss"] for r in reference.history]
     lines = (tmp_path / "run" / "logs" / "epochs.jsonl").read_text().splitlines()
     assert len(lines) == 4  # no epoch logged twice or lost
+
+
+def test_mid_epoch_resume_with_a_plain_shuffling_loader(tmp_path):
+    # No generator of its own: the epoch's shuffle comes from the global RNG, which the checkpoint replays.
+    torch.manual_seed(123)
+    reference, ref_model = train(tmp_path / "ref", every=4, own_generator=False)
+    torch.manual_seed(123)
+    with pytest.raises(Kill):
+        train(tmp_path / "run", kill_step=14, every=4, own_generator=False)
+    resumed, model = train(tmp_path / "run", every=4, own_generator=False)
+    assert torch.equal(flat(model), flat(ref_model))
+    assert [r["train/loss"] for r in resumed.history] == [r["train/loss"] for r in reference.history]
 
 
 def test_torn_checkpoint_falls_back_on_the_previous_one(tmp_path):

@@ -253,7 +253,7 @@ def build_run(cfg: ExperimentConfig, variant_name: str, seed: int, *, device: st
 
         objective.set_weighting(build_weighting(variant.weighting, model=model))
 
-    tcfg = cfg.train.model_copy(update=variant.train) if variant.train else cfg.train
+    tcfg = cfg.train_for(variant_name)
     trainer = Trainer(
         epochs=tcfg.epochs, optimizer=tcfg.optimizer, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
         lr_schedule=tcfg.lr_schedule, grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulate, amp=tcfg.amp,

@@ -27,8 +27,9 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Which dataset, how big each split is, and the batch size.
 
-    ``name``: ``shapes`` (generated), ``digits`` (scikit-learn), ``fashion-mnist`` (IDX files under ``root``), or
-    ``folder`` (a user's image folder under ``root``). ``params`` go to the dataset's builder.
+    ``name``: ``shapes`` (generated), ``digits`` (scikit-learn), ``digits-sequence`` (digits read pixel by pixel,
+    for RNNs), ``fashion-mnist`` (IDX files under ``root``), or ``folder`` (a user's image folder under ``root``).
+    ``params`` go to the dataset's builder.
     """
 
     name: str = "shapes"
@@ -80,14 +81,26 @@ class TaskConfig(_Strict):
     loss: str = "cross_entropy"
     metric: str | None = "auto"
     weight: float | dict[str, Any] = 1.0
-    #: Shuffle this task's targets within each batch: an unrelated (harmful) task, for safety checks.
+    #: Replace this task's targets by one fixed random permutation of them per split: labels unrelated to the
+    #: input (a harmful task, for safety checks).
     shuffle_target: bool = False
 
 
 class MainConfig(_Strict):
     target: str = "target"
     loss: str = "cross_entropy"
-    metric: str | None = "auto"
+    #: The metric variants are compared on: ``auto`` follows the loss (accuracy for cross entropy, mae for l1...).
+    metric: str = "auto"
+
+    def resolved_metric(self) -> tuple[str, bool]:
+        """The main metric's name and whether higher is better, exactly as the main Task resolves them."""
+        from auxloss.tasks import Task
+
+        task = Task("main", target=self.target, loss=self.loss, metric=self.metric)
+        if task.metric_name is None:
+            raise AuxLossError(f"main.loss {self.loss!r} has no default metric; set main.metric to one of "
+                               "'accuracy', 'binary_accuracy', 'mse', 'mae'.")
+        return task.metric_name, task.higher_is_better
 
 
 class TrainConfig(_Strict):
@@ -156,7 +169,23 @@ class ExperimentConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate variant names {dupes}")
+        for v in self.variants:
+            if v.train:
+                try:  # a variant's `train:` overrides get the same validation as the top-level `train:`
+                    self.train_for(v.name)
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    key = ".".join(str(p) for p in err["loc"])
+                    what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                    raise ValueError(f"variant {v.name!r}: train.{key}: {what}") from None
         return self
+
+    def train_for(self, variant: str) -> TrainConfig:
+        """The training settings of ``variant``: the top-level ``train`` with the variant's overrides, validated."""
+        overrides = self.variant(variant).train
+        if not overrides:
+            return self.train
+        return TrainConfig.model_validate({**self.train.model_dump(), **overrides})
 
     def variant(self, name: str) -> VariantConfig:
         """The variant called ``name``; ``baseline`` is the variant with no taps and no tasks."""

@@ -31,7 +31,7 @@ _MASK_HEAD = {"type": "dense", "out": 1, "params": {"hidden": 16}}
 
 # Low data with noisy labels: 500 training images, 30% of whose shape labels are wrong (validation and test
 # labels are clean). The mask labels are clean, so the auxiliary task carries information that the noisy main
-# labels lack. Calibrated on seeds 0-2 before the demo was fixed (see docs/demo.md), never on the statistics.
+# labels lack. Calibrated on seeds 0-2 (data and model only, never the statistics) before the demo was fixed.
 _SHAPES: dict[str, Any] = {
     "name": "shapes-demo",
     "seeds": 5,

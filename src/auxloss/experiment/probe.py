@@ -101,7 +101,10 @@ def probe_variant(cfg: ExperimentConfig, variant: str, *, steps: int = 200, ever
     seconds = time.perf_counter() - started
     tasks = {}
     for name in names:
-        tasks[name] = _summarise(cos[name], affinity[name], losses[name], metrics[name])
+        task = next(t for t in objective.aux_tasks if t.name == name)
+        tasks[name] = _summarise(cos[name], affinity[name], losses[name], metrics[name],
+                                 bounded_accuracy=task.higher_is_better and task.metric_name in
+                                 ("accuracy", "binary_accuracy"))
         tasks[name]["shared_parameters"] = len(shared_names.get(name, []))
     return {"variant": variant, "steps": steps, "seconds": seconds, "tasks": tasks}
 
@@ -126,14 +129,17 @@ def _lookahead(model: nn.Module, objective: Any, batch: Any, x: Any, shared: lis
     return 1.0 - after / before if before > 0 else 0.0
 
 
-def _summarise(cos: list[float], aff: list[float], losses: list[float], metrics: list[float]) -> dict[str, Any]:
+def _summarise(cos: list[float], aff: list[float], losses: list[float], metrics: list[float], *,
+               bounded_accuracy: bool = True) -> dict[str, Any]:
     k = max(1, len(losses) // 10)
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
     fall = 1.0 - last / first if first > 0 else 0.0
     early_metric = sum(metrics[: max(1, len(metrics) // 5)]) / max(1, len(metrics[: max(1, len(metrics) // 5)])) \
         if metrics else None
     final_metric = sum(metrics[-k:]) / len(metrics[-k:]) if metrics else None
-    if early_metric is not None and early_metric > 0.97:
+    # "Too easy" reads an accuracy-like metric (in [0, 1], higher is better) near 1 early on; for other metrics
+    # (an error, lower is better) only the fall of the loss is judged.
+    if bounded_accuracy and early_metric is not None and early_metric > 0.97:
         learn = "too easy"
     elif fall < 0.1:
         learn = "too hard"

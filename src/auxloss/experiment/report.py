@@ -17,6 +17,8 @@ backend of a user who imported auxloss inside a notebook.
 
 from __future__ import annotations
 
+import contextvars
+
 import html
 import math
 import re
@@ -238,13 +240,18 @@ def _seed_lookup(mapping: Mapping[Any, Any] | None, seed: Any) -> Any:
         return None
 
 
+# The metric direction of the report being built, for the legacy gap fallback below.
+_HIGHER_IS_BETTER: contextvars.ContextVar[bool] = contextvars.ContextVar("higher_is_better", default=True)
+
+
 def _record_value(rec: Mapping[str, Any], key: str) -> float | None:
     v = _num(rec.get(key))
     if v is None and key == "gap":
         # Older runs may store only the two metrics; the gap is their difference by definition.
+        # (sign-normalised like the trainer's: positive means overfitting, whatever the metric's direction).
         tv, va = _num(rec.get("trainval/metric/main")), _num(rec.get("val/metric/main"))
         if tv is not None and va is not None:
-            v = tv - va
+            v = tv - va if _HIGHER_IS_BETTER.get() else va - tv
     return v
 
 
@@ -1022,9 +1029,9 @@ def _overfitting_section(ctx: _Ctx, figs: dict[str, bool]) -> list[_Block]:
     if not finals:
         blocks.append(_Para(['No train/validation gap was recorded (the histories have no "gap" key).']))
         return blocks
-    # gap = train metric − validation metric. Overfitting makes it positive when higher is better and
-    # negative when lower is better; sign-normalise so that "larger = more overfitting" either way.
-    sign = 1.0 if fmt.higher_is_better else -1.0
+    # The trainer stores the gap sign-normalised: (train − val) when higher is better, (val − train) when lower is
+    # better, so that a positive gap always means overfitting.
+    sign = 1.0
     stat = {
         v: (float(np.mean(list(f.values()))), float(np.std(list(f.values()), ddof=1)) if len(f) > 1 else None)
         for v, f in finals.items()
@@ -1037,9 +1044,9 @@ def _overfitting_section(ctx: _Ctx, figs: dict[str, bool]) -> list[_Block]:
         )
     else:
         sentences.append(
-            f"The gap is the train-set {fmt.metric} (evaluated in eval mode) minus the validation "
-            f"{fmt.metric} at the final epoch, mean over seeds; since lower {fmt.metric} is better, "
-            "overfitting shows as a negative gap, and a more negative gap means more overfitting."
+            f"The gap is the validation {fmt.metric} minus the train-set {fmt.metric} (evaluated in eval mode) "
+            f"at the final epoch, mean over seeds (lower {fmt.metric} is better); a larger positive gap means "
+            "more overfitting."
         )
     b = stat.get(ctx.baseline)
     if b is not None:
@@ -1258,6 +1265,7 @@ def build_report(
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
+    _HIGHER_IS_BETTER.set(bool(results.get("higher_is_better", True)))
     ctx = _context(results, histories, best_epochs)
 
     figs: dict[str, bool] = {}

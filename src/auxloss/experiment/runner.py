@@ -355,11 +355,7 @@ def aggregate(cfg: ExperimentConfig, store: Store, *, command: str | None = None
     for run in done:
         by_variant.setdefault(run["variant"], {})[run["seed"]] = float(run["result"]["main"])
         extra.setdefault(run["variant"], {})[run["seed"]] = run["result"]
-    metric = cfg.main.metric if cfg.main.metric not in (None, "auto") else (
-        "accuracy" if cfg.main.loss in ("cross_entropy", "ce") else cfg.main.loss)
-    from auxloss.tasks import METRICS
-
-    higher = METRICS[metric][1] if metric in METRICS else True
+    metric, higher = cfg.main.resolved_metric()
     variants = []
     for name in cfg.variant_names:
         values = by_variant.get(name, {})

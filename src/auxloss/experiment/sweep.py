@@ -108,11 +108,7 @@ def _positive_int(value: Any, name: str, example: str, *, minimum: int = 1) -> i
 
 def _main_metric(cfg: ExperimentConfig) -> tuple[str, bool]:
     """The main metric's name and whether higher is better (as the runner's results.json reports it)."""
-    from auxloss.tasks import METRICS
-
-    metric = cfg.main.metric if cfg.main.metric not in (None, "auto") else (
-        "accuracy" if cfg.main.loss in ("cross_entropy", "ce") else cfg.main.loss)
-    return metric, (METRICS[metric][1] if metric in METRICS else True)
+    return cfg.main.resolved_metric()
 
 
 def total_steps(cfg: ExperimentConfig, variant: str | None = None) -> int:
@@ -123,7 +119,7 @@ def total_steps(cfg: ExperimentConfig, variant: str | None = None) -> int:
     """
     tcfg = cfg.train
     if variant is not None and cfg.variant(variant).train:
-        tcfg = cfg.train.model_copy(update=cfg.variant(variant).train)
+        tcfg = cfg.train_for(variant)
     n, bs = cfg.data.n_train, cfg.data.batch_size
     batches = n // bs if n > bs else 1
     return max(1, math.ceil(batches / tcfg.accumulate)) * tcfg.epochs

@@ -263,7 +263,9 @@ class Trainer:
                 "the training data is empty (0 batches): give the training split at least one sample, and at least "
                 "batch_size samples when the loader has drop_last=True."
             )
-        steps_per_epoch = max(1, len(train_loader) // self.accumulate) if hasattr(train_loader, "__len__") else 1
+        # A last partial accumulation still steps, so an epoch has ceil(batches / accumulate) optimizer steps.
+        steps_per_epoch = max(1, math.ceil(len(train_loader) / self.accumulate)) if hasattr(train_loader, "__len__") \
+            else 1
         if scheduler is None:
             scheduler = self.build_scheduler(optimizer, steps_per_epoch * self.epochs)
         run_model: nn.Module = model
@@ -459,29 +461,35 @@ class Trainer:
         optimizer = self.optimizer
         gen = getattr(loader, "generator", None)
         skip = st["batch_idx"]  # > 0 when resuming inside an epoch
-        if skip and gen is not None and st["epoch_gen_state"] is not None:
-            # Replay the epoch's shuffle: restore the loader's generator as it was when the epoch began, skip the
-            # batches already trained, then put back the RNG state saved with the checkpoint.
-            after = gen.get_state()
-            gen.set_state(st["epoch_gen_state"])
+        # The shuffle of this epoch is drawn from the loader's own generator, or from the global RNG when it has
+        # none: remember that state at the start of the epoch, so a resume inside the epoch can replay the same
+        # order (restore it, skip the batches already trained, then put back the checkpoint's RNG state).
+        if skip and st["epoch_gen_state"] is not None:
+            kind, state = st["epoch_gen_state"]
+            after = gen.get_state() if kind == "loader" else torch.get_rng_state()
+            (gen.set_state if kind == "loader" else torch.set_rng_state)(state)
         else:
+            skip = 0
             st.update(sums={}, count=0, micro=0, batch_idx=0)
-            st["epoch_gen_state"] = gen.get_state() if gen is not None else None
+            st["epoch_gen_state"] = ("loader", gen.get_state()) if gen is not None else \
+                ("global", torch.get_rng_state())
             optimizer.zero_grad(set_to_none=True)
         iterator = iter(loader)
         if skip:
             for _ in range(skip):
                 next(iterator)
-            if gen is not None and st["epoch_gen_state"] is not None:
-                gen.set_state(after)
+            kind, _ = st["epoch_gen_state"]
+            (gen.set_state if kind == "loader" else torch.set_rng_state)(after)
         sums, report, values = st["sums"], None, {}
         for batch_idx, batch in enumerate(iterator, start=skip):
             batch = move_to(batch, self.device)
             self._call("on_train_batch_start", batch, batch_idx)
             # Gradient-aware weightings take per-task gradients with autograd.grad, which DDP's hooks never see:
             # they all-reduce those gradients themselves, so DDP's own synchronisation is switched off.
+            weighting = objective.weighting
             sync_off = (isinstance(model, nn.parallel.DistributedDataParallel)
-                        and isinstance(objective.weighting, GradientWeighting))
+                        and isinstance(weighting, GradientWeighting)
+                        and getattr(weighting, "next_step_is_exact", lambda: True)())
             with model.no_sync() if sync_off else nullcontext():
                 with self._autocast():
                     outputs = model(objective.inputs(batch))

@@ -95,6 +95,15 @@ class DWA(LossWeighting):
 
     def on_epoch_end(self, epoch: int) -> None:
         self._check_bound()
+        # Under DDP every rank saw its own shard: sum the epoch's losses over ranks, so that all ranks compute the
+        # same weights from the global epoch means (and a checkpoint written by rank 0 fits every rank).
+        from auxloss.train.distributed import all_reduce_mean, world_size
+
+        if world_size() > 1:
+            ws = world_size()
+            mean_sum, mean_count = all_reduce_mean([self.loss_sum.clone(), self.loss_count.to(self.loss_sum.dtype)])
+            self.loss_sum.copy_(mean_sum * ws)
+            self.loss_count.copy_((mean_count * ws).round().to(self.loss_count.dtype))
         if int(self.loss_count.sum()) == 0:
             return  # no training step this epoch (or none finite): nothing to roll
         counted = self.loss_count > 0

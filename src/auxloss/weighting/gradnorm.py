@@ -181,6 +181,10 @@ class GradNorm(LossWeighting):
         f64 = torch.float64
         norms = self.grad_norms(losses).to(device=device, dtype=f64)
         current = torch.stack([losses[n].detach().reshape(()).to(device=device, dtype=f64) for n in self.names])
+        # Under DDP: the global batch's norms and losses (rank means), so every rank takes the same step on w.
+        from auxloss.train.distributed import all_reduce_mean
+
+        norms, current = all_reduce_mean([norms, current])
         # No device sync: every decision is a torch.where on the device.
         finite_now = torch.isfinite(current).all()
         initial = torch.where(self.has_initial, self.initial_loss, current)

@@ -290,6 +290,14 @@ class PerTaskGradientWeighting(GradientWeighting):
         """``m_k`` per auxiliary task for an amortized step (``None``: refresh now). Default: the cached ones."""
         return self._cached
 
+    def next_step_is_exact(self) -> bool:
+        """Whether the next :meth:`backward` takes per-task gradients (and all-reduces them itself under DDP).
+
+        The trainer switches DDP's own gradient synchronisation off for exactly those steps: an amortized step is
+        a plain backward, which DDP must reduce as usual.
+        """
+        return self.mode == "exact" or self.backward_steps % self.every == 0 or self._amortized_multipliers() is None
+
     def _before_step(self, objective: Objective) -> None:
         """Called at the start of every backward (OL-AUX applies its periodic update here)."""
 
