@@ -41,6 +41,19 @@ class LossReport:
     finite: bool = True
     extras: dict[str, float] = dataclasses.field(default_factory=dict)
 
+    def detached(self) -> dict[str, Any]:
+        """Like :meth:`as_dict`, but tensors stay detached tensors on their device: no device sync, for the
+        training loop's running sums (converted to floats once per epoch or log step)."""
+        out: dict[str, Any] = {"loss": self.total.detach()}
+        for name, value in self.losses.items():
+            out[f"loss/{name}"] = value.detach()
+        for name, w in self.weights.items():
+            out[f"weight/{name}"] = float(w)
+        for name, value in self.metrics.items():
+            out[f"metric/{name}"] = value
+        out.update(self.extras)
+        return out
+
     def as_dict(self) -> dict[str, float]:
         """Flat floats: ``loss``, ``loss/<task>``, ``weight/<task>``, ``metric/<task>``, and any extras."""
         out = {"loss": float(self.total.detach())}

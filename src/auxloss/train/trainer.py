@@ -224,16 +224,16 @@ class Trainer:
                     outputs = model(objective.inputs(batch))
                     report = objective(outputs, batch)
                 n = report.batch_size
-                for key, value in report.as_dict().items():
+                for key, value in report.detached().items():  # summed on the device: one sync at the end
                     if key.startswith("weight/"):
                         continue
-                    sums[key] = sums.get(key, 0.0) + value * n
+                    sums[key] = sums.get(key, 0.0) + _f64(value) * n
                 count += n
         finally:
             model.train(was_training)
         if count == 0:
             raise AuxLossError("an evaluation split is empty: give it at least one sample.")
-        return {k: v / count for k, v in sums.items()}
+        return {k: float(v) / count for k, v in sums.items()}
 
     # -- training ----------------------------------------------------------------------------------------------
     def fit(
@@ -505,10 +505,12 @@ class Trainer:
                 objective.backward(report, scale=1.0 / self.accumulate, scaler=self.scaler)
                 self._call("on_after_backward", report)
             st["micro"] += 1
-            values = report.as_dict()
+            # Detached tensors, summed on the device: reading them as floats every step would cost a device sync
+            # per value on a GPU. They become floats once per epoch (and at log steps).
+            values = report.detached()
             n = report.batch_size
             for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + value * n
+                sums[key] = sums.get(key, 0.0) + _f64(value) * n
             st["count"] += n
             if st["micro"] % self.accumulate:
                 continue
@@ -520,7 +522,7 @@ class Trainer:
             self._optimizer_step(report, st["batch_idx"] - 1, logger, values)
             st["micro"] = 0
         count = st["count"]
-        return {k: v / count for k, v in sums.items()} if count else {}
+        return {k: float(v) / count for k, v in sums.items()} if count else {}
 
     def _skip_step(self, batch_idx: int, values: dict[str, float]) -> bool:
         """A non-finite gradient norm: drop the update (nonfinite="skip", counted) or raise."""
@@ -531,7 +533,7 @@ class Trainer:
             return True
         raise AuxLossError(
             f"non-finite gradient norm ({values['grad_norm']}) at step {self.global_step} (epoch {self.epoch}, batch "
-            f"{batch_idx}) although the loss was finite ({values.get('loss')}): the gradients exploded. Lower the "
+            f"{batch_idx}) although the loss was finite ({float(values.get('loss', math.nan))}): the gradients exploded. Lower the "
             "learning rate or the auxiliary weights, normalise the inputs, or pass Objective(nonfinite='skip') to skip "
             "such steps and count them."
         )
@@ -570,7 +572,7 @@ class Trainer:
         self.global_step += 1
         self._call("on_train_batch_end", report, batch_idx)
         if logger is not None and self.global_step % self.log_every == 0:
-            logger.log_step(self.global_step, values)
+            logger.log_step(self.global_step, {k: float(v) for k, v in values.items()})
 
 
 def _total_norm(params: Sequence[Tensor]) -> Tensor:
@@ -579,6 +581,11 @@ def _total_norm(params: Sequence[Tensor]) -> Tensor:
         return torch.zeros(())
     norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params]
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+def _f64(value: Any) -> Any:
+    """Running sums in float64 (as Python floats would be), on the value's device."""
+    return value.to(torch.float64) if isinstance(value, Tensor) else value
 
 
 def _prefix(prefix: str, values: Mapping[str, float]) -> dict[str, float]:
