@@ -135,6 +135,19 @@ def _as_tap(name: str, spec: Tap | tuple | Mapping) -> Tap:
     )
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient flowing back through it is multiplied by ``scale``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
 class _TapHook:
     """The forward hook of one tapped layer: stores the selected output(s) for the heads.
 
@@ -174,6 +187,9 @@ class AuxModel(nn.Module):
         # Captured features of the forward pass in progress. A plain dict (not a buffer): it holds activations
         # with their autograd graph, and is cleared after each forward so no memory outlives the step.
         self._captured: dict[str, Any] = {}
+        # Per-tap factors on the gradient a head sends back into the trunk (1 = untouched). Amortized
+        # gradient-aware weightings use them so that the trunk gets m_k·λ_k·g_k while the head keeps λ_k·g_k.
+        self._trunk_grad_scales: dict[str, float] = {}
         self._stripped = False
 
         modules = dict(model.named_modules())
@@ -228,7 +244,11 @@ class AuxModel(nn.Module):
                         "got no input. Tap a layer that the model's forward actually calls "
                         "(auxloss.list_layers shows only layers that ran)."
                     )
-                aux[name] = head(self._captured[name])
+                feature = self._captured[name]
+                scale = self._trunk_grad_scales.get(name)
+                if scale is not None and scale != 1.0 and isinstance(feature, Tensor) and feature.requires_grad:
+                    feature = _ScaleGrad.apply(feature, scale)
+                aux[name] = head(feature)
         finally:
             self._captured.clear()
             _EMITTED.pop()
@@ -237,6 +257,17 @@ class AuxModel(nn.Module):
         if isinstance(hf_aux, Tensor) and "aux_loss" not in emitted:
             emitted["aux_loss"] = hf_aux
         return Outputs(main=main, aux=aux, losses=emitted)
+
+    def set_trunk_grad_scales(self, scales: Mapping[str, float] | None) -> None:
+        """Scale the gradient each named tap's head sends back into the trunk (``None`` or ``{}``: untouched).
+
+        The head's own parameters are not affected. Used by amortized gradient-aware weightings; the values are
+        read at the next forward.
+        """
+        unknown = sorted(set(scales or {}) - set(self._taps))
+        if unknown:
+            raise AuxLossError(f"no tap named {unknown}; the taps are {sorted(self._taps)}.")
+        self._trunk_grad_scales = dict(scales or {})
 
     def strip(self) -> nn.Module:
         """Remove every hook this wrapper added and give back the original model, for deployment.

@@ -472,3 +472,38 @@ def test_under_ddp_each_rank_writes_the_update_of_the_global_batch(tmp_path):
         for g_step, e_step in zip(got, expected):
             for g, e in zip(g_step, e_step):
                 torch.testing.assert_close(g, e, atol=1e-12, rtol=0)
+
+
+def test_amortized_step_through_the_trainer_keeps_each_heads_full_gradient():
+    """With the multiplier applied at the tap, the trunk gets m·λ·g_k and the head its full λ·g_k (float64)."""
+    import auxloss as al
+    from auxloss.train import Trainer
+    from auxloss.weighting import CosineGating
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    model = al.attach(net, {"h": al.Tap("1", al.LinearHead(2))}, example_input=torch.randn(1, 5)).double()
+    gate = CosineGating(weighted=True, mode="amortized", every=2)
+    objective = al.Objective(aux=[al.Task("h", source="h", target="t2", weight=0.7)], weighting=gate)
+    batch = {"input": torch.randn(16, 5, dtype=torch.float64), "target": torch.randint(0, 3, (16,)),
+             "t2": torch.randint(0, 2, (16,))}
+    trainer = Trainer(epochs=1)
+    trainer.model = model
+
+    objective.backward(objective(model(batch["input"]), batch))  # step 0: exact, fills the cache
+    model.zero_grad()
+    m = gate.trunk_grad_scales()["h"]  # what the next (amortized) step will use (asking does not change state)
+    trainer._apply_trunk_grad_scales(objective)
+    objective.backward(objective(model(batch["input"]), batch))  # step 1: amortized, one backward
+    got_trunk = net[0].weight.grad.clone()
+    got_head = model.heads["h"].fc.weight.grad.clone()
+
+    model.set_trunk_grad_scales({})
+    out = model(batch["input"])
+    l0 = torch.nn.functional.cross_entropy(out.main, batch["target"])
+    lk = torch.nn.functional.cross_entropy(out.aux["h"], batch["t2"])
+    g0 = torch.autograd.grad(l0, net[0].weight, retain_graph=True)[0]
+    gk_trunk, gk_head = torch.autograd.grad(lk, [net[0].weight, model.heads["h"].fc.weight])
+    assert 0.0 <= m < 1.0  # not 1, so the head check below tells the two behaviours apart
+    assert torch.allclose(got_trunk, g0 + m * 0.7 * gk_trunk, atol=1e-12)
+    assert torch.allclose(got_head, 0.7 * gk_head, atol=1e-12)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from auxloss.errors import AuxLossError
 from auxloss.objective import LossReport, Objective
-from auxloss.taps import Outputs
+from auxloss.taps import AuxModel, Outputs
 from auxloss.train.callbacks import Callback
 from auxloss.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from auxloss.train.distributed import all_reduce_mean, is_distributed
@@ -490,6 +490,7 @@ class Trainer:
             sync_off = (isinstance(model, nn.parallel.DistributedDataParallel)
                         and isinstance(weighting, GradientWeighting)
                         and getattr(weighting, "next_step_is_exact", lambda: True)())
+            self._apply_trunk_grad_scales(objective)
             with model.no_sync() if sync_off else nullcontext():
                 with self._autocast():
                     outputs = model(objective.inputs(batch))
@@ -523,6 +524,24 @@ class Trainer:
             st["micro"] = 0
         count = st["count"]
         return {k: float(v) / count for k, v in sums.items()} if count else {}
+
+    def _apply_trunk_grad_scales(self, objective: Objective) -> None:
+        """On an amortized step of a gradient-aware weighting, put each task's multiplier on its tap's gradient
+        into the trunk, so the head's own parameters keep their full gradient (see ``trunk_grad_scales``)."""
+        weighting, aux_model = objective.weighting, self.model
+        if not isinstance(aux_model, AuxModel) or not hasattr(weighting, "trunk_grad_scales"):
+            return
+        scales = weighting.trunk_grad_scales() or {}
+        readers: dict[str, int] = {}
+        for task in objective.tasks:
+            readers[task.source] = readers.get(task.source, 0) + 1
+        applied = {}
+        for task in objective.aux_tasks:
+            # Only a tap read by this one task can carry its multiplier: a shared tap would scale them all.
+            if task.name in scales and task.source in aux_model.taps and readers[task.source] == 1:
+                applied[task.name] = scales[task.name]
+        aux_model.set_trunk_grad_scales({t.source: applied[t.name] for t in objective.aux_tasks if t.name in applied})
+        weighting.scaled_at_taps(applied)
 
     def _skip_step(self, batch_idx: int, values: dict[str, float]) -> bool:
         """A non-finite gradient norm: drop the update (nonfinite="skip", counted) or raise."""

@@ -37,11 +37,14 @@ shared set.
 **Amortized mode** (``mode="amortized", every=N``): the statistics are refreshed (exact mode) on one backward call
 in N (calls are counted on :meth:`backward`, micro-batches included, starting with a refresh), and on the others a
 *single* backward runs on ``L_0 + Σ_k m_k·λ_k·L_k`` with each strategy's cached multiplier ``m_k`` (its
-"effective weight" divided by ``λ_k``; see each strategy for what it caches). Approximation: in that single
-backward the gradient from head k into the trunk cannot be scaled apart from the head's own parameters, so the
-head's private parameters also receive ``m_k·λ_k·g_k`` instead of their full ``λ_k·g_k``. (A trunk-gradient scale
-applied at the tap by :class:`~auxloss.taps.AuxModel` would remove this.) Per-tensor or non-scalar rules (a
-projection, MetaBalance's per-tensor rescaling) are summarised by one scalar per task between refreshes.
+"effective weight" divided by ``λ_k``; see each strategy for what it caches). The trainer puts ``m_k`` on the
+gradient head k sends into the trunk, at its tap (:meth:`trunk_grad_scales`,
+:meth:`~auxloss.taps.AuxModel.set_trunk_grad_scales`), and the loss keeps ``λ_k``: the trunk gets
+``m_k·λ_k·g_k`` and the head's own parameters their full ``λ_k·g_k``, as in exact mode. Where that is not possible
+(a loop of your own that does not call it, a task reading the main output, a tap shared by several tasks) the
+single backward uses ``m_k·λ_k`` for the whole task, so the head's own parameters get ``m_k·λ_k·g_k`` too.
+Per-tensor or non-scalar rules (a projection, MetaBalance's per-tensor rescaling) are summarised by one scalar
+per task between refreshes.
 
 **Gradient accumulation.** Each backward call is one micro-batch: the decision (gate, projection, rescaling) is
 taken on that micro-batch's own gradients, and the result times ``scale`` is added to ``p.grad``. For rules that
@@ -290,6 +293,21 @@ class PerTaskGradientWeighting(GradientWeighting):
         """``m_k`` per auxiliary task for an amortized step (``None``: refresh now). Default: the cached ones."""
         return self._cached
 
+    def trunk_grad_scales(self) -> dict[str, float] | None:
+        """Before the forward of the next step: on an amortized step, ``m_k`` per auxiliary task, so the trainer
+        can scale each head's gradient into the trunk at its tap (:meth:`AuxModel.set_trunk_grad_scales`); then
+        the trunk gets ``m_k·λ_k·g_k`` while the head's own parameters keep ``λ_k·g_k``, exactly as in exact mode.
+        ``None`` on a step that takes per-task gradients."""
+        self._scaled_at_taps = {}
+        if self.next_step_is_exact():
+            return None
+        m = self._amortized_multipliers()
+        return {name: float(m[k]) for k, name in enumerate(self.aux_names)}
+
+    def scaled_at_taps(self, scales: dict[str, float]) -> None:
+        """The trainer reports the tasks whose multiplier it applied at their taps for the coming step."""
+        self._scaled_at_taps = dict(scales)
+
     def next_step_is_exact(self) -> bool:
         """Whether the next :meth:`backward` takes per-task gradients (and all-reduces them itself under DDP).
 
@@ -361,11 +379,18 @@ class PerTaskGradientWeighting(GradientWeighting):
     def _single_backward(self, main: str, aux: list[str], lambdas: list[float], losses: dict[str, Tensor],
                          multipliers: Tensor, *, scale: float, scaler: Any) -> None:
         total = losses[main]
+        at_taps, self._scaled_at_taps = getattr(self, "_scaled_at_taps", {}), {}
         for k, name in enumerate(aux):
             loss = losses[name]
-            weight = multipliers[k].to(device=loss.device, dtype=loss.dtype) * lambdas[k]
+            if name in at_taps:
+                # m_k already scales this head's gradient into the trunk (at its tap): the loss keeps λ_k, so the
+                # head's own parameters get their full λ_k·g_k.
+                weight = torch.as_tensor(lambdas[k], device=loss.device, dtype=loss.dtype)
+                self._tele[f"effw/{name}"] = torch.as_tensor(at_taps[name] * lambdas[k])
+            else:
+                weight = multipliers[k].to(device=loss.device, dtype=loss.dtype) * lambdas[k]
+                self._tele[f"effw/{name}"] = (multipliers[k] * lambdas[k]).detach()
             total = total + weight * loss
-            self._tele[f"effw/{name}"] = (multipliers[k] * lambdas[k]).detach()
         if scale != 1.0:
             total = total * scale
         if scaler is not None:
