@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from auxloss.errors import AuxLossError
@@ -291,7 +291,3 @@ def final_metric(values: dict[str, float], split: str) -> float:
     if key not in values:
         raise AuxLossError(f"the run has no {key!r}; it has {sorted(values)}.")
     return float(values[key])
-
-
-def example_of(data: DictDataset) -> Tensor:
-    return data.tensors["input"][:1]

@@ -209,7 +209,6 @@ def run_experiment(
     force: bool = False,
     progress: bool = False,
     command: str | None = None,
-    quiet: bool = False,
     store: str | None = None,
 ) -> dict[str, Any]:
     """Train every (variant, seed) not yet finished under ``out``, then write ``results.json`` and the report.

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from auxloss.errors import AuxLossError
 from auxloss.objective import LossReport, Objective
-from auxloss.taps import AuxModel, Outputs
+from auxloss.taps import AuxModel
 from auxloss.train.callbacks import Callback
 from auxloss.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from auxloss.train.distributed import all_reduce_mean, is_distributed
@@ -638,20 +638,3 @@ class _Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP's ``.module`` and compile's ``._orig_mod`` wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
-def outputs_of(model: nn.Module, inputs: Any) -> Outputs:
-    """Call a model and wrap a plain output in :class:`Outputs` (baselines have no heads)."""
-    out = model(inputs)
-    return out if isinstance(out, Outputs) else Outputs(main=out)

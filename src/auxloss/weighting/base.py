@@ -77,7 +77,3 @@ class GradientWeighting(Weighting):
 
     def backward(self, objective: Objective, report: LossReport, *, scale: float = 1.0, scaler: Any = None) -> None:
         raise NotImplementedError
-
-
-def describe(weighting: Weighting | None) -> str:
-    return "fixed" if weighting is None else repr(weighting)
