@@ -3,6 +3,7 @@ accumulation, GradScaler and checkpoints. Float64 references on a tiny net; ever
 
 import pytest
 import torch
+from _tiny import AUX, LAMBDA, batch, build, flat, reference
 from torch import nn
 
 import auxloss as al
@@ -12,8 +13,6 @@ from auxloss.weighting.metabalance import MetaBalance
 from auxloss.weighting.olaux import OLAux
 from auxloss.weighting.projection import Projection
 
-AUX = ("aux1", "aux2")
-LAMBDA = {"aux1": 0.3, "aux2": 0.5}
 # aux1 reads layer "1" (after the first Linear), aux2 layer "3": what each shares with the main task.
 SHARED = {
     "aux1": ["model.0.weight", "model.0.bias"],
@@ -22,39 +21,12 @@ SHARED = {
 CONFLICT, AGREE, MIXED = 0, 3, 2  # batch seeds: both aux tasks conflict / both agree / aux1 conflicts only
 
 
-def build(weighting, seed=0):
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
-    model = al.attach(net, {"aux1": al.Tap("1", nn.Linear(6, 3)), "aux2": al.Tap("3", nn.Linear(6, 3))}).double()
-    objective = al.Objective(
-        aux=[al.Task(n, source=n, target="t" + n[-1], weight=LAMBDA[n]) for n in AUX], weighting=weighting
-    )
-    return model, objective
 
 
-def batch(seed, n=8):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "input": torch.randn(n, 4, generator=g, dtype=torch.float64),
-        "target": torch.randint(0, 3, (n,), generator=g),
-        "t1": torch.randint(0, 3, (n,), generator=g),
-        "t2": torch.randint(0, 3, (n,), generator=g),
-    }
 
 
-def reference(model, objective, b):
-    """The report of one forward and each task's gradient by separate autograd.grad calls (graph kept)."""
-    report = objective(model(b["input"]), b)
-    names, params = zip(*model.named_parameters())
-    grads = {}
-    for task, loss in report.losses.items():
-        gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        grads[task] = dict(zip(names, gs))
-    return report, grads
 
 
-def flat(g, names):
-    return torch.cat([g[n].flatten() for n in names])
 
 
 def hand_gating(grads, weighted=False, subset=None):
