@@ -36,6 +36,7 @@ def _worker(rank, world, init_file, out, kind):
         state = {k: v for k, v in objective.state_dict().items() if isinstance(v, torch.Tensor)}
         torch.save({"params": torch.cat([p.detach().flatten() for p in model.parameters()]), "state": state},
                    os.path.join(out, f"{kind}-{rank}.pt"))
+        dist.barrier()  # no rank leaves while the other still talks to it (gloo would abort it)
     finally:
         dist.destroy_process_group()
 

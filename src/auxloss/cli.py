@@ -280,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        from auxloss.train.distributed import shutdown
+
+        shutdown()  # under torchrun: every rank leaves the process group together
+        return code
     except AuxLossError as exc:
         print(f"auxloss: error: {exc}", file=sys.stderr)
         return 2

@@ -414,6 +414,7 @@ def _ddp_worker(rank, world, init_file, out_dir, steps):
             grads.append([p.grad.clone() for p in model.parameters()])
             sgd_step(model)
         torch.save(grads, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank leaves while the other still talks to it (gloo would abort it)
     finally:
         dist.destroy_process_group()
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_mean", "barrier", "broadcast_object", "init_from_env", "is_distributed", "rank",
+__all__ = ["all_reduce_mean", "barrier", "broadcast_object", "init_from_env", "is_distributed", "rank", "shutdown",
            "world_size"]
 
 
@@ -43,6 +43,16 @@ def init_from_env() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return True
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly: wait for every rank, then destroy it.
+
+    A rank that exits (or destroys its group) while another still talks to it can make gloo abort the other one.
+    """
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
