@@ -160,10 +160,10 @@ class CountingWeighting(GradientWeighting):
         super().__init__()
         self.calls = []
 
-    def backward(self, objective, report, *, scale=1.0, scaler=None):
-        self.calls.append((scale, scaler))
-        total = report.total * scale if scale != 1.0 else report.total
-        (scaler.scale(total) if scaler is not None else total).backward()
+    def backward(self, report, ctx):
+        self.calls.append((ctx.scale, ctx.scaler))
+        total = report.total * ctx.scale if ctx.scale != 1.0 else report.total
+        (ctx.scaler.scale(total) if ctx.scaler is not None else total).backward()
 
 
 @needs_lightning
