@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from auxloss.errors import AuxLossError
+from auxloss.step import LossReport, StepContext, StepPlan, guard_total, plain_backward
 from auxloss.taps import Outputs
 from auxloss.tasks import Task, batch_as_dict
-from auxloss.step import LossReport, StepContext, StepPlan, guard_total, plain_backward
 from auxloss.weighting.base import Weighting
 
 __all__ = ["LossReport", "Objective", "StepContext", "StepPlan"]

@@ -88,7 +88,6 @@ __all__ = [
     "Combination",
     "PerTaskGradientWeighting",
     "TaskStats",
-    "combine_weighted",
     "cosine",
     "discover_params",
     "per_task_gradients",
@@ -103,11 +102,6 @@ def cosine(dot: Tensor, sq0: Tensor, sqk: Tensor) -> Tensor:
     denom = torch.sqrt(sq0 * sqk)
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
     return torch.where(denom > 0, dot / safe, torch.zeros_like(dot)).clamp(-1.0, 1.0)
-
-
-def combine_weighted(g0: Tensor, gks: Tensor, coefs: Tensor) -> Tensor:
-    """``g_0 + Σ_k coefs_k·g_k`` for flat ``g0`` ``(D,)``, ``gks`` ``(K, D)`` and ``coefs`` ``(K,)``."""
-    return g0 + (coefs.to(gks.dtype)[:, None] * gks).sum(0)
 
 
 def discover_params(losses: Iterable[Tensor]) -> list[Tensor]:
