@@ -196,6 +196,23 @@ def test_cosine_gating_under_lightning_equals_auxloss_trainer():
 
 
 @needs_lightning
+def test_amortized_gating_under_lightning_equals_auxloss_trainer():
+    """Amortized steps put the cached multiplier on the head's gradient into the trunk at its tap (the step
+    protocol's before_step); with weighted gating that multiplier is not 1, so the head's own parameters would
+    differ if either trainer skipped the per-tap scaling."""
+    gating = pytest.importorskip("auxloss.weighting.gating", reason="CosineGating is not available")
+
+    def make():
+        return build(weighting=gating.CosineGating(weighted=True, mode="amortized", every=3))
+
+    (_, _, model_l, obj_l), (model_a, obj_a) = fit_both(make, accumulate=2)
+    # 8 backward calls: refreshes at 0, 3, 6 take 1 + K = 2 passes, the 5 amortized ones a single pass
+    assert obj_l.weighting.n_backward_calls == obj_a.weighting.n_backward_calls == 3 * 2 + 5
+    assert 0.0 < float(obj_a.weighting._cached[0]) < 1.0  # a multiplier that changes the head's gradient
+    assert_same_weights(model_l, model_a)
+
+
+@needs_lightning
 def test_gradient_weighting_gets_lightnings_grad_scaler():
     """fp16 with a GradScaler (CPU autocast; Lightning's own "16-mixed" falls back to bf16 on CPU, so the plugin is
     given explicitly): the weighting must scale its per-task losses with Lightning's scaler, which then unscales
