@@ -1,9 +1,9 @@
 """Multi-process training under ``torchrun``: process-group setup and the few collectives auxloss needs.
 
-The trainer wraps the model in ``DistributedDataParallel`` when a process group is up. Per-task gradients taken
-with ``torch.autograd.grad`` bypass DDP's all-reduce, so gradient-aware weightings average them explicitly with
-:func:`all_reduce_mean` (from :mod:`auxloss._distributed`) before computing cosines or projections: the statistics are then those of the global
-batch, exactly as in one process over the same batch.
+The trainer wraps the model in ``DistributedDataParallel`` when a process group is up. Per-task gradients
+taken with ``torch.autograd.grad`` bypass DDP's all-reduce, so gradient-aware weightings average them
+explicitly with :func:`all_reduce_mean` (from :mod:`auxloss._distributed`) before computing cosines or
+projections: the statistics are then those of the global batch, exactly as in one process over the same batch.
 """
 
 from __future__ import annotations

@@ -34,17 +34,17 @@ see and remember is in the true domain whatever the current scale.
 little next to the backward passes; the subset's point is a cheaper, more local signal. It must meet every task's
 shared set.
 
-**Amortized mode** (``mode="amortized", every=N``): the statistics are refreshed (exact mode) on one backward call
-in N (calls are counted on :meth:`backward`, micro-batches included, starting with a refresh), and on the others a
-*single* backward runs on ``L_0 + Σ_k m_k·λ_k·L_k`` with each strategy's cached multiplier ``m_k`` (its
-"effective weight" divided by ``λ_k``; see each strategy for what it caches). The trainer puts ``m_k`` on the
-gradient head k sends into the trunk, at its tap (:meth:`~PerTaskGradientWeighting.before_step`
-with :meth:`~auxloss.taps.AuxModel.set_trunk_grad_scales`), and the loss keeps ``λ_k``: the trunk gets
-``m_k·λ_k·g_k`` and the head's own parameters their full ``λ_k·g_k``, as in exact mode. Where that is not possible
-(a loop of your own that does not call ``objective.before_step(ctx)`` with the model, a task reading the main output, a tap shared by several tasks) the
-single backward uses ``m_k·λ_k`` for the whole task, so the head's own parameters get ``m_k·λ_k·g_k`` too.
-Per-tensor or non-scalar rules (a projection, MetaBalance's per-tensor rescaling) are summarised by one scalar
-per task between refreshes.
+**Amortized mode** (``mode="amortized", every=N``): the statistics are refreshed (exact mode) on one backward
+call in N (calls are counted on :meth:`backward`, micro-batches included, starting with a refresh), and on the
+others a *single* backward runs on ``L_0 + Σ_k m_k·λ_k·L_k`` with each strategy's cached multiplier ``m_k``
+(its "effective weight" divided by ``λ_k``; see each strategy for what it caches). The trainer puts ``m_k`` on
+the gradient head k sends into the trunk, at its tap (:meth:`~PerTaskGradientWeighting.before_step` with
+:meth:`~auxloss.taps.AuxModel.set_trunk_grad_scales`), and the loss keeps ``λ_k``: the trunk gets
+``m_k·λ_k·g_k`` and the head's own parameters their full ``λ_k·g_k``, as in exact mode. Where that is not
+possible (a loop of your own that does not call ``objective.before_step(ctx)`` with the model, a task reading
+the main output, a tap shared by several tasks) the single backward uses ``m_k·λ_k`` for the whole task, so
+the head's own parameters get ``m_k·λ_k·g_k`` too. Per-tensor or non-scalar rules (a projection, MetaBalance's
+per-tensor rescaling) are summarised by one scalar per task between refreshes.
 
 **Gradient accumulation.** Each backward call is one micro-batch: the decision (gate, projection, rescaling) is
 taken on that micro-batch's own gradients, and the result times ``scale`` is added to ``p.grad``. For rules that

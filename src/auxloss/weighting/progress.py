@@ -24,8 +24,9 @@ would all receive the same updates anyway. Each task's own balance comes from it
 scales all of them together. To weight tasks apart by their own signal use DWA, uncertainty or GradNorm weighting.
 
 The metric read is ``"val/metric/<main>"`` in the main task's direction, or ``"val/loss/<main>"`` (lower is
-better) when the main task has no metric, ``<main>`` being the main task's name (``"main"`` by default). It needs a validation split: without one it raises :class:`AuxLossError`.
-Evaluation batches never change its state; it changes only in :meth:`MainProgress.on_validation_end`.
+better) when the main task has no metric, ``<main>`` being the main task's name (``"main"`` by default). It
+needs a validation split: without one it raises :class:`AuxLossError`. Evaluation batches never change its
+state; it changes only in :meth:`MainProgress.on_validation_end`.
 
 Defaults: ``start=0.1, step=0.1, min=0.0, max=1.0, patience=1, mode="additive"``.
 """
