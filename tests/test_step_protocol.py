@@ -14,7 +14,16 @@ import auxloss as al
 from auxloss._distributed import SyncedState, sync_tensors
 from auxloss.step import StepContext, StepPlan
 from auxloss.train import Trainer
-from auxloss.weighting import DWA, CosineGating, GradNorm, MainProgress, MetaBalance, OLAux, Projection, Uncertainty
+from auxloss.weighting import (
+    DWA,
+    CosineGating,
+    GradNorm,
+    MainProgress,
+    MetaBalance,
+    OLAux,
+    Projection,
+    Uncertainty,
+)
 
 
 def tiny(weighting=None, main=None, seed=0):
@@ -219,8 +228,8 @@ def test_the_step_path_reads_no_device_value_per_step(monkeypatch, kind):
         for name in ("item", "tolist", "__float__"):
             original = getattr(torch.Tensor, name)
 
-            def counted(self, *args, _original=original, **kwargs):
-                calls["n"] += 1
+            def counted(self, *args, _original=original, _calls=calls, **kwargs):
+                _calls["n"] += 1
                 return _original(self, *args, **kwargs)
 
             monkeypatch.setattr(torch.Tensor, name, counted)
