@@ -12,7 +12,7 @@ import os
 import pickle
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -28,7 +28,7 @@ from auxloss.zoo.data import CIFAR10_CLASSES, load_cifar10, load_cifar100, read_
 class _Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
     """Writes str and bytes with Python 2's string opcodes, as the CIFAR files were written (cPickle, protocol 2)."""
 
-    dispatch = dict(pickle._Pickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: ClassVar[dict] = dict(pickle._Pickler.dispatch)  # type: ignore[attr-defined]
 
     def _save_py2_string(self, obj: str | bytes) -> None:
         raw = obj.encode("latin-1") if isinstance(obj, str) else bytes(obj)
