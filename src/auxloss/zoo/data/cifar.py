@@ -328,9 +328,10 @@ def load_cifar100(root: str | Path, split: str = "train") -> DictDataset:
     _check_range(fine, 100, "CIFAR-100 fine", [path])
     _check_range(coarse, 20, "CIFAR-100 coarse", [path])
     names: dict[str, Sequence[str]] = {}
-    fine_names = _names(folder / "meta", b"fine_label_names", 100)
-    if fine_names is not None:
-        names = {"target": fine_names, "coarse": _names(folder / "meta", b"coarse_label_names", 20) or []}
+    for key, meta_key, k in (("target", b"fine_label_names", 100), ("coarse", b"coarse_label_names", 20)):
+        found = _names(folder / "meta", meta_key, k)
+        if found is not None:
+            names[key] = found
     return DictDataset(
         {"input": _images(data), "target": fine, "coarse": coarse},
         num_classes={"target": 100, "coarse": 20},
