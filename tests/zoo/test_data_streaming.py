@@ -93,7 +93,7 @@ def test_registry_builds_every_experiment_dataset() -> None:
     assert DATASETS["digits-sequence"].options == ["step"]
     assert DATASETS["shapes"].options == ["image_size", "noise", "label_noise", "n_shapes", "n_colours",
                                           "clutter", "correlation", "max_rotation"]
-    with pytest.raises(AuxLossError, match=r"unknown data.name 'cifar' \(did you mean 'cifar10'\?\); use 'cifar10'"):
+    with pytest.raises(AuxLossError, match=r"unknown data.name 'cifar'; use 'cifar10', the closest"):
         build_splits("cifar", request)
     with pytest.raises(AuxLossError, match="'folder' needs data.root"):
         build_splits("folder", DataRequest(n_train=6, n_val=4, n_test=5, seed=2))

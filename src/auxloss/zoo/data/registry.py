@@ -187,10 +187,10 @@ def build_splits(name: str, request: DataRequest) -> dict[str, DictDataset]:
     if name not in DATASETS:
         hint = close_matches(str(name), DATASETS)
         names = sorted(DATASETS)
+        listed = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
         raise AuxLossError(
-            f"unknown data.name {name!r}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            + "; use " + ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}."
+            f"unknown data.name {name!r}; "
+            + (f"use {hint[0]!r}, the closest built-in name (all: {listed})." if hint else f"use {listed}.")
         )
     spec = DATASETS[name]
     unknown = sorted(set(request.params) - set(spec.options))
