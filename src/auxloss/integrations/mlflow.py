@@ -9,7 +9,8 @@
 - a **nested run** per (variant, seed), live while it trains: the step metrics at the config's logging interval
   (``step/<key>``, MLflow step = optimizer step, the numbers of ``steps.jsonl``), every epoch record (the keys of
   ``epochs.jsonl``, MLflow step = epoch) and, when it ends, the best epoch's metrics (``best/<key>``) and the main
-  metric (``main``). The total loss ``loss`` is named ``loss/total`` in MLflow (see :func:`mlflow_keys`).
+  metric (``main``). Two names differ from the logs: the total loss ``loss`` is ``loss/total`` (see
+  :func:`mlflow_keys`), and the epoch record's ``step`` is ``global_step``.
 
 Runs survive kills and take-overs. Workers on several machines agree on one parent run through the results store,
 and a worker that takes over a run finds the nested run of the worker that died (by its tags) and continues it.
@@ -294,6 +295,7 @@ class MlflowCallback(Callback):
         epoch = int(record["epoch"])
         if not trainer.is_main_process or epoch <= self.logged_epoch:
             return
-        metrics = _numbers({k: v for k, v in record.items() if k != "epoch"})
+        # The record's `step` (optimizer steps so far) is `global_step`: `step/` holds the step log's metrics.
+        metrics = _numbers({("global_step" if k == "step" else k): v for k, v in record.items() if k != "epoch"})
         self.tracker._log(self.run_id, metrics=metrics, step=epoch, tags={"auxloss.logged_epoch": str(epoch)})
         self.logged_epoch = epoch
