@@ -206,7 +206,8 @@ def _worker_loop(cfg_json: dict[str, Any], out: str, device: str | None, threads
             store.fail(variant, seed, str(exc) if isinstance(exc, AuxLossError) else
                        "".join(traceback.format_exception(exc)))
             if tracker is not None:
-                tracker.fail_run(callbacks[-1].run_id)
+                with contextlib.suppress(AuxLossError):  # the run's own error matters, not a tracking one on top
+                    tracker.fail_run(callbacks[-1].run_id)
             raise
         history = record.pop("history")
         if store.finish(variant, seed, record, history, worker=me):
