@@ -2,6 +2,10 @@
 
 Runs are independent jobs in the SQLite store. Worker processes (``workers``) claim them one at a time, so a
 second command on the same ``--out`` (or a crashed one restarted) never trains a finished run twice.
+
+Checkpoints go to ``OUT/runs/<variant>/seed<k>/checkpoint``, or with ``checkpoint_dir`` (a shared folder or an
+fsspec URL) to ``<checkpoint_dir>/<name>-<config hash>/<variant>/seed<k>``: unique per experiment, config, variant
+and seed, and the same on every machine, so a worker that takes over a dead one's run resumes its checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from auxloss.experiment import stats
 from auxloss.experiment.config import ExperimentConfig
 from auxloss.experiment.store import Store, open_store, worker_id
 from auxloss.train.callbacks import Callback
+from auxloss.train.checkpoint import checkpoint_location, join_location, remove_checkpoint
 
 __all__ = ["aggregate", "run_experiment", "run_one"]
 
@@ -40,9 +45,26 @@ def config_hash(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def run_checkpoint_dir(cfg: ExperimentConfig, variant: str, seed: int, out: Path | None,
+                       checkpoint_dir: str | Path | None = None) -> Path | str | None:
+    """Where (variant, seed) keeps its checkpoints: under ``out``, or under the shared ``checkpoint_dir``.
+
+    Under a shared root the folder names the experiment and its config hash: two experiments (or a config changed
+    with ``--force``) never resume each other's checkpoints.
+    """
+    if checkpoint_dir is None:
+        return out / "runs" / variant / f"seed{seed}" / "checkpoint" if out is not None else None
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.name)
+    return join_location(checkpoint_dir, f"{name}-{config_hash(cfg)}", variant, f"seed{seed}")
+
+
 def run_one(cfg: ExperimentConfig, variant: str, seed: int, *, out: Path | None = None,
-            device: str | None = None, progress: bool = False, callbacks: tuple = ()) -> dict[str, Any]:
-    """Train one (variant, seed) and return its result record (with ``history``)."""
+            device: str | None = None, progress: bool = False, callbacks: tuple = (),
+            checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train one (variant, seed) and return its result record (with ``history``).
+
+    ``checkpoint_dir``: a shared folder or fsspec URL for the checkpoints (see :func:`run_checkpoint_dir`).
+    """
     from auxloss.experiment.build import build_run
 
     run_dir = out / "runs" / variant / f"seed{seed}" if out is not None else None
@@ -50,7 +72,7 @@ def run_one(cfg: ExperimentConfig, variant: str, seed: int, *, out: Path | None 
                       progress=progress)
     built.trainer.callbacks.extend(callbacks)
     # An interrupted run resumes from its last checkpoint (bit-identically on CPU) instead of starting over.
-    built.trainer.checkpoint_dir = run_dir / "checkpoint" if run_dir is not None else None
+    built.trainer.checkpoint_dir = run_checkpoint_dir(cfg, variant, seed, out, checkpoint_dir)
     fit = built.trainer.fit(built.model, built.objective, built.loaders["train"], built.loaders["val"],
                             built.loaders["test"])
     split = cfg.train.compare_on
@@ -134,12 +156,29 @@ def open_experiment_store(out: str | Path, name: str, url: str | None = None) ->
     return Store(out / STORE_FILE, stale_after=stale_after())
 
 
+def _variant_params(cfg: ExperimentConfig, variant: str, seed: int) -> dict[str, Any]:
+    """What one run trains with (its MLflow params): the shared settings, the variant's own, its seed."""
+    return {"variant": cfg.variant(variant).model_dump(mode="json"), "seed": seed,
+            "data": cfg.data.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+            "main": cfg.main.model_dump(mode="json"), "train": cfg.train_for(variant).model_dump(mode="json")}
+
+
+def _tracker(cfg: ExperimentConfig, store: Store, mlflow: str | None) -> Any:
+    if not mlflow:
+        return None
+    from auxloss.integrations.mlflow import MlflowTracker
+
+    return MlflowTracker(mlflow, cfg.name, config_hash(cfg), store)
+
+
 def _worker_loop(cfg_json: dict[str, Any], out: str, device: str | None, threads: int | None,
-                 progress: bool, parent: int | None = None) -> int:
+                 progress: bool, parent: int | None = None, checkpoint_dir: str | None = None,
+                 mlflow: str | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     cfg = ExperimentConfig.model_validate(cfg_json)
     store = open_experiment_store(out, cfg.name)
+    tracker = _tracker(cfg, store, mlflow)
     shared = os.environ.get("AUXLOSS_SHARED_STORE") == "1"
     me = worker_id()
     done = 0
@@ -155,29 +194,37 @@ def _worker_loop(cfg_json: dict[str, Any], out: str, device: str | None, threads
             return done
         variant, seed = job
         heartbeat = _Heartbeat(store, variant, seed, me, parent)
+        callbacks: tuple = (heartbeat,)
+        if tracker is not None:
+            callbacks += (tracker.callback(variant, seed, _variant_params(cfg, variant, seed)),)
         try:
             record = run_one(cfg, variant, seed, out=Path(out), device=device, progress=progress,
-                             callbacks=(heartbeat,))
+                             callbacks=callbacks, checkpoint_dir=checkpoint_dir)
         except _Stop:
-            continue
-        except AuxLossError as exc:
-            store.fail(variant, seed, str(exc))
-            raise
+            continue  # the MLflow run stays open: the worker that took the run over continues it
         except Exception as exc:
-            store.fail(variant, seed, "".join(traceback.format_exception(exc)))
+            store.fail(variant, seed, str(exc) if isinstance(exc, AuxLossError) else
+                       "".join(traceback.format_exception(exc)))
+            if tracker is not None:
+                with contextlib.suppress(AuxLossError):  # the run's own error matters, not a tracking one on top
+                    tracker.fail_run(callbacks[-1].run_id)
             raise
         history = record.pop("history")
         if store.finish(variant, seed, record, history, worker=me):
             done += 1
+            if tracker is not None:
+                tracker.finish_run(callbacks[-1].run_id, record)
         # The result is stored: the run's checkpoints are no longer needed.
-        shutil.rmtree(Path(out) / "runs" / variant / f"seed{seed}" / "checkpoint", ignore_errors=True)
+        remove_checkpoint(run_checkpoint_dir(cfg, variant, seed, Path(out), checkpoint_dir))
 
 
-def _distributed_loop(cfg: ExperimentConfig, out: Path, device: str | None) -> None:
+def _distributed_loop(cfg: ExperimentConfig, out: Path, device: str | None, checkpoint_dir: str | None = None,
+                      mlflow: str | None = None) -> None:
     """Under torchrun: rank 0 claims each run and broadcasts it; every rank trains it together with DDP."""
     from auxloss.train import distributed as D
 
     store = open_experiment_store(out, cfg.name) if D.rank() == 0 else None
+    tracker = _tracker(cfg, store, mlflow) if store is not None else None
     me = worker_id()
     while True:
         job = store.claim(me) if store is not None else None
@@ -188,11 +235,15 @@ def _distributed_loop(cfg: ExperimentConfig, out: Path, device: str | None) -> N
         if device is None and torch.cuda.is_available():
             device = f"cuda:{torch.cuda.current_device()}"
         # Every rank reads the run's checkpoint on resume; only rank 0 writes it, and the logs (Trainer).
-        record = run_one(cfg, variant, seed, out=out, device=device)
+        callbacks = (tracker.callback(variant, seed, _variant_params(cfg, variant, seed)),) if tracker else ()
+        record = run_one(cfg, variant, seed, out=out, device=device, callbacks=callbacks,
+                         checkpoint_dir=checkpoint_dir)
         if store is not None:
             history = record.pop("history")
             store.finish(variant, seed, record, history, worker=me)
-            shutil.rmtree(out / "runs" / variant / f"seed{seed}" / "checkpoint", ignore_errors=True)
+            if tracker is not None:
+                tracker.finish_run(callbacks[0].run_id, record)
+            remove_checkpoint(run_checkpoint_dir(cfg, variant, seed, out, checkpoint_dir))
         D.barrier()
 
 
@@ -210,6 +261,8 @@ def run_experiment(
     progress: bool = False,
     command: str | None = None,
     store: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    mlflow: str | None = None,
 ) -> dict[str, Any]:
     """Train every (variant, seed) not yet finished under ``out``, then write ``results.json`` and the report.
 
@@ -221,25 +274,34 @@ def run_experiment(
         force: reuse a folder that holds another experiment's results (its runs are discarded).
         store: a ``postgresql://`` URL to keep the runs in a shared database instead of ``out/results.sqlite``, so
             that workers on several machines (each with ``AUXLOSS_SHARED_STORE=1``) split one experiment.
+        checkpoint_dir: a folder on shared storage or an fsspec URL (``s3://bucket/ckpt``) for the runs'
+            checkpoints instead of ``out/runs/``, so that a worker on another machine resumes a dead one's run.
+        mlflow: an MLflow tracking URI: every run is logged as a nested run of one parent run per experiment,
+            with the verdict and the report on the parent (:mod:`auxloss.integrations.mlflow`).
     """
     from auxloss.train import distributed as D
 
     out = Path(out)
     started = time.perf_counter()
+    if checkpoint_dir is not None:
+        checkpoint_dir = str(checkpoint_location(checkpoint_dir))  # a bad URL fails here, before any training
     if store:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / STORE_URL_FILE, store + "\n")
     if D.init_from_env():
         # Under torchrun: only rank 0 touches the store, the logs and the report.
+        tracker = None
         if D.rank() == 0:
-            _prepare_store(cfg, out, force)
+            db = _prepare_store(cfg, out, force)
+            tracker = _start_tracking(cfg, db, out, mlflow, command, store, checkpoint_dir)
         D.barrier()
-        _distributed_loop(cfg, out, device)
+        _distributed_loop(cfg, out, device, checkpoint_dir, mlflow)
         D.barrier()
         if D.rank() != 0:
             return {}
-        return _finish(cfg, out, open_experiment_store(out, cfg.name), command, started)
+        return _finish(cfg, out, open_experiment_store(out, cfg.name), command, started, tracker)
     db = _prepare_store(cfg, out, force)
+    tracker = _start_tracking(cfg, db, out, mlflow, command, store, checkpoint_dir)
     status = db.status()
     todo = status.get("pending", 0)
     if os.environ.get("AUXLOSS_SHARED_STORE") == "1":
@@ -247,17 +309,28 @@ def run_experiment(
     workers = max(1, min(workers, todo)) if todo else 1
     cfg_json = cfg.model_dump(mode="json")
     if todo and workers == 1:
-        _worker_loop(cfg_json, str(out), device, None, progress)
+        _worker_loop(cfg_json, str(out), device, None, progress, None, checkpoint_dir, mlflow)
     elif todo:
         # Each process gets an equal share of the cores: oversubscribed torch threads spin and slow everyone.
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers) as pool:
-            pool.map(_pool_worker, [(cfg_json, str(out), device, threads, False, os.getpid())] * workers)
-    return _finish(cfg, out, db, command, started)
+            pool.map(_pool_worker, [(cfg_json, str(out), device, threads, False, os.getpid(), checkpoint_dir,
+                                     mlflow)] * workers)
+    return _finish(cfg, out, db, command, started, tracker)
 
 
-def _finish(cfg: ExperimentConfig, out: Path, store: Store, command: str | None, started: float) -> dict[str, Any]:
+def _start_tracking(cfg: ExperimentConfig, db: Store, out: Path, mlflow: str | None, command: str | None,
+                    store: str | None, checkpoint_dir: str | None) -> Any:
+    tracker = _tracker(cfg, db, mlflow)
+    if tracker is not None:
+        tracker.start_experiment(cfg.model_dump(mode="json"), out, command=command, store=store,
+                                 checkpoint_dir=checkpoint_dir)
+    return tracker
+
+
+def _finish(cfg: ExperimentConfig, out: Path, store: Store, command: str | None, started: float,
+            tracker: Any = None) -> dict[str, Any]:
     from auxloss.experiment.report import build_report
 
     # Several processes may share `out` (AUXLOSS_SHARED_STORE): each aggregates and writes under a lock, so the
@@ -266,6 +339,8 @@ def _finish(cfg: ExperimentConfig, out: Path, store: Store, command: str | None,
         results = aggregate(cfg, store, command=command, seconds=time.perf_counter() - started)
         write_atomic(out / RESULTS_FILE, json.dumps(results, indent=2))
         build_report(out, results, *load_histories(store))
+        if tracker is not None:
+            tracker.finish_experiment(results, out)
     return results
 
 

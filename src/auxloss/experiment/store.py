@@ -120,6 +120,16 @@ class Store:
         with self._transaction() as con:
             con.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
+    def set_meta_once(self, key: str, value: Any) -> Any:
+        """Set ``key`` unless a worker set it first; return the value it holds (``value`` or the earlier one).
+
+        Workers starting together on several machines agree on one value this way (e.g. one MLflow parent run).
+        """
+        with self._transaction() as con:
+            con.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
+            row = con.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0])
+
     # -- runs ----------------------------------------------------------------------------------------------
     def add_runs(self, runs: list[tuple[str, int]]) -> None:
         """Register runs as pending (existing ones are left as they are)."""
