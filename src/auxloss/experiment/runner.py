@@ -79,6 +79,8 @@ def run_one(cfg: ExperimentConfig, variant: str, seed: int, *, out: Path | None 
     return {
         "variant": variant,
         "seed": seed,
+        # The report reads the main task's history keys (`val/metric/<name>`) by this name.
+        "main_task": built.objective.main.name,
         "main": fit.main_metric(split),
         "best_epoch": fit.best_epoch,
         "best": fit.best,
@@ -462,8 +464,11 @@ def aggregate(cfg: ExperimentConfig, store: Store, *, command: str | None = None
         comparisons = [c.to_dict() for c in stats.compare(baseline, others, higher_is_better=higher,
                                                           alpha=cfg.alpha)]
     status = store.status()
+    # Runs stored before records carried it lack the name; the report then falls back to the old fixed name.
+    main_task = next((r["result"]["main_task"] for r in done if r["result"].get("main_task")), None)
     return {
         "name": cfg.name,
+        **({"main_task": main_task} if main_task else {}),
         "metric": metric,
         "higher_is_better": higher,
         "baseline": "baseline",
