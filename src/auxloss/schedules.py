@@ -15,8 +15,10 @@ Every schedule
   argument and says how to fix it, so a bad config fails at start-up and not 10 000 steps in;
 * returns a Python ``float`` that is finite and ``>= 0`` for every finite ``t``;
 * is a pure function of ``t``: it holds no counters, so resuming from a checkpoint is exact as long as
-  the caller restores its own step and epoch. ``state_dict()`` / ``load_state_dict()`` still save and
-  restore the hyperparameters, so a checkpoint also pins *which* schedule was used;
+  the caller restores its own step and epoch. ``state_dict()`` saves the hyperparameters, so a checkpoint
+  also pins *which* schedule was used: ``load_state_dict()`` checks that it is this one (it never changes
+  the schedule), and :func:`from_state_dict` builds the schedule a state describes;
+* is immutable: no method changes it after construction, so it can be shared, hashed and used as a key;
 * composes: ``a * b`` is the pointwise product (e.g. ``Warmup(1.0, 500) * Cosine(1.0, 0.0, 10_000)``)
   and ``0.3 * a`` scales ``a``;
 * round-trips through plain dicts: ``from_config(to_config(s)) == s``.
@@ -51,6 +53,7 @@ __all__ = [
     "Warmup",
     "as_schedule",
     "from_config",
+    "from_state_dict",
     "to_config",
 ]
 
@@ -243,10 +246,19 @@ class Schedule(abc.ABC):
         return {"class": type(self).__name__, "params": _plain(self._params(), _state_of)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Become the schedule ``state`` describes (arguments re-validated); its class must match."""
-        new = _from_state(state, expect=type(self))
-        self.__dict__.clear()
-        self.__dict__.update(new.__dict__)
+        """Check that ``state`` (from :meth:`state_dict`) describes this very schedule; change nothing.
+
+        Schedules are immutable, so loading cannot turn this one into another: a checkpoint written with a
+        different schedule is an error that shows both, rather than a silent swap of the run's configured
+        schedule. To continue with the checkpoint's schedule, build it with :func:`from_state_dict`.
+        """
+        saved = _from_state(state, expect=type(self))
+        if saved != self:
+            raise AuxLossError(
+                f"load_state_dict: the state was saved from {saved!r}, but this schedule is {self!r}; schedules "
+                "are immutable, so it is not changed in place. Build the saved one with "
+                "auxloss.schedules.from_state_dict(state), or resume with the schedule the state was saved from."
+            )
 
     # -- dunder ---------------------------------------------------------------------------------------
 
@@ -944,6 +956,11 @@ def from_config(config: Mapping[str, Any]) -> Schedule:
     if cls is Product and isinstance(kwargs.get("factors"), Sequence):
         kwargs["factors"] = [from_config(f) if isinstance(f, Mapping) else f for f in kwargs["factors"]]
     return _build(cls, kwargs, "from_config")
+
+
+def from_state_dict(state: Mapping[str, Any]) -> Schedule:
+    """A new schedule built from :meth:`Schedule.state_dict` output (its arguments validated again)."""
+    return _from_state(state)
 
 
 def _from_state(state: Mapping[str, Any], expect: type[Schedule] | None = None) -> Schedule:
