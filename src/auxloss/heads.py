@@ -1,6 +1,11 @@
 """Auxiliary heads. Their input sizes are inferred on the first forward (lazy layers), so a user never has to
 work out that ``layer3`` has 256 channels: pass ``example_input`` to :func:`auxloss.attach` and they are built.
 
+*Every* parameterised layer of these heads is lazy, not only the first: building a head draws nothing from the
+global random stream, and its weights are drawn when it is materialised (at ``attach(..., example_input=...)`` or
+the first forward). A head built before ``torch.manual_seed(run_seed)`` therefore starts from the same weights in
+every run with that seed.
+
 Any ``nn.Module`` can serve as a head; these cover the usual shapes of auxiliary tasks.
 """
 
@@ -85,9 +90,9 @@ class InceptionAuxHead(nn.Module):
         _check_dropout(dropout)
         self.pool = nn.AdaptiveAvgPool2d(pool_size)
         self.conv = nn.LazyConv2d(conv_channels, kernel_size=1)
-        self.fc1 = nn.Linear(conv_channels * pool_size * pool_size, hidden)
+        self.fc1 = nn.LazyLinear(hidden)  # in: conv_channels * pool_size², inferred like the rest (see above)
         self.dropout = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, num_classes)
+        self.fc2 = nn.LazyLinear(num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 4:
@@ -134,9 +139,9 @@ class MLPHead(nn.Module):
         _check_dropout(dropout)
         self.pool = pool
         layers: list[nn.Module] = []
-        for i, h in enumerate(hidden):
-            layers += [nn.LazyLinear(h) if i == 0 else nn.Linear(hidden[i - 1], h), nn.ReLU(), nn.Dropout(dropout)]
-        layers.append(nn.LazyLinear(out_features) if not hidden else nn.Linear(hidden[-1], out_features))
+        for h in hidden:
+            layers += [nn.LazyLinear(h), nn.ReLU(), nn.Dropout(dropout)]
+        layers.append(nn.LazyLinear(out_features))
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -163,7 +168,7 @@ class DenseHead(nn.Module):
         if hidden:
             _check_positive("hidden", hidden)
             layers += [nn.LazyConv2d(hidden, 3, padding=1), nn.ReLU()]
-            layers.append(nn.Conv2d(hidden, out_channels, 1))
+            layers.append(nn.LazyConv2d(out_channels, 1))
         else:
             layers.append(nn.LazyConv2d(out_channels, 1))
         self.net = nn.Sequential(*layers)
@@ -203,7 +208,7 @@ class SequenceHead(nn.Module):
         self.batch_first = batch_first
         if hidden:
             _check_positive("hidden", hidden)
-            self.net: nn.Module = nn.Sequential(nn.LazyLinear(hidden), nn.ReLU(), nn.Linear(hidden, out_features))
+            self.net: nn.Module = nn.Sequential(nn.LazyLinear(hidden), nn.ReLU(), nn.LazyLinear(out_features))
         else:
             self.net = nn.LazyLinear(out_features)
 

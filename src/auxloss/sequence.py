@@ -120,7 +120,9 @@ class TrinhDecoderHead(nn.Module):
             ``"cross_entropy"`` (one-hot or probability inputs over the ``D`` values).
         teacher_forcing: ``True`` (the paper's): the decoder reads the true segment shifted by one step.
             ``False``: it reads zeros, so the whole segment must come from the anchor state.
-        seed: seeds the head's own ``torch.Generator`` for the training anchors. Its state is saved in the
+        seed: seeds the decoder's initial weights (drawn from it alone, not from the global random stream, so
+            that they do not depend on when the head is built) and the head's own ``torch.Generator`` for the
+            training anchors. The generator's state is saved in the
             head's ``state_dict`` (extra state), so a resumed run draws the very same anchors. In eval mode the
             anchors come from a fresh generator seeded from ``seed`` on every call, so evaluation is repeatable
             and never moves the training generator.
@@ -175,9 +177,14 @@ class TrinhDecoderHead(nn.Module):
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         n_states = 2 if cell == "lstm" else 1
-        self.init = nn.Linear(state_size, layers * n_states * hidden)
-        self.decoder = _CELLS[cell](input_size, hidden, num_layers=layers, batch_first=True)
-        self.out = nn.Linear(hidden, input_size)
+        # An RNN has no lazy form, so the weights are drawn here, from ``seed`` in a forked random stream: the
+        # head starts the same whenever it is built (before or after the run seeds torch), and building it
+        # leaves the global stream, and so everything built after it, untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.init = nn.Linear(state_size, layers * n_states * hidden)
+            self.decoder = _CELLS[cell](input_size, hidden, num_layers=layers, batch_first=True)
+            self.out = nn.Linear(hidden, input_size)
         self._checks_left = 3  # recomputed-vs-tapped state checks on the first truncated calls
 
     # -- the head: draw the anchors --------------------------------------------------------------------------
