@@ -18,21 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from auxloss._checks import positive_int, probability
 from auxloss.errors import AuxLossError
 
 __all__ = ["DenseHead", "InceptionAuxHead", "LinearHead", "MLPHead", "SequenceHead", "pool_features"]
 
 Pool = Literal["avg", "max", "flatten", "cls", "mean_tokens"]
-
-
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise AuxLossError(f"{name} must be a positive integer, got {value!r}.")
-
-
-def _check_dropout(value: float) -> None:
-    if not 0.0 <= float(value) < 1.0:
-        raise AuxLossError(f"dropout must lie in [0, 1), got {value!r}.")
 
 
 def pool_features(x: Tensor, pool: Pool = "avg") -> Tensor:
@@ -86,8 +77,8 @@ class InceptionAuxHead(nn.Module):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("pool_size", pool_size),
                             ("conv_channels", conv_channels), ("hidden", hidden)):
-            _check_positive(name, value)
-        _check_dropout(dropout)
+            positive_int(name, value)
+        probability("dropout", dropout)
         self.pool = nn.AdaptiveAvgPool2d(pool_size)
         self.conv = nn.LazyConv2d(conv_channels, kernel_size=1)
         self.fc1 = nn.LazyLinear(hidden)  # in: conv_channels * pool_size², inferred like the rest (see above)
@@ -111,8 +102,8 @@ class LinearHead(nn.Module):
 
     def __init__(self, out_features: int, *, pool: Pool = "avg", dropout: float = 0.0) -> None:
         super().__init__()
-        _check_positive("out_features", out_features)
-        _check_dropout(dropout)
+        positive_int("out_features", out_features)
+        probability("dropout", dropout)
         self.pool = pool
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.LazyLinear(out_features)
@@ -133,10 +124,10 @@ class MLPHead(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_positive("out_features", out_features)
+        positive_int("out_features", out_features)
         for h in hidden:
-            _check_positive("hidden size", h)
-        _check_dropout(dropout)
+            positive_int("hidden size", h)
+        probability("dropout", dropout)
         self.pool = pool
         layers: list[nn.Module] = []
         for h in hidden:
@@ -163,10 +154,10 @@ class DenseHead(nn.Module):
         size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        _check_positive("out_channels", out_channels)
+        positive_int("out_channels", out_channels)
         layers: list[nn.Module] = []
         if hidden:
-            _check_positive("hidden", hidden)
+            positive_int("hidden", hidden)
             layers += [nn.LazyConv2d(hidden, 3, padding=1), nn.ReLU()]
             layers.append(nn.LazyConv2d(out_channels, 1))
         else:
@@ -201,13 +192,13 @@ class SequenceHead(nn.Module):
         hidden: int | None = None,
     ) -> None:
         super().__init__()
-        _check_positive("out_features", out_features)
+        positive_int("out_features", out_features)
         if mode not in ("all", "last", "mean"):
             raise AuxLossError(f"SequenceHead mode must be 'all', 'last' or 'mean', got {mode!r}.")
         self.mode = mode
         self.batch_first = batch_first
         if hidden:
-            _check_positive("hidden", hidden)
+            positive_int("hidden", hidden)
             self.net: nn.Module = nn.Sequential(nn.LazyLinear(hidden), nn.ReLU(), nn.LazyLinear(out_features))
         else:
             self.net = nn.LazyLinear(out_features)

@@ -35,6 +35,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from auxloss._checks import as_float as _float
+from auxloss._checks import decay_factor as _gamma
+from auxloss._checks import is_number as _is_number
+from auxloss._checks import time_point as _time
+from auxloss._checks import weight as _weight
 from auxloss.errors import AuxLossError, close_matches
 
 __all__ = [
@@ -66,63 +71,9 @@ Time = int | float
 
 
 # ----------------------------------------------------------------------------------------------------
-# Argument checks. Each takes the owner's name so the message says *where* the bad value went.
+# Argument checks (shared ones in auxloss._checks). Each takes the owner's name so the message says *where*
+# the bad value went.
 # ----------------------------------------------------------------------------------------------------
-
-
-def _is_number(x: object) -> bool:
-    # bool is an Integral in Python, but ``Constant(True)`` is almost surely a mistake.
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _float(x: object) -> float:
-    """``float(x)``, with an int too large for a float (``10**400``) as ±inf instead of an OverflowError."""
-    try:
-        return float(x)  # type: ignore[arg-type]
-    except OverflowError:
-        return math.inf if x > 0 else -math.inf  # type: ignore[operator]
-
-
-def _weight(owner: str, name: str, x: object) -> float:
-    """A weight: a finite number ``>= 0``, returned as ``float``."""
-    if not _is_number(x):
-        raise AuxLossError(
-            f"{owner}: {name} must be a number >= 0, got {x!r} ({type(x).__name__}); "
-            f"pass a Python float such as {name}=0.1 (call .item() on a tensor)."
-        )
-    v = _float(x)
-    if not math.isfinite(v) or v < 0.0:
-        raise AuxLossError(
-            f"{owner}: {name} must be finite and >= 0, got {v!r}; a weight scales a loss and a "
-            f"negative or infinite one would reward the model for doing worse. Pass e.g. {name}=0.1."
-        )
-    return v
-
-
-def _time(owner: str, name: str, x: object) -> Time:
-    """A point or length in time: a finite number ``>= 0``; ints stay ints."""
-    if not _is_number(x):
-        raise AuxLossError(
-            f"{owner}: {name} must be a step or epoch count (a number >= 0), got {x!r} "
-            f"({type(x).__name__}); pass e.g. {name}=100."
-        )
-    v: Time = int(x) if isinstance(x, numbers.Integral) else float(x)  # type: ignore[arg-type]
-    if not math.isfinite(_float(v)) or v < 0:
-        raise AuxLossError(
-            f"{owner}: {name} must be finite and >= 0 (training time starts at 0), got {v!r}; "
-            f"pass e.g. {name}=100."
-        )
-    return v
-
-
-def _gamma(owner: str, x: object, *, name: str = "gamma") -> float:
-    """A decay factor in (0, 1]."""
-    if not _is_number(x) or not 0.0 < _float(x) <= 1.0:
-        raise AuxLossError(
-            f"{owner}: {name} must be a decay factor in (0, 1], got {x!r}; {name}=1 keeps the value "
-            f"constant and smaller values decay faster (e.g. {name}=0.999 per step)."
-        )
-    return float(x)  # type: ignore[arg-type]
 
 
 def _unit(owner: str, x: object) -> Unit:
