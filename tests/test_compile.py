@@ -209,3 +209,49 @@ def test_fp16_on_cpu_falls_back_to_float32_without_scaler():
     Trainer(epochs=1, lr=1e-2, device="cpu", eval_train=False).fit(model2, objective2, train2)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+# -- the order of attach() and torch.compile ---------------------------------------------------------------------
+def test_attach_after_compile_is_refused_with_the_order_to_use():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    compiled = torch.compile(net, backend="eager")
+    compiled(torch.randn(2, 4))
+    for layer in ("1", "_orig_mod.1"):
+        with pytest.raises(al.AuxLossError, match=r"compiled with torch.compile before attach\(\).*"
+                                                  r"torch.compile\(auxloss.attach\(net, taps\)\)"):
+            al.attach(compiled, {"a": al.Tap(layer, al.LinearHead(3))})
+    # a compiled submodule is refused for the taps inside it, and only for those
+    outer = nn.Sequential(nn.Linear(4, 4), torch.compile(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), backend="eager"))
+    with pytest.raises(al.AuxLossError, match=r"tap 'a': its submodule '1' was compiled"):
+        al.attach(outer, {"a": al.Tap("1._orig_mod.0", nn.Identity())})
+    x = torch.randn(2, 4)
+    m = al.attach(outer, {"a": al.Tap("0", nn.Identity())})
+    torch.testing.assert_close(m(x).aux["a"], outer[0](x))
+    # the plain model inside works, and compiling the AuxModel afterwards matches eager
+    eager = al.attach(compiled._orig_mod, {"a": al.Tap("1", nn.Identity())})
+    want = eager(x)
+    got = torch.compile(eager, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(got.aux["a"], torch.relu(net[0](x)))
+    torch.testing.assert_close(got.main, want.main)
+
+
+def test_a_tap_on_a_looped_cell_compiles_in_one_graph_and_matches_eager():
+    torch.manual_seed(0)
+
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.Linear(3, 3)
+
+        def forward(self, x):
+            for _ in range(3):
+                x = torch.tanh(self.cell(x))
+            return x
+
+    m = al.attach(Loop(), {"all": al.Tap("cell", al.SequenceHead(2, mode="mean"), call="all"),
+                           "two": al.Tap("cell", nn.Identity(), call=-2)}, example_input=torch.randn(1, 3))
+    x = torch.randn(4, 3)
+    want = m(x)
+    got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    for name in ("all", "two"):
+        torch.testing.assert_close(got.aux[name], want.aux[name], atol=1e-6, rtol=0)

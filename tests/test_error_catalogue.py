@@ -92,6 +92,23 @@ def fit(model, objective, x, y, **trainer):
     return Trainer(epochs=1, device="cpu", eval_train=False, **trainer).fit(model, objective, loader)
 
 
+class Looped(nn.Module):
+    """A cell called three times per forward, like an RNN cell in a loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.Linear(4, 4)
+
+    def forward(self, x):
+        for _ in range(3):
+            x = torch.tanh(self.cell(x))
+        return x
+
+
+def _compiled(model):
+    return torch.compile(model, backend="eager")
+
+
 class Unused(nn.Module):
     def __init__(self):
         super().__init__()
@@ -169,6 +186,14 @@ ROWS = {
            r"cross entropy needs integer class labels", r"use loss='mse'.*or cast it with \.long\(\)"),
     "M5": (lambda e: cli(e, GOOD.replace("layer: block1", "layer: block9")), r"no layer named 'block9'",
            r"Closest names|list_layers"),
+    "M6": (lambda e: api(lambda: al.attach(Looped(), {"a": al.Tap("cell", al.LinearHead(2))},
+                                           example_input=torch.randn(1, 4))),
+           r"tap 'a': layer 'cell' ran 3 times in one forward pass", r"call='last'.*call='all'"),
+    "M7": (lambda e: api(lambda: al.attach(_compiled(Unused()), {"a": al.Tap("body", al.LinearHead(2))})),
+           r"the model was compiled with torch.compile before attach\(\)",
+           r"Attach first, then compile: model = torch.compile\(auxloss.attach\(net, taps\)\)"),
+    "M8": (lambda e: api(lambda: al.Task("main", metric="mse", higher_is_better=True)),
+           r"metric 'mse' is lower is better, but higher_is_better=True was given", r"drop higher_is_better"),
     # data
     "D1": (lambda e: objective_error(
                tiny_model(a=al.Tap("block1", al.LinearHead(3))),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
@@ -28,6 +27,7 @@ from auxloss.schedules import (
     Warmup,
     as_schedule,
     from_config,
+    from_state_dict,
     to_config,
 )
 
@@ -238,12 +238,22 @@ def _grid_values(s: Schedule) -> list[float]:
 @pytest.mark.parametrize("s", EXAMPLES, ids=repr)
 def test_state_dict_round_trip(s: Schedule) -> None:
     state = json.loads(json.dumps(s.state_dict()))  # plain data: survives JSON (and so torch.save)
-    fresh_copy = copy.deepcopy(OTHER[type(s)])
-    assert _grid_values(fresh_copy) != _grid_values(s)
-    fresh_copy.load_state_dict(state)
-    assert fresh_copy == s
-    assert repr(fresh_copy) == repr(s)
-    assert _grid_values(fresh_copy) == _grid_values(s)
+    back = from_state_dict(state)
+    assert back == s and back is not s
+    assert repr(back) == repr(s)
+    assert _grid_values(back) == _grid_values(s)
+    s.load_state_dict(state)  # its own state: accepted, nothing changes
+    assert s == back
+
+
+@pytest.mark.parametrize("s", EXAMPLES, ids=repr)
+def test_load_state_dict_of_another_schedule_is_refused_and_changes_nothing(s: Schedule) -> None:
+    # Schedules are immutable: loading another one's state must neither swap it in place nor pass silently.
+    other = OTHER[type(s)]
+    before, values, h = repr(other), _grid_values(other), hash(other)
+    with pytest.raises(AuxLossError, match=r"the state was saved from .* but this schedule is .*from_state_dict"):
+        other.load_state_dict(s.state_dict())
+    assert repr(other) == before and _grid_values(other) == values and hash(other) == h
 
 
 @pytest.mark.parametrize("s", EXAMPLES, ids=repr)
@@ -487,6 +497,8 @@ def test_composition_is_product_of_values(a: Schedule, b: Schedule, k: float, ts
 @given(schedules)
 def test_round_trips_property(s: Schedule) -> None:
     assert from_config(json.loads(json.dumps(to_config(s)))) == s
-    fresh = copy.deepcopy(OTHER[type(s)])
-    fresh.load_state_dict(json.loads(json.dumps(s.state_dict())))
-    assert fresh == s and repr(fresh) == repr(s)
+    state = json.loads(json.dumps(s.state_dict()))
+    back = from_state_dict(state)
+    assert back == s and repr(back) == repr(s)
+    s.load_state_dict(state)  # a schedule accepts its own state (and stays as it is)
+    assert s == back

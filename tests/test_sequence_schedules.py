@@ -48,9 +48,12 @@ def test_config_round_trip_and_state_dict():
                    "fraction": 0.5, "unit": "step"}
     assert S.from_config(cfg) == s
     assert S.from_config({"type": "ProgressiveDrop", "value": 1, "layer": 1, "n_layers": 2, "total": 50}).stop == 12.5
+    back = S.from_state_dict(s.state_dict())
+    assert back == s and back.stop == 250.0
     other = S.ProgressiveDrop(1.0, layer=1, n_layers=2, total=10)
-    other.load_state_dict(s.state_dict())
-    assert other == s and other.stop == 250.0
+    with pytest.raises(al.AuxLossError, match="the state was saved from ProgressiveDrop"):
+        other.load_state_dict(s.state_dict())  # schedules are immutable: no swap in place
+    assert other.stop == 2.5  # 0.5 · 10 · 1/2, as built
     assert repr(s) == "ProgressiveDrop(value=0.5, layer=2, n_layers=4, total=1000, fraction=0.5, unit='step')"
     assert s.bound == 0.5
     assert (S.Warmup(1.0, 10) * s)(5) == pytest.approx(0.25)  # composes like every schedule

@@ -3,7 +3,14 @@ import torch
 from torch import nn
 
 import auxloss as al
-from auxloss.taps import iter_hooks
+
+
+def iter_hooks(model: nn.Module):
+    """(module name, number of forward hooks) for every module that has any; for checking ``strip()``."""
+    for name, module in model.named_modules():
+        n = len(module._forward_hooks) + len(module._forward_pre_hooks)
+        if n:
+            yield name, n
 
 
 class Net(nn.Module):
@@ -123,7 +130,7 @@ def test_lstm_tuple_output_tapped_with_selectors():
     assert out.aux["steps"].shape == (2, 9, 4)
     assert out.aux["h_last_layer"].shape == (2, 2, 12)  # (num_layers, N, H)
     assert out.aux["fn"].shape == (2, 12)
-    rnn_out, (h, c) = m.model.rnn(x)
+    _, (h, c) = m.model.rnn(x)
     assert torch.allclose(out.aux["h_last_layer"], h)
     assert torch.allclose(out.aux["fn"], c[-1])
 
@@ -207,3 +214,225 @@ def test_deepcopy_gives_an_independent_working_model(x):
     twin.strip()
     assert len(twin.model.layer1._forward_hooks) == 0 and len(m.model.layer1._forward_hooks) == 1
     assert m(x).aux["a"].shape == (4, 7)
+
+
+# -- captures and emitted losses belong to one forward: threads and nested models never mix them ---------------
+class Gated(nn.Module):
+    """A block that emits a loss and waits for a second thread twice: once before it runs (both forwards have
+    started) and once after its tapped layer ran (both have captured), so two forwards interleave the same way
+    on every run, with no timing involved."""
+
+    def __init__(self, barrier) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.barrier = barrier
+
+    def forward(self, x):
+        self.barrier.wait()
+        y = self.lin(x)
+        al.emit("e", y.sum())
+        self.barrier.wait()
+        return 2 * y
+
+
+def _in_threads(*jobs):
+    """Run each job in its own thread; return their results, re-raising any thread's error."""
+    import threading
+
+    results, errors = [None] * len(jobs), []
+
+    def work(i, job):
+        try:
+            results[i] = job()
+        except BaseException as exc:  # noqa: BLE001 -- handed back to the test below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i, job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one-model", "two-models"])
+def test_two_threads_running_at_once_never_mix_captures_or_emitted_losses(shared):
+    import threading
+
+    torch.manual_seed(0)
+    barrier = threading.Barrier(2, timeout=60)  # the timeout only turns a deadlock into an error
+    net = Gated(barrier)
+    head = nn.Linear(4, 3)
+    models = [al.attach(net, {"t": al.Tap("lin", head)})]
+    if not shared:
+        net2 = Gated(barrier)
+        net2.load_state_dict(net.state_dict())
+        models.append(al.attach(net2, {"t": al.Tap("lin", head)}))
+    xs = [torch.randn(5, 4), torch.randn(5, 4) + 10.0]
+    outs = _in_threads(*(lambda i=i: models[i % len(models)](xs[i]) for i in range(2)))
+    with torch.no_grad():
+        for x, out in zip(xs, outs):
+            feature = net.lin(x)  # the hand reference, single-threaded
+            torch.testing.assert_close(out.aux["t"], head(feature))
+            torch.testing.assert_close(out.losses["e"], feature.sum())
+            torch.testing.assert_close(out.main, 2 * feature)
+
+
+def test_emit_from_a_thread_without_a_forward_does_nothing_and_reaches_no_other_thread():
+    import threading
+
+    torch.manual_seed(0)
+    barrier = threading.Barrier(2, timeout=60)
+    m = al.attach(Gated(barrier), {"t": al.Tap("lin", nn.Identity())})
+    x = torch.randn(3, 4)
+
+    def stray():
+        barrier.wait()  # the model's forward has started in the other thread
+        al.emit("e", torch.tensor(1000.0))
+        al.emit("stray", torch.tensor(1.0))
+        barrier.wait()
+
+    out, _ = _in_threads(lambda: m(x), stray)
+    assert set(out.losses) == {"e"}
+    torch.testing.assert_close(out.losses["e"], m.model.lin(x).sum())
+
+
+def test_nested_aux_models_each_get_their_own_captures_and_the_inner_one_the_emitted_loss():
+    torch.manual_seed(0)
+
+    class Emitter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            al.emit("inner_loss", y.square().mean())
+            return y
+
+    inner_head, outer_head = nn.Linear(4, 2), nn.Linear(4, 6)
+    inner = al.attach(Emitter(), {"i": al.Tap("lin", inner_head)})
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+            self.post = nn.Linear(4, 5)
+
+        def forward(self, x):
+            self.seen = self.inner(x)
+            return self.post(torch.relu(self.seen.main))
+
+    outer_net = Outer()
+    # the outer model taps the very layer the inner one taps: two hooks on one module, each with its own captures
+    outer = al.attach(outer_net, {"o": al.Tap("inner.model.lin", outer_head), "p": al.Tap("post", nn.Identity())})
+    x = torch.randn(3, 4)
+    out = outer(x)
+    with torch.no_grad():
+        feature = inner.model.lin(x)
+        torch.testing.assert_close(outer_net.seen.aux["i"], inner_head(feature))
+        torch.testing.assert_close(outer_net.seen.losses["inner_loss"], feature.square().mean())
+        torch.testing.assert_close(out.aux["o"], outer_head(feature))
+        torch.testing.assert_close(out.aux["p"], outer_net.post(torch.relu(feature)))
+    assert out.losses == {}  # emitted losses go to the innermost running AuxModel only
+
+
+def test_emit_outside_any_forward_is_a_no_op_and_the_wrapped_model_alone_keeps_nothing(x):
+    m = al.attach(Net(), {"a": al.Tap("layer1", nn.Identity())})
+    al.emit("orphan", torch.tensor(1.0))  # no forward running: nothing to collect it, and no error
+    m.model(x + 1.0)  # the plain model called directly: the hook keeps nothing, so the next forward sees one call
+    out = m(x)
+    assert out.losses == {}
+    torch.testing.assert_close(out.aux["a"], m.model.layer1(m.model.stem(x)))
+
+
+def test_a_pickled_or_copied_model_starts_with_captures_of_its_own(x):
+    import io
+
+    m = al.attach(Net(), {"a": al.Tap("layer1", al.LinearHead(7))}, example_input=x[:1])
+    buffer = io.BytesIO()
+    torch.save(m, buffer)
+    buffer.seek(0)
+    back = torch.load(buffer, weights_only=False)  # our own bytes, written just above
+    torch.testing.assert_close(back(x).aux["a"], m(x).aux["a"])
+
+
+# -- a layer that runs more than once per forward ----------------------------------------------------------------
+class Loop(nn.Module):
+    """An RNN-like cell called in a loop: the tapped layer runs ``steps`` times per forward."""
+
+    def __init__(self, steps: int = 4) -> None:
+        super().__init__()
+        self.cell = nn.Linear(3, 3)
+        self.steps = steps
+
+    def forward(self, x):
+        for _ in range(self.steps):
+            x = torch.tanh(self.cell(x))
+        return x
+
+    def cell_outputs(self, x):
+        """The hand reference: every call's output of ``cell``, in order."""
+        outs = []
+        for _ in range(self.steps):
+            outs.append(self.cell(x))
+            x = torch.tanh(outs[-1])
+        return outs
+
+
+def test_a_layer_that_runs_more_than_once_is_an_error_until_the_tap_says_which_call():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3)
+    with pytest.raises(al.AuxLossError, match=r"layer 'cell' ran 4 times in one forward pass.*call='last'"):
+        al.attach(Loop(), {"c": al.Tap("cell", nn.Identity())}, example_input=x)
+    once = al.attach(Loop(steps=1), {"c": al.Tap("cell", nn.Identity())})  # one call: no choice to make
+    torch.testing.assert_close(once(x).aux["c"], once.model.cell(x))
+
+
+@pytest.mark.parametrize("call, pick", [
+    ("first", lambda outs: outs[0]),
+    ("last", lambda outs: outs[-1]),
+    (0, lambda outs: outs[0]),
+    (2, lambda outs: outs[2]),
+    (-2, lambda outs: outs[-2]),
+    ("all", lambda outs: torch.stack(outs, dim=1)),
+])
+def test_tap_call_picks_that_call_or_stacks_all_of_them_along_dim_1(call, pick):
+    torch.manual_seed(0)
+    net = Loop()
+    m = al.attach(net, {"c": al.Tap("cell", nn.Identity(), call=call)})
+    x = torch.randn(2, 3)
+    out = m(x).aux["c"]
+    ref = pick(net.cell_outputs(x))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    if call == "all":
+        assert out.shape == (2, 4, 3)
+    # the gradient reaches the cell through the chosen call(s) only, as the hand reference's does
+    (w,) = torch.autograd.grad(out.square().sum(), net.cell.weight)
+    (w_ref,) = torch.autograd.grad(pick(net.cell_outputs(x)).square().sum(), net.cell.weight)
+    torch.testing.assert_close(w, w_ref)
+
+
+def test_tap_call_out_of_range_or_malformed_is_named():
+    x = torch.randn(2, 3)
+    for call in (4, -5):
+        with pytest.raises(al.AuxLossError, match=rf"call={call} asks for a call of layer 'cell'.*ran 4 times"):
+            al.attach(Loop(), {"c": al.Tap("cell", nn.Identity(), call=call)}, example_input=x)
+    for bad in ("middle", True, 1.5):
+        with pytest.raises(al.AuxLossError, match="call must be 'first', 'last', 'all'"):
+            al.Tap("cell", nn.Identity(), call=bad)
+
+
+def test_call_all_on_outputs_of_different_shapes_is_named():
+    class Pyramid(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = nn.MaxPool1d(2)
+
+        def forward(self, x):
+            return self.pool(self.pool(x))
+
+    with pytest.raises(al.AuxLossError, match=r"cannot stack .* 2 calls, whose shapes differ"):
+        al.attach(Pyramid(), {"p": al.Tap("pool", nn.Identity(), call="all")}, example_input=torch.randn(1, 2, 8))

@@ -1,6 +1,11 @@
 """Auxiliary heads. Their input sizes are inferred on the first forward (lazy layers), so a user never has to
 work out that ``layer3`` has 256 channels: pass ``example_input`` to :func:`auxloss.attach` and they are built.
 
+*Every* parameterised layer of these heads is lazy, not only the first: building a head draws nothing from the
+global random stream, and its weights are drawn when it is materialised (at ``attach(..., example_input=...)`` or
+the first forward). A head built before ``torch.manual_seed(run_seed)`` therefore starts from the same weights in
+every run with that seed.
+
 Any ``nn.Module`` can serve as a head; these cover the usual shapes of auxiliary tasks.
 """
 
@@ -13,21 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from auxloss._checks import positive_int, probability
 from auxloss.errors import AuxLossError
 
 __all__ = ["DenseHead", "InceptionAuxHead", "LinearHead", "MLPHead", "SequenceHead", "pool_features"]
 
 Pool = Literal["avg", "max", "flatten", "cls", "mean_tokens"]
-
-
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise AuxLossError(f"{name} must be a positive integer, got {value!r}.")
-
-
-def _check_dropout(value: float) -> None:
-    if not 0.0 <= float(value) < 1.0:
-        raise AuxLossError(f"dropout must lie in [0, 1), got {value!r}.")
 
 
 def pool_features(x: Tensor, pool: Pool = "avg") -> Tensor:
@@ -81,13 +77,13 @@ class InceptionAuxHead(nn.Module):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("pool_size", pool_size),
                             ("conv_channels", conv_channels), ("hidden", hidden)):
-            _check_positive(name, value)
-        _check_dropout(dropout)
+            positive_int(name, value)
+        probability("dropout", dropout)
         self.pool = nn.AdaptiveAvgPool2d(pool_size)
         self.conv = nn.LazyConv2d(conv_channels, kernel_size=1)
-        self.fc1 = nn.Linear(conv_channels * pool_size * pool_size, hidden)
+        self.fc1 = nn.LazyLinear(hidden)  # in: conv_channels * pool_size², inferred like the rest (see above)
         self.dropout = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, num_classes)
+        self.fc2 = nn.LazyLinear(num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 4:
@@ -106,8 +102,8 @@ class LinearHead(nn.Module):
 
     def __init__(self, out_features: int, *, pool: Pool = "avg", dropout: float = 0.0) -> None:
         super().__init__()
-        _check_positive("out_features", out_features)
-        _check_dropout(dropout)
+        positive_int("out_features", out_features)
+        probability("dropout", dropout)
         self.pool = pool
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.LazyLinear(out_features)
@@ -128,15 +124,15 @@ class MLPHead(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_positive("out_features", out_features)
+        positive_int("out_features", out_features)
         for h in hidden:
-            _check_positive("hidden size", h)
-        _check_dropout(dropout)
+            positive_int("hidden size", h)
+        probability("dropout", dropout)
         self.pool = pool
         layers: list[nn.Module] = []
-        for i, h in enumerate(hidden):
-            layers += [nn.LazyLinear(h) if i == 0 else nn.Linear(hidden[i - 1], h), nn.ReLU(), nn.Dropout(dropout)]
-        layers.append(nn.LazyLinear(out_features) if not hidden else nn.Linear(hidden[-1], out_features))
+        for h in hidden:
+            layers += [nn.LazyLinear(h), nn.ReLU(), nn.Dropout(dropout)]
+        layers.append(nn.LazyLinear(out_features))
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -158,12 +154,12 @@ class DenseHead(nn.Module):
         size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        _check_positive("out_channels", out_channels)
+        positive_int("out_channels", out_channels)
         layers: list[nn.Module] = []
         if hidden:
-            _check_positive("hidden", hidden)
+            positive_int("hidden", hidden)
             layers += [nn.LazyConv2d(hidden, 3, padding=1), nn.ReLU()]
-            layers.append(nn.Conv2d(hidden, out_channels, 1))
+            layers.append(nn.LazyConv2d(out_channels, 1))
         else:
             layers.append(nn.LazyConv2d(out_channels, 1))
         self.net = nn.Sequential(*layers)
@@ -196,14 +192,14 @@ class SequenceHead(nn.Module):
         hidden: int | None = None,
     ) -> None:
         super().__init__()
-        _check_positive("out_features", out_features)
+        positive_int("out_features", out_features)
         if mode not in ("all", "last", "mean"):
             raise AuxLossError(f"SequenceHead mode must be 'all', 'last' or 'mean', got {mode!r}.")
         self.mode = mode
         self.batch_first = batch_first
         if hidden:
-            _check_positive("hidden", hidden)
-            self.net: nn.Module = nn.Sequential(nn.LazyLinear(hidden), nn.ReLU(), nn.Linear(hidden, out_features))
+            positive_int("hidden", hidden)
+            self.net: nn.Module = nn.Sequential(nn.LazyLinear(hidden), nn.ReLU(), nn.LazyLinear(out_features))
         else:
             self.net = nn.LazyLinear(out_features)
 

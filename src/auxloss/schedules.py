@@ -15,8 +15,10 @@ Every schedule
   argument and says how to fix it, so a bad config fails at start-up and not 10 000 steps in;
 * returns a Python ``float`` that is finite and ``>= 0`` for every finite ``t``;
 * is a pure function of ``t``: it holds no counters, so resuming from a checkpoint is exact as long as
-  the caller restores its own step and epoch. ``state_dict()`` / ``load_state_dict()`` still save and
-  restore the hyperparameters, so a checkpoint also pins *which* schedule was used;
+  the caller restores its own step and epoch. ``state_dict()`` saves the hyperparameters, so a checkpoint
+  also pins *which* schedule was used: ``load_state_dict()`` checks that it is this one (it never changes
+  the schedule), and :func:`from_state_dict` builds the schedule a state describes;
+* is immutable: no method changes it after construction, so it can be shared, hashed and used as a key;
 * composes: ``a * b`` is the pointwise product (e.g. ``Warmup(1.0, 500) * Cosine(1.0, 0.0, 10_000)``)
   and ``0.3 * a`` scales ``a``;
 * round-trips through plain dicts: ``from_config(to_config(s)) == s``.
@@ -33,6 +35,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from auxloss._checks import as_float as _float
+from auxloss._checks import decay_factor as _gamma
+from auxloss._checks import is_number as _is_number
+from auxloss._checks import time_point as _time
+from auxloss._checks import weight as _weight
 from auxloss.errors import AuxLossError, close_matches
 
 __all__ = [
@@ -51,6 +58,7 @@ __all__ = [
     "Warmup",
     "as_schedule",
     "from_config",
+    "from_state_dict",
     "to_config",
 ]
 
@@ -63,63 +71,9 @@ Time = int | float
 
 
 # ----------------------------------------------------------------------------------------------------
-# Argument checks. Each takes the owner's name so the message says *where* the bad value went.
+# Argument checks (shared ones in auxloss._checks). Each takes the owner's name so the message says *where*
+# the bad value went.
 # ----------------------------------------------------------------------------------------------------
-
-
-def _is_number(x: object) -> bool:
-    # bool is an Integral in Python, but ``Constant(True)`` is almost surely a mistake.
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _float(x: object) -> float:
-    """``float(x)``, with an int too large for a float (``10**400``) as ±inf instead of an OverflowError."""
-    try:
-        return float(x)  # type: ignore[arg-type]
-    except OverflowError:
-        return math.inf if x > 0 else -math.inf  # type: ignore[operator]
-
-
-def _weight(owner: str, name: str, x: object) -> float:
-    """A weight: a finite number ``>= 0``, returned as ``float``."""
-    if not _is_number(x):
-        raise AuxLossError(
-            f"{owner}: {name} must be a number >= 0, got {x!r} ({type(x).__name__}); "
-            f"pass a Python float such as {name}=0.1 (call .item() on a tensor)."
-        )
-    v = _float(x)
-    if not math.isfinite(v) or v < 0.0:
-        raise AuxLossError(
-            f"{owner}: {name} must be finite and >= 0, got {v!r}; a weight scales a loss and a "
-            f"negative or infinite one would reward the model for doing worse. Pass e.g. {name}=0.1."
-        )
-    return v
-
-
-def _time(owner: str, name: str, x: object) -> Time:
-    """A point or length in time: a finite number ``>= 0``; ints stay ints."""
-    if not _is_number(x):
-        raise AuxLossError(
-            f"{owner}: {name} must be a step or epoch count (a number >= 0), got {x!r} "
-            f"({type(x).__name__}); pass e.g. {name}=100."
-        )
-    v: Time = int(x) if isinstance(x, numbers.Integral) else float(x)  # type: ignore[arg-type]
-    if not math.isfinite(_float(v)) or v < 0:
-        raise AuxLossError(
-            f"{owner}: {name} must be finite and >= 0 (training time starts at 0), got {v!r}; "
-            f"pass e.g. {name}=100."
-        )
-    return v
-
-
-def _gamma(owner: str, x: object, *, name: str = "gamma") -> float:
-    """A decay factor in (0, 1]."""
-    if not _is_number(x) or not 0.0 < _float(x) <= 1.0:
-        raise AuxLossError(
-            f"{owner}: {name} must be a decay factor in (0, 1], got {x!r}; {name}=1 keeps the value "
-            f"constant and smaller values decay faster (e.g. {name}=0.999 per step)."
-        )
-    return float(x)  # type: ignore[arg-type]
 
 
 def _unit(owner: str, x: object) -> Unit:
@@ -243,10 +197,19 @@ class Schedule(abc.ABC):
         return {"class": type(self).__name__, "params": _plain(self._params(), _state_of)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Become the schedule ``state`` describes (arguments re-validated); its class must match."""
-        new = _from_state(state, expect=type(self))
-        self.__dict__.clear()
-        self.__dict__.update(new.__dict__)
+        """Check that ``state`` (from :meth:`state_dict`) describes this very schedule; change nothing.
+
+        Schedules are immutable, so loading cannot turn this one into another: a checkpoint written with a
+        different schedule is an error that shows both, rather than a silent swap of the run's configured
+        schedule. To continue with the checkpoint's schedule, build it with :func:`from_state_dict`.
+        """
+        saved = _from_state(state, expect=type(self))
+        if saved != self:
+            raise AuxLossError(
+                f"load_state_dict: the state was saved from {saved!r}, but this schedule is {self!r}; schedules "
+                "are immutable, so it is not changed in place. Build the saved one with "
+                "auxloss.schedules.from_state_dict(state), or resume with the schedule the state was saved from."
+            )
 
     # -- dunder ---------------------------------------------------------------------------------------
 
@@ -944,6 +907,11 @@ def from_config(config: Mapping[str, Any]) -> Schedule:
     if cls is Product and isinstance(kwargs.get("factors"), Sequence):
         kwargs["factors"] = [from_config(f) if isinstance(f, Mapping) else f for f in kwargs["factors"]]
     return _build(cls, kwargs, "from_config")
+
+
+def from_state_dict(state: Mapping[str, Any]) -> Schedule:
+    """A new schedule built from :meth:`Schedule.state_dict` output (its arguments validated again)."""
+    return _from_state(state)
 
 
 def _from_state(state: Mapping[str, Any], expect: type[Schedule] | None = None) -> Schedule:

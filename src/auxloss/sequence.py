@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from auxloss._checks import integer, positive_int
 from auxloss.errors import AuxLossError, close_matches
 from auxloss.schedules import Schedule
 from auxloss.taps import Tap
@@ -89,12 +90,6 @@ class TrinhSample(NamedTuple):
 
     states: Tensor
     anchors: Tensor
-
-
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AuxLossError(f"{name} must be a positive integer, got {value!r}.")
-    return value
 
 
 class TrinhDecoderHead(nn.Module):
@@ -120,7 +115,9 @@ class TrinhDecoderHead(nn.Module):
             ``"cross_entropy"`` (one-hot or probability inputs over the ``D`` values).
         teacher_forcing: ``True`` (the paper's): the decoder reads the true segment shifted by one step.
             ``False``: it reads zeros, so the whole segment must come from the anchor state.
-        seed: seeds the head's own ``torch.Generator`` for the training anchors. Its state is saved in the
+        seed: seeds the decoder's initial weights (drawn from it alone, not from the global random stream, so
+            that they do not depend on when the head is built) and the head's own ``torch.Generator`` for the
+            training anchors. The generator's state is saved in the
             head's ``state_dict`` (extra state), so a resumed run draws the very same anchors. In eval mode the
             anchors come from a fresh generator seeded from ``seed`` on every call, so evaluation is repeatable
             and never moves the training generator.
@@ -144,18 +141,18 @@ class TrinhDecoderHead(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.input_size = _positive("input_size", input_size)
-        self.state_size = _positive("state_size", state_size)
-        self.segment = _positive("segment", segment)
+        self.input_size = positive_int("input_size", input_size)
+        self.state_size = positive_int("state_size", state_size)
+        self.segment = positive_int("segment", segment)
         if mode not in _MODES:
             raise AuxLossError(f"mode must be 'reconstruct' (r-LSTM) or 'predict' (p-LSTM), got {mode!r}.")
         self.mode = mode
-        self.hidden = _positive("hidden", hidden)
-        self.layers = _positive("layers", layers)
+        self.hidden = positive_int("hidden", hidden)
+        self.layers = positive_int("layers", layers)
         if cell not in _CELLS:
             raise AuxLossError(f"cell must be 'lstm' or 'gru', got {cell!r}.")
         self.cell = cell
-        self.truncate = None if truncate is None else _positive("truncate", truncate)
+        self.truncate = None if truncate is None else positive_int("truncate", truncate)
         if self.truncate is not None:
             if rnn is None:
                 raise AuxLossError(
@@ -165,19 +162,22 @@ class TrinhDecoderHead(nn.Module):
             _check_rnn(rnn, "rnn")
         # A plain tuple, not a submodule: the RNN's weights belong to the model (and its state_dict), not the head.
         self._rnn: tuple[nn.Module, ...] = (rnn,) if rnn is not None else ()
-        self.n_anchors = _positive("anchors", anchors)
+        self.n_anchors = positive_int("anchors", anchors)
         if loss not in _LOSSES:
             raise AuxLossError(f"loss must be one of {_LOSSES}, got {loss!r}.")
         self.loss_name = loss
         self.teacher_forcing = bool(teacher_forcing)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise AuxLossError(f"seed must be an integer, got {seed!r}.")
-        self.seed = seed
+        self.seed = integer("seed", seed)
         self.generator = torch.Generator().manual_seed(seed)
         n_states = 2 if cell == "lstm" else 1
-        self.init = nn.Linear(state_size, layers * n_states * hidden)
-        self.decoder = _CELLS[cell](input_size, hidden, num_layers=layers, batch_first=True)
-        self.out = nn.Linear(hidden, input_size)
+        # An RNN has no lazy form, so the weights are drawn here, from ``seed`` in a forked random stream: the
+        # head starts the same whenever it is built (before or after the run seeds torch), and building it
+        # leaves the global stream, and so everything built after it, untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.init = nn.Linear(state_size, layers * n_states * hidden)
+            self.decoder = _CELLS[cell](input_size, hidden, num_layers=layers, batch_first=True)
+            self.out = nn.Linear(hidden, input_size)
         self._checks_left = 3  # recomputed-vs-tapped state checks on the first truncated calls
 
     # -- the head: draw the anchors --------------------------------------------------------------------------

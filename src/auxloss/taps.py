@@ -10,8 +10,10 @@ original model with every hook removed for deployment.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Union
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -19,31 +21,49 @@ from torch.utils.hooks import RemovableHandle
 
 from auxloss.errors import AuxLossError, close_matches
 
-__all__ = ["AuxModel", "LayerInfo", "Outputs", "Tap", "attach", "emit", "list_layers", "select"]
+__all__ = ["AuxModel", "Call", "LayerInfo", "Outputs", "Tap", "attach", "emit", "list_layers", "select"]
 
-# Collectors of emitted losses, innermost forward last. A plain list: forwards nest, and each AuxModel forward
-# pushes its own dict and pops it when done, so a loss goes to the model whose forward is running.
-_EMITTED: list[dict[str, Any]] = []
+
+class _EmitSinks(threading.local):
+    """The emitted-loss collectors of the AuxModel forwards running in *this thread*, innermost last.
+
+    Each :meth:`AuxModel.forward` pushes a dict it owns and pops it in a ``finally``, so the stack is empty
+    between forwards and a loss goes to the innermost model whose forward is running in the emitting thread;
+    another thread (a second model, a ``DataParallel`` replica) has its own stack and never sees it. A
+    thread-local rather than a ``ContextVar``: TorchDynamo cannot trace ``ContextVar.get/set`` (a graph break,
+    which ``torch.compile(fullgraph=True)`` refuses), while it traces this. A forward holds no ``await``, so
+    per-thread and per-context are the same thing here.
+    """
+
+    def __init__(self) -> None:
+        self.stack: list[dict[str, Any]] = []
+
+
+_SINKS = _EmitSinks()
 
 
 def emit(name: str, loss: Any) -> None:
     """Contribute a named auxiliary loss from inside any module's forward (a router's load-balancing loss...).
 
-    The :class:`AuxModel` whose forward is running collects it into ``Outputs.losses[name]``; a task with
-    ``source="loss:<name>"`` (see :meth:`auxloss.Task.emitted`) then weights, schedules and reports it like every
-    other auxiliary loss. Several emits under one name (one per layer of a deep MoE) are summed. Outside an
-    AuxModel's forward (a stripped model in deployment) ``emit`` does nothing, so modules can always call it.
+    The :class:`AuxModel` whose forward is running in the calling thread collects it into
+    ``Outputs.losses[name]`` (the innermost one, when AuxModels are nested); a task with ``source="loss:<name>"``
+    (see :meth:`auxloss.Task.emitted`) then weights, schedules and reports it like every other auxiliary loss.
+    Several emits under one name (one per layer of a deep MoE) are summed. Outside an AuxModel's forward (a
+    stripped model in deployment, or a thread that runs no AuxModel forward) ``emit`` does nothing, so modules
+    can always call it.
     """
-    if not _EMITTED:
+    stack = _SINKS.stack
+    if not stack:
         return
     if not isinstance(name, str) or not name:
         raise AuxLossError(f"emit() needs a non-empty loss name, got {name!r}.")
-    sink = _EMITTED[-1]
+    sink = stack[-1]
     sink[name] = sink[name] + loss if name in sink else loss
+
 
 #: A selector picks the tensor a head reads out of a layer's output: an index into a tuple/list, a key into a
 #: dict, a tuple of those applied in turn (``(1, 0)`` is ``h`` of an LSTM's ``(out, (h, c))``), or a callable.
-Selector = Union[int, str, tuple, Callable[[Any], Tensor], None]
+Selector = int | str | tuple | Callable[[Any], Tensor] | None
 
 
 @dataclasses.dataclass
@@ -72,18 +92,38 @@ class Outputs:
             ) from None
 
 
+#: Which output a head reads when its layer runs several times in one forward (a weight-shared block, an RNN
+#: cell called in a loop): ``"first"``, ``"last"``, ``"all"`` (every call's output stacked along a new dim 1,
+#: so ``(N, ...)`` outputs become ``(N, calls, ...)``, like a ``batch_first`` sequence), or the index of the call
+#: (``0`` is the first, ``-1`` the last).
+Call = Literal["first", "last", "all"] | int
+_CALL_NAMES = ("first", "last", "all")
+
+
 @dataclasses.dataclass
 class Tap:
     """Where a head reads from: ``layer`` (a qualified submodule name), an optional ``select``or, the ``head``.
 
     ``detach=True`` stops the head's gradient at the tap, so the head learns without shaping the trunk (a
     linear probe rather than an auxiliary loss).
+
+    ``call`` says which output the head reads when the layer runs more than once per forward (see
+    :data:`Call`). Left at ``None``, a layer that runs more than once is an error rather than a silent choice.
     """
 
     layer: str
     head: nn.Module
     select: Selector = None
     detach: bool = False
+    call: Call | None = None
+
+    def __post_init__(self) -> None:
+        call = self.call
+        if call is not None and call not in _CALL_NAMES and (isinstance(call, bool) or not isinstance(call, int)):
+            raise AuxLossError(
+                f"Tap on {self.layer!r}: call must be 'first', 'last', 'all', the index of a call (0 is the first, "
+                f"-1 the last) or None, got {call!r}."
+            )
 
 
 def select(value: Any, selector: Selector) -> Any:
@@ -148,22 +188,115 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-class _TapHook:
-    """The forward hook of one tapped layer: stores the selected output(s) for the heads.
+class _Captures(threading.local):
+    """One hook's captures in *this thread*: whether an AuxModel forward is running, and what each tap saw.
 
-    A callable object rather than a closure, so that ``copy.deepcopy`` of an :class:`AuxModel` (EMA/SWA copies)
-    gives hooks that write into the *copy's* capture dict: deepcopy copies this object along with the model,
-    whereas it would share a closure with the original.
+    Per thread, so two threads running one model, or ``DataParallel`` replicas (which share their hook objects
+    and run one per thread, one per device), never see each other's captures; per hook, so nested AuxModels
+    never do either.
     """
 
-    def __init__(self, taps: list[tuple[str, Selector, bool]], captured: dict[str, Any]) -> None:
+    def __init__(self) -> None:
+        self.active = False
+        # tap name -> [number of calls so far, the kept output (a list of outputs for "all" and negative indices)]
+        self.records: dict[str, list[Any]] = {}
+
+
+def _keeps_all(call: Call | None) -> bool:
+    return call == "all" or (isinstance(call, int) and call < 0)
+
+
+class _TapHook:
+    """The forward hook of one tapped layer: keeps the selected output(s) for the heads, per thread.
+
+    It owns its captures (no shared dict, no module-level state): :meth:`start` arms it for one forward,
+    the hook records while armed, :meth:`take` reads and clears. A callable object rather than a closure, so
+    that ``copy.deepcopy`` of an :class:`AuxModel` (EMA/SWA copies) gives the copy hooks of its own.
+    """
+
+    def __init__(self, layer: str, taps: list[tuple[str, Selector, bool, Call | None]]) -> None:
+        self.layer = layer
         self.taps = taps
-        self.captured = captured
+        self._local = _Captures()
+
+    # A threading.local can be neither copied nor pickled; a copy starts with empty captures of its own.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = _Captures()
+
+    def start(self) -> None:
+        self._local.records = {}
+        self._local.active = True
+
+    def stop(self) -> None:
+        self._local.active = False
+        self._local.records = {}
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        for name, selector, detach in self.taps:
+        local = self._local
+        if not local.active:  # the model called outside its AuxModel's forward: nothing to keep alive
+            return
+        records = local.records
+        for name, selector, detach, call in self.taps:
             feature = select(output, selector)
-            self.captured[name] = feature.detach() if detach else feature
+            if detach:
+                feature = feature.detach()
+            record = records.get(name)
+            if record is None:
+                if _keeps_all(call):
+                    records[name] = [1, [feature]]
+                else:
+                    records[name] = [1, feature if call in (None, "first", "last", 0) else None]
+                continue
+            n = record[0]  # this call's index
+            record[0] = n + 1
+            if _keeps_all(call):
+                record[1].append(feature)
+            elif call is None or call == "last" or (not isinstance(call, str) and call == n):
+                record[1] = feature
+
+    def take(self) -> dict[str, Any]:
+        """The features of the forward that just ran in this thread, by tap name; clears them."""
+        records = self._local.records
+        self._local.records = {}
+        return {name: self._resolve(name, call, *records[name]) for name, _, _, call in self.taps if name in records}
+
+    def _resolve(self, name: str, call: Call | None, n: int, kept: Any) -> Any:
+        if call is None:
+            if n > 1:
+                raise AuxLossError(
+                    f"tap {name!r}: layer {self.layer!r} ran {n} times in one forward pass (a weight-shared block, or "
+                    "a cell called in a loop), so it is ambiguous which output the head reads. Say which: "
+                    "Tap(..., call='last'), call='first', call=<index of the call>, or call='all' (every call's "
+                    "output stacked along a new dim 1)."
+                )
+            return kept
+        if call in ("first", "last"):
+            return kept
+        if call == "all":
+            if not all(isinstance(f, Tensor) for f in kept):
+                raise AuxLossError(
+                    f"tap {name!r}: call='all' stacks the outputs of layer {self.layer!r}'s calls, so each must be a "
+                    f"tensor, got {[type(f).__name__ for f in kept]}; give the tap a `select` that picks the tensor."
+                )
+            try:
+                return torch.stack(kept, dim=1)
+            except RuntimeError as exc:
+                raise AuxLossError(
+                    f"tap {name!r}: call='all' cannot stack the outputs of layer {self.layer!r}'s {n} calls, whose "
+                    f"shapes differ ({[tuple(f.shape) for f in kept]}); pick one call with call=<index> instead."
+                ) from exc
+        if call >= n or -call > n:
+            raise AuxLossError(
+                f"tap {name!r}: call={call} asks for a call of layer {self.layer!r} that did not happen: it ran {n} "
+                f"time{'s' if n != 1 else ''} in this forward pass. Use an index in [{-n}, {n - 1}], or 'last'."
+            )
+        return kept[call] if call < 0 else kept
 
 
 class AuxModel(nn.Module):
@@ -180,13 +313,14 @@ class AuxModel(nn.Module):
             raise AuxLossError(f"attach() needs an nn.Module, got {type(model).__name__}.")
         if isinstance(model, AuxModel):
             raise AuxLossError("this model already has heads attached; pass several taps to one attach() call.")
+        _refuse_compiled(model, None, "")
         self.model = model
         self.heads = nn.ModuleDict()
         self._taps: dict[str, Tap] = {}
         self._handles: list[RemovableHandle] = []
-        # Captured features of the forward pass in progress. A plain dict (not a buffer): it holds activations
-        # with their autograd graph, and is cleared after each forward so no memory outlives the step.
-        self._captured: dict[str, Any] = {}
+        # One hook per tapped layer. Each owns the features it captures (per thread), holding activations with
+        # their autograd graph only while this model's forward runs: no memory outlives the step.
+        self._hooks: list[_TapHook] = []
         # Per-tap factors on the gradient a head sends back into the trunk (1 = untouched). Amortized
         # gradient-aware weightings use them so that the trunk gets m_k·λ_k·g_k while the head keeps λ_k·g_k.
         self._trunk_grad_scales: dict[str, float] = {}
@@ -209,6 +343,7 @@ class AuxModel(nn.Module):
                 )
             if not isinstance(tap.head, nn.Module):
                 raise AuxLossError(f"tap {name!r}: the head must be an nn.Module, got {type(tap.head).__name__}.")
+            _refuse_compiled(model, name, tap.layer)
             self._taps[name] = tap
             self.heads[name] = tap.head
         # Several taps may read the same layer: one hook per layer feeds them all.
@@ -216,10 +351,9 @@ class AuxModel(nn.Module):
         for name, tap in self._taps.items():
             by_layer.setdefault(tap.layer, []).append(name)
         for layer, names in by_layer.items():
-            self._handles.append(modules[layer].register_forward_hook(self._make_hook(names)))
-
-    def _make_hook(self, names: list[str]) -> _TapHook:
-        return _TapHook([(n, self._taps[n].select, self._taps[n].detach) for n in names], self._captured)
+            hook = _TapHook(layer, [(n, self._taps[n].select, self._taps[n].detach, self._taps[n].call) for n in names])
+            self._hooks.append(hook)
+            self._handles.append(modules[layer].register_forward_hook(hook))
 
     @property
     def taps(self) -> dict[str, Tap]:
@@ -231,27 +365,33 @@ class AuxModel(nn.Module):
             raise AuxLossError(
                 "this AuxModel was stripped: its hooks are gone. Call the stripped model directly, or attach again."
             )
-        self._captured.clear()
         emitted: dict[str, Any] = {}
-        _EMITTED.append(emitted)
+        sinks = _SINKS.stack
+        sinks.append(emitted)
+        for hook in self._hooks:
+            hook.start()
         try:
             main = self.model(*args, **kwargs)
+            captured: dict[str, Any] = {}
+            for hook in self._hooks:
+                captured.update(hook.take())
             aux = {}
             for name, head in self.heads.items():
-                if name not in self._captured:
+                if name not in captured:
                     raise AuxLossError(
                         f"tap {name!r}: layer {self._taps[name].layer!r} never ran in the forward pass, so its head "
                         "got no input. Tap a layer that the model's forward actually calls "
                         "(auxloss.list_layers shows only layers that ran)."
                     )
-                feature = self._captured[name]
+                feature = captured[name]
                 scale = self._trunk_grad_scales.get(name)
                 if scale is not None and scale != 1.0 and isinstance(feature, Tensor) and feature.requires_grad:
                     feature = _ScaleGrad.apply(feature, scale)
                 aux[name] = head(feature)
         finally:
-            self._captured.clear()
-            _EMITTED.pop()
+            for hook in self._hooks:
+                hook.stop()
+            sinks.pop()
         # Hugging Face MoE models return their load-balancing loss as `aux_loss` (output_router_logits=True).
         hf_aux = main.get("aux_loss") if isinstance(main, Mapping) else getattr(main, "aux_loss", None)
         if isinstance(hf_aux, Tensor) and "aux_loss" not in emitted:
@@ -285,6 +425,30 @@ class AuxModel(nn.Module):
         return ", ".join(f"{n}<-{t.layer}" for n, t in self._taps.items())
 
 
+def _refuse_compiled(model: nn.Module, tap: str | None, layer: str) -> None:
+    """Refuse a model, or a tap inside a submodule, compiled by ``torch.compile`` before attach().
+
+    Compiled code never calls forward hooks added after compilation (pytorch/pytorch#117758), so a head there
+    would silently get nothing, or stale input.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing can have been compiled
+    compiled_type = getattr(eval_frame, "OptimizedModule", None)
+    if compiled_type is None:
+        return
+    parts = layer.split(".") if layer else []
+    for depth in range(len(parts) + 1):
+        where = ".".join(parts[:depth])
+        if isinstance(model.get_submodule(where), compiled_type):
+            what = "the model" if not where else f"its submodule {where!r}"
+            who = f"tap {tap!r}: " if tap else "attach(): "
+            raise AuxLossError(
+                f"{who}{what} was compiled with torch.compile before attach(), and compiled code ignores forward "
+                "hooks added afterwards (pytorch/pytorch#117758), so the heads would never see their layers. "
+                "Attach first, then compile: model = torch.compile(auxloss.attach(net, taps)). The plain module of "
+                "a compiled one is its `._orig_mod`."
+            )
+
+
 def attach(
     model: nn.Module,
     taps: Mapping[str, Tap | tuple | Mapping],
@@ -296,6 +460,8 @@ def attach(
     Args:
         model: any ``nn.Module``; it is not modified except for the forward hooks (undone by ``strip()``).
         taps: ``{name: Tap(layer, head, select=None)}``; a ``(layer, head[, select])`` tuple also works.
+            ``model`` must not be compiled yet: compile the returned AuxModel instead (hooks added to compiled
+            code are ignored, so this is refused with an error).
         example_input: a sample input (a tensor, or a tuple of positional args). When given, one forward pass in
             eval mode without gradients infers the heads' input sizes (their lazy layers are materialised) and
             checks that every tapped layer runs. Give it before building the optimizer, since lazy parameters
@@ -382,10 +548,3 @@ def list_layers(
             m.training = flag
     return [infos[n] for n in order if n in infos]
 
-
-def iter_hooks(model: nn.Module) -> Iterator[tuple[str, int]]:
-    """(module name, number of forward hooks) for every module that has any; for checking ``strip()``."""
-    for name, module in model.named_modules():
-        n = len(module._forward_hooks) + len(module._forward_pre_hooks)
-        if n:
-            yield name, n

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ __all__ = ["LOSSES", "METRICS", "Task", "batch_as_dict"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 MetricFn = Callable[[Tensor, Tensor], Tensor | float]
-Target = Union[str, Callable[[Mapping[str, Any]], Tensor], None]
+Target = str | Callable[[Mapping[str, Any]], Tensor] | None
 
 
 def _identity(pred: Tensor, target: Any = None) -> Tensor:
@@ -105,7 +105,8 @@ class Task:
             ``None``.
         weight: λ for an auxiliary task: a float or a :class:`~auxloss.schedules.Schedule`. Ignored for the main
             task, whose weight is always 1.
-        higher_is_better: direction of a callable metric (built-in metrics know their own).
+        higher_is_better: direction of a callable metric (``None``: higher is better). A built-in metric knows
+            its own direction and sets it; giving the opposite one is an error, never silently overridden.
         select: picks a tensor out of a structured output (see :func:`auxloss.taps.select`).
     """
 
@@ -115,7 +116,7 @@ class Task:
     loss: str | LossFn = "cross_entropy"
     metric: str | MetricFn | None = "auto"
     weight: float | Schedule = 1.0
-    higher_is_better: bool = True
+    higher_is_better: bool | None = None
     select: Selector = None
 
     @classmethod
@@ -154,12 +155,21 @@ class Task:
                 raise AuxLossError(
                     f"task {self.name!r}: unknown metric {metric!r}; use one of {sorted(METRICS)} or a callable."
                 )
-            self._metric_fn, self.higher_is_better = METRICS[metric]
+            self._metric_fn, own = METRICS[metric]
+            if self.higher_is_better is not None and bool(self.higher_is_better) != own:
+                raise AuxLossError(
+                    f"task {self.name!r}: metric {metric!r} is {'higher' if own else 'lower'} is better, but "
+                    f"higher_is_better={self.higher_is_better!r} was given; drop higher_is_better (built-in metrics "
+                    "know their direction), or pass your own metric function with the direction you mean."
+                )
+            self.higher_is_better = own
             self.metric_name = metric
         elif callable(metric):
             self._metric_fn, self.metric_name = metric, getattr(metric, "__name__", "metric")
         else:
             raise AuxLossError(f"task {self.name!r}: metric must be a name, a callable or None, got {metric!r}.")
+        if self.higher_is_better is None:
+            self.higher_is_better = True  # a callable metric's (or no metric's) documented default
         try:
             self.schedule: Schedule = as_schedule(self.weight)
         except AuxLossError as exc:
@@ -261,16 +271,15 @@ class Task:
             )
         if self.loss in ("cross_entropy", "ce"):
             return pred, self._fit_classes(pred, target)
-        if isinstance(self.loss, str):  # regression and bce: shapes must agree
-            if pred.shape != target.shape:
-                if pred.dim() == target.dim() + 1 and pred.shape[-1] == 1 and pred.shape[:-1] == target.shape:
-                    pred = pred.squeeze(-1)
-                else:
-                    raise AuxLossError(
-                        f"task {self.name!r}: head output shape {tuple(pred.shape)} does not fit target shape "
-                        f"{tuple(target.shape)} for loss {self.loss!r}; make the head output "
-                        f"{tuple(target.shape[1:]) or 1} values per sample."
-                    )
+        if isinstance(self.loss, str) and pred.shape != target.shape:  # regression and bce: shapes must agree
+            if pred.dim() == target.dim() + 1 and pred.shape[-1] == 1 and pred.shape[:-1] == target.shape:
+                pred = pred.squeeze(-1)
+            else:
+                raise AuxLossError(
+                    f"task {self.name!r}: head output shape {tuple(pred.shape)} does not fit target shape "
+                    f"{tuple(target.shape)} for loss {self.loss!r}; make the head output "
+                    f"{tuple(target.shape[1:]) or 1} values per sample."
+                )
         return pred, target
 
     def _fit_classes(self, pred: Tensor, target: Tensor) -> Tensor:

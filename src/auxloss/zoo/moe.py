@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from auxloss._checks import positive_int, positive_number_or_none
 from auxloss.errors import AuxLossError
 from auxloss.taps import emit
 
@@ -89,16 +90,11 @@ class MoE(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("n_experts", n_experts), ("top_k", top_k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise AuxLossError(f"MoE: {name} must be a positive integer, got {value!r}.")
+            positive_int(name, value, owner="MoE")
         if top_k > n_experts:
             raise AuxLossError(f"MoE: top_k ({top_k}) cannot exceed n_experts ({n_experts}).")
-        hidden = 2 * dim if hidden is None else hidden
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise AuxLossError(f"MoE: hidden must be a positive integer, got {hidden!r}.")
-        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float))
-                                                and not isinstance(capacity_factor, bool) and capacity_factor > 0):
-            raise AuxLossError(f"MoE: capacity_factor must be a number > 0 or None, got {capacity_factor!r}.")
+        hidden = positive_int("hidden", 2 * dim if hidden is None else hidden, owner="MoE")
+        positive_number_or_none("capacity_factor", capacity_factor, owner="MoE")
         self.dim, self.n_experts, self.top_k = dim, n_experts, top_k
         self.capacity_factor = capacity_factor
         self.load_balance_name = load_balance

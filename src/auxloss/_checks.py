@@ -1,0 +1,116 @@
+"""Argument checks shared by the constructors of heads, schedules, sequence tasks and the zoo.
+
+Each check raises :class:`~auxloss.errors.AuxLossError` naming the argument, the value it got and what to
+pass instead, and returns the value in the type the caller keeps (``float`` for weights, ``int``
+steps stay ``int``). ``owner`` (``"Linear"``, ``"MoE"``) says *where* the bad value went; checks
+that take it write ``"{owner}: {name} ..."``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from auxloss.errors import AuxLossError
+
+__all__ = [
+    "as_float",
+    "decay_factor",
+    "integer",
+    "is_number",
+    "positive_int",
+    "positive_number_or_none",
+    "probability",
+    "time_point",
+    "weight",
+]
+
+
+def is_number(x: object) -> bool:
+    """A real number, but not a ``bool``: ``bool`` is an Integral in Python, yet ``weight=True`` is a mistake."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def as_float(x: Any) -> float:
+    """``float(x)``, with an int too large for a float (``10**400``) as ±inf instead of an OverflowError."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf
+
+
+def _where(owner: str | None) -> str:
+    return f"{owner}: " if owner else ""
+
+
+def positive_int(name: str, value: Any, *, owner: str | None = None) -> int:
+    """An ``int`` >= 1 (a size, a count); ``bool`` and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AuxLossError(f"{_where(owner)}{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+def integer(name: str, value: Any, *, owner: str | None = None) -> int:
+    """Any ``int`` (a seed); ``bool`` and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AuxLossError(f"{_where(owner)}{name} must be an integer, got {value!r}.")
+    return value
+
+
+def probability(name: str, value: Any, *, owner: str | None = None) -> float:
+    """A number in ``[0, 1)``, such as a dropout rate (1 would drop everything)."""
+    if not is_number(value) or not 0.0 <= float(value) < 1.0:
+        raise AuxLossError(f"{_where(owner)}{name} must lie in [0, 1), got {value!r}.")
+    return float(value)
+
+
+def positive_number_or_none(name: str, value: Any, *, owner: str | None = None) -> float | None:
+    """``None`` (no limit) or a finite number > 0."""
+    if value is None:
+        return None
+    if not is_number(value) or not math.isfinite(as_float(value)) or value <= 0:
+        raise AuxLossError(f"{_where(owner)}{name} must be a number > 0 or None, got {value!r}.")
+    return value
+
+
+def weight(owner: str, name: str, x: object) -> float:
+    """A weight: a finite number ``>= 0``, returned as ``float``."""
+    if not is_number(x):
+        raise AuxLossError(
+            f"{owner}: {name} must be a number >= 0, got {x!r} ({type(x).__name__}); "
+            f"pass a Python float such as {name}=0.1 (call .item() on a tensor)."
+        )
+    v = as_float(x)
+    if not math.isfinite(v) or v < 0.0:
+        raise AuxLossError(
+            f"{owner}: {name} must be finite and >= 0, got {v!r}; a weight scales a loss and a "
+            f"negative or infinite one would reward the model for doing worse. Pass e.g. {name}=0.1."
+        )
+    return v
+
+
+def time_point(owner: str, name: str, x: object) -> int | float:
+    """A point or length in training time: a finite number ``>= 0``; ints stay ints."""
+    if not is_number(x):
+        raise AuxLossError(
+            f"{owner}: {name} must be a step or epoch count (a number >= 0), got {x!r} "
+            f"({type(x).__name__}); pass e.g. {name}=100."
+        )
+    v = int(x) if isinstance(x, numbers.Integral) else float(x)  # type: ignore[arg-type]
+    if not math.isfinite(as_float(v)) or v < 0:
+        raise AuxLossError(
+            f"{owner}: {name} must be finite and >= 0 (training time starts at 0), got {v!r}; "
+            f"pass e.g. {name}=100."
+        )
+    return v
+
+
+def decay_factor(owner: str, x: object, *, name: str = "gamma") -> float:
+    """A decay factor in ``(0, 1]``."""
+    if not is_number(x) or not 0.0 < as_float(x) <= 1.0:
+        raise AuxLossError(
+            f"{owner}: {name} must be a decay factor in (0, 1], got {x!r}; {name}=1 keeps the value "
+            f"constant and smaller values decay faster (e.g. {name}=0.999 per step)."
+        )
+    return float(x)  # type: ignore[arg-type]
