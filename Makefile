@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 
 # The integration environment: the real torchvision, timm, transformers and lightning beside PyPI's default torch
 # build (CUDA libraries included, used on CPU). The CPU build pinned above cannot import PyPI's torchvision
-# (`operator torchvision::nms does not exist`), so these tests need their own venv. It takes about 7 GB of disk;
+# (`operator torchvision::nms does not exist`), so these tests need their own venv. It takes about 6 GB of disk;
 # pip keeps the downloaded wheels in its cache (~/.cache/pip, or $$PIP_CACHE_DIR), so a second install on the same
 # machine downloads nothing.
 INTEG_VENV := .venv-integration
@@ -46,7 +46,7 @@ test: $(STAMP)
 
 # The tests marked `integration` against the real libraries (tests/integration_real/); none of them may skip there.
 test-integration: $(INTEG_STAMP)
-	$(INTEG_PY) -m pytest -m integration -q
+	AUXLOSS_INTEGRATION=1 $(INTEG_PY) -m pytest -m integration -q
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

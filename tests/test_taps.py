@@ -185,6 +185,7 @@ def test_list_layers_restores_training_mode(x):
     assert all(m.training for m in net.modules())
 
 
+@pytest.mark.integration
 def test_torchvision_resnet18_if_installed():
     tv = pytest.importorskip("torchvision", reason="torchvision is an optional extra (auxloss[vision])")
     net = tv.models.resnet18(num_classes=10)
