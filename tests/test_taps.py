@@ -192,6 +192,7 @@ def test_list_layers_restores_training_mode(x):
     assert all(m.training for m in net.modules())
 
 
+@pytest.mark.integration
 def test_torchvision_resnet18_if_installed():
     tv = pytest.importorskip("torchvision", reason="torchvision is an optional extra (auxloss[vision])")
     net = tv.models.resnet18(num_classes=10)
@@ -436,3 +437,43 @@ def test_call_all_on_outputs_of_different_shapes_is_named():
 
     with pytest.raises(al.AuxLossError, match=r"cannot stack .* 2 calls, whose shapes differ"):
         al.attach(Pyramid(), {"p": al.Tap("pool", nn.Identity(), call="all")}, example_input=torch.randn(1, 2, 8))
+
+def test_a_plain_checkpoint_loads_into_the_trunk_and_reports_the_heads_missing(x):
+    # pytorch/vision#3648: pretrained weights have no aux heads. Loading them must fill the trunk and list the
+    # heads as missing, not raise (strict=True) nor silently load nothing (strict=False).
+    torch.manual_seed(1)
+    source = Net()
+    plain = {k: v.clone() for k, v in source.state_dict().items()}
+    torch.manual_seed(2)
+    model = al.attach(Net(), {"a": al.Tap("layer1", al.LinearHead(5))}, example_input=x[:1])
+    head_before = model.heads["a"].fc.weight.detach().clone()
+    for strict in (True, False):
+        result = model.load_state_dict(plain, strict=strict)
+        assert result.missing_keys == ["heads.a.fc.weight", "heads.a.fc.bias"] and result.unexpected_keys == []
+        for name, value in plain.items():
+            assert torch.equal(model.model.state_dict()[name], value)
+        assert torch.equal(model.heads["a"].fc.weight, head_before)
+    torch.testing.assert_close(model(x).main, source(x), rtol=0, atol=0)
+    # the trunk's keys are still checked: a wrong shape raises as for the plain model, and a missing trunk key
+    # is reported under its AuxModel name
+    with pytest.raises(RuntimeError, match="size mismatch for fc.weight"):
+        model.load_state_dict({**plain, "fc.weight": torch.zeros(3, 24)})
+    partial = {k: v for k, v in plain.items() if k != "fc.bias"}
+    assert "model.fc.bias" in model.load_state_dict(partial, strict=False).missing_keys
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "fc.bias"'):
+        model.load_state_dict(partial)
+
+
+def test_an_aux_model_checkpoint_round_trips_and_the_stripped_one_loads_strictly(x):
+    torch.manual_seed(3)
+    model = al.attach(Net(), {"a": al.Tap("layer1", al.LinearHead(5))}, example_input=x[:1])
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(4)
+    other = al.attach(Net(), {"a": al.Tap("layer1", al.LinearHead(5))}, example_input=x[:1])
+    result = other.load_state_dict(saved)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    out, ref = other(x), model(x)
+    assert torch.equal(out.main, ref.main) and torch.equal(out.aux["a"], ref.aux["a"])
+    fresh = Net()
+    fresh.load_state_dict(model.strip().state_dict(), strict=True)
+    assert torch.equal(fresh(x), ref.main)

@@ -409,6 +409,22 @@ class AuxModel(nn.Module):
             raise AuxLossError(f"no tap named {unknown}; the taps are {sorted(self._taps)}.")
         self._trunk_grad_scales = dict(scales or {})
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load an AuxModel checkpoint, or a checkpoint of the plain model (its trunk alone).
+
+        A plain model's keys (``conv1.weight``) have no ``model.`` prefix, so the inherited method would call them
+        all unexpected: a crash with ``strict=True``, a silent no-op without. They are loaded into the trunk
+        instead (``strict`` applies to the trunk's keys), and the heads, which such a checkpoint cannot hold, keep
+        their weights and are reported in ``missing_keys`` (pretrained weights without the aux heads,
+        pytorch/vision#3648).
+        """
+        keys = set(state_dict)
+        if keys and not keys & set(self.state_dict()) and keys & set(self.model.state_dict()):
+            result = self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+            missing = [f"model.{k}" for k in result.missing_keys] + [f"heads.{k}" for k in self.heads.state_dict()]
+            return nn.modules.module._IncompatibleKeys(missing, [f"model.{k}" for k in result.unexpected_keys])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def strip(self) -> nn.Module:
         """Remove every hook this wrapper added and give back the original model, for deployment.
 

@@ -244,6 +244,7 @@ def _import_or_skip(module: str):
                     f"after `pip install auxloss[{extra}]` with a torchvision built for this torch")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["torchvision:resnet18", "timm:resnet18"])
 def test_real_model_by_name(name):
     _import_or_skip(name.split(":")[0])
@@ -256,6 +257,7 @@ def test_real_model_by_name(name):
     assert out.main.shape == (2, 10) and out.aux["aux"].shape == (2, 10)
 
 
+@pytest.mark.integration
 def test_real_torchvision_cli_layers(capsys):
     _import_or_skip("torchvision")
     assert main(["layers", "torchvision:resnet18", "--depth", "1", "--size", "64"]) == 0
