@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[dev,data]" "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[experiment,data,dev]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -164,7 +164,7 @@ def test_a_torchvision_that_fails_to_import_is_reported(monkeypatch):
             raise RuntimeError("operator torchvision::nms does not exist")
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr("auxloss.integrations.importlib.import_module", broken)
+    monkeypatch.setattr("auxloss._extras.importlib.import_module", broken)
     with pytest.raises(MissingExtraError, match="cannot be imported .RuntimeError: operator torchvision::nms"):
         resolve_model("torchvision:resnet18")
 

@@ -195,13 +195,9 @@ def build_run(cfg: ExperimentConfig, variant_name: str, seed: int, *, device: st
 
         objective.set_weighting(build_weighting(variant.weighting, model=model))
 
-    tcfg = cfg.train_for(variant_name)
-    trainer = Trainer(
-        epochs=tcfg.epochs, optimizer=tcfg.optimizer, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-        lr_schedule=tcfg.lr_schedule, grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulate, amp=tcfg.amp,
-        compile=tcfg.compile, patience=tcfg.patience, device=device or tcfg.device, eval_train=tcfg.eval_train,
-        log_dir=log_dir, progress=progress, checkpoint_every=tcfg.checkpoint_every,
-    )
+    # Every training setting of the config reaches the Trainer whole; only the device may be overridden here.
+    options = cfg.train_for(variant_name).options()
+    trainer = Trainer(options, **({"device": device} if device else {}), log_dir=log_dir, progress=progress)
     # The loader's own generator fixes the batch order for this seed whatever the model consumed from the global
     # RNG; the global RNG is then reseeded so dropout starts from the same state in every variant.
     g = torch.Generator().manual_seed(seed)

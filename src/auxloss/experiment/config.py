@@ -12,9 +12,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from auxloss.errors import AuxLossError
+from auxloss.train.options import TrainOptions, option_specs
 
 __all__ = ["DataConfig", "ExperimentConfig", "HeadConfig", "ModelConfig", "TaskConfig", "TrainConfig",
            "VariantConfig", "load_config", "parse_config"]
@@ -103,25 +112,42 @@ class MainConfig(_Strict):
         return task.metric_name, task.higher_is_better
 
 
-class TrainConfig(_Strict):
-    epochs: int = Field(10, ge=1)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_schedule: Literal["cosine", "step"] | None = None
-    grad_clip: float | None = Field(None, gt=0)
-    accumulate: int = Field(1, ge=1)
-    amp: Literal[False, "bf16", "fp16"] = False
-    compile: bool = False
-    patience: int | None = Field(None, ge=1)
-    device: str = "auto"
-    eval_train: bool = True
+def _training_fields() -> dict[str, Any]:
+    """The ``train:`` keys, one per setting of :class:`~auxloss.train.TrainOptions`, with its bounds and choices.
+
+    Deriving them keeps the config and the Trainer from drifting apart: a new Trainer setting is a config key at
+    once, with the same default, and the bounds give pydantic's located messages ("train.lr: Input should be
+    greater than 0 (got -1)") before :class:`TrainConfig`'s own check runs the Trainer's.
+    """
+    fields: dict[str, Any] = {}
+    for spec in option_specs():
+        bounds = {k: v for k, v in (("ge", spec.ge), ("gt", spec.gt)) if v is not None}
+        fields[spec.name] = (spec.config_type, Field(spec.default, **bounds))
+    return fields
+
+
+_TrainingSettings = create_model("_TrainingSettings", __base__=_Strict, **_training_fields())
+
+
+class TrainConfig(_TrainingSettings):  # type: ignore[misc, valid-type]
+    """``train:``: every setting of :class:`auxloss.train.TrainOptions` (epochs, optimizer, lr, ...), plus how
+    variants are compared."""
+
     #: Which split's main metric is compared between variants: the test split (the best epoch is still chosen on
     #: validation).
     compare_on: Literal["test", "val"] = "test"
-    #: Also checkpoint every N optimizer steps inside an epoch (a run always checkpoints after every epoch), so a
-    #: killed run resumes closer to where it stopped.
-    checkpoint_every: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _trainer_accepts(self) -> TrainConfig:
+        try:  # the Trainer's own checks (e.g. a finite lr): a config it would refuse fails here, located
+            self.options()
+        except AuxLossError as exc:
+            raise ValueError(str(exc).rstrip(".")) from None
+        return self
+
+    def options(self) -> TrainOptions:
+        """These settings as the Trainer takes them."""
+        return TrainOptions(**{spec.name: getattr(self, spec.name) for spec in option_specs()})
 
 
 class VariantConfig(_Strict):

@@ -20,6 +20,7 @@ from typing import Any
 
 from auxloss._faults import fault_point
 from auxloss.errors import AuxLossError
+from auxloss.experiment.storage import hide_password, libpq_dsn, postgres_url
 
 __all__ = ["PostgresStore", "Store", "open_store"]
 
@@ -290,7 +291,7 @@ class PostgresStore(Store):
         except ImportError as exc:
             raise AuxLossError("a PostgreSQL results store needs psycopg2: pip install 'auxloss[postgres]'.") from exc
         self.url = url
-        self.path = Path(_hide_password(url))  # for messages only
+        self.path = Path(hide_password(url))  # for messages only
         self.schema = "auxloss_" + "".join(c if c.isalnum() else "_" for c in namespace.lower())[:50]
         self.stale_after = stale_after
         with self._connect() as con:
@@ -306,9 +307,8 @@ class PostgresStore(Store):
     def _connect(self) -> Iterator[Any]:
         import psycopg2
 
-        dsn = self.url.replace("postgresql+psycopg2://", "postgresql://", 1)
         try:
-            raw = psycopg2.connect(dsn, connect_timeout=30)
+            raw = psycopg2.connect(libpq_dsn(self.url), connect_timeout=30)
         except psycopg2.OperationalError as exc:
             raise AuxLossError(f"cannot connect to the results store {str(self.path)!r}: {str(exc).strip()}. Check "
                                "the URL, that the server runs, and the user's password.") from exc
@@ -344,18 +344,9 @@ class PostgresStore(Store):
             raise AuxLossError(f"cannot write the results store {str(self.path)!r}: {str(exc).strip()}.") from exc
 
 
-def _hide_password(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
-
-
 def open_store(location: str | Path, *, namespace: str = "default", stale_after: float = 120.0) -> Store:
     """A SQLite store for a file path, a PostgreSQL one for a ``postgresql://`` URL."""
-    text = str(location)
-    if text.startswith(("postgresql://", "postgresql+psycopg2://", "postgres://")):
-        return PostgresStore(text.replace("postgres://", "postgresql://", 1), namespace=namespace,
-                             stale_after=stale_after)
+    url = postgres_url(location)
+    if url is not None:
+        return PostgresStore(url, namespace=namespace, stale_after=stale_after)
     return Store(location, stale_after=stale_after)

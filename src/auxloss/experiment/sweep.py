@@ -28,11 +28,9 @@ failed (about two minutes later); it then counts as a failed trial.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import multiprocessing as mp
-import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -45,6 +43,7 @@ from auxloss.errors import AuxLossError
 from auxloss.experiment import stats
 from auxloss.experiment.config import ExperimentConfig, VariantConfig
 from auxloss.experiment.report.sweep import format_sweep
+from auxloss.experiment.storage import StudyLock, hide_password, optuna_storage
 
 __all__ = ["SEARCH_SEED_OFFSET", "WEIGHT_RANGE", "format_sweep", "run_sweep", "sweep_worker", "total_steps",
            "with_weights"]
@@ -181,156 +180,12 @@ def _fingerprint(cfg: ExperimentConfig, variant: str, search_seeds: int, schedul
 
 
 # --------------------------------------------------------------------------------------------------------
-# Storage and the lock shared by all workers of a study
+# The study (its storage URL and the lock shared by all workers live in auxloss.experiment.storage)
 # --------------------------------------------------------------------------------------------------------
 
 
-def _hide_password(url: str) -> str:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:  # not a SQLAlchemy URL: nothing we can parse, so nothing to hide
-        return url
-
-
-def _parse_url(url: str) -> Any:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    if not isinstance(url, str) or not url:
-        raise AuxLossError(f"the storage must be a database URL string such as 'sqlite:///sweep.sqlite' or "
-                           f"'postgresql://user:password@host/db', got {url!r}.")
-    try:
-        return make_url(url)
-    except ArgumentError:
-        raise AuxLossError(f"storage {url!r} is not a database URL; use e.g. 'sqlite:///path/optuna.sqlite' or "
-                           "'postgresql://user:password@host/db'.") from None
-
-
-def _sqlite_file(url: str) -> Path | None:
-    parsed = _parse_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database)
-
-
-def _storage(url: str) -> Any:
-    import optuna
-
-    parsed = _parse_url(url)
-    engine_kwargs: dict[str, Any] = {}
-    path = _sqlite_file(url)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Workers wait for each other's writes instead of failing with "database is locked".
-        engine_kwargs = {"connect_args": {"timeout": 60}}
-    elif parsed.get_backend_name() == "sqlite":
-        raise AuxLossError(f"storage {url!r} is an in-memory SQLite database, which no other process (and no "
-                           "resumed sweep) can see; give a file, e.g. 'sqlite:///sweep/optuna.sqlite'.")
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and have been since 2.9
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=_HEARTBEAT_S,
-                                              grace_period=_GRACE_S)
-    except ImportError as exc:
-        raise AuxLossError(f"storage {_hide_password(url)!r} needs a database driver that is not installed "
-                           f"({exc}); e.g. `pip install auxloss[postgres]` for PostgreSQL.") from None
-
-
-class _StudyLock:
-    """A lock shared by every process (on every machine) working on one study.
-
-    SQLite: an exclusive ``flock`` on ``<database>.lock``. PostgreSQL: a session advisory lock. MySQL/MariaDB:
-    ``GET_LOCK``. Elsewhere (no ``fcntl``, other databases) it does nothing, and concurrent workers could
-    overshoot the number of trials by at most one per worker.
-
-    ``release`` may be called when not held (it then does nothing), so the objective can release the lock as
-    soon as Optuna has created its trial.
-    """
-
-    def __init__(self, url: str, study_name: str) -> None:
-        self._held = False
-        self._fd: int | None = None
-        self._conn: Any = None
-        self._engine: Any = None
-        self._kind = "none"
-        digest = hashlib.sha256(f"auxloss-sweep:{study_name}".encode()).digest()
-        self._key = int.from_bytes(digest[:8], "big", signed=True)
-        self._name = "auxloss:" + digest.hex()[:40]
-        path = _sqlite_file(url)
-        backend = _parse_url(url).get_backend_name()
-        if path is not None:
-            try:
-                import fcntl  # noqa: F401
-            except ImportError:  # Windows: best effort only
-                return
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._path = Path(str(path) + ".lock")
-            self._kind = "file"
-        elif backend in ("postgresql", "mysql", "mariadb"):
-            import sqlalchemy
-            from sqlalchemy.pool import NullPool
-
-            self._engine = sqlalchemy.create_engine(url, poolclass=NullPool)
-            self._kind = "pg" if backend == "postgresql" else "mysql"
-
-    def acquire(self) -> None:
-        if self._held:
-            return
-        if self._kind == "file":
-            import fcntl
-
-            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            self._fd = fd
-        elif self._kind in ("pg", "mysql"):
-            from sqlalchemy import text
-
-            conn = self._engine.connect()
-            if self._kind == "pg":
-                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
-            else:
-                got = conn.execute(text("SELECT GET_LOCK(:n, 600)"), {"n": self._name}).scalar()
-                if got != 1:
-                    conn.close()
-                    raise AuxLossError("could not take the sweep's lock on the MySQL server within 10 minutes; "
-                                       "is another worker stuck? Restart the workers.")
-            self._conn = conn
-        self._held = True
-
-    def release(self) -> None:
-        if not self._held:
-            return
-        self._held = False
-        if self._fd is not None:
-            import fcntl
-
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-        elif self._conn is not None:
-            from sqlalchemy import text
-
-            try:
-                if self._kind == "pg":
-                    self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
-                else:
-                    self._conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": self._name})
-            finally:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> None:
-        self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
 def _open_study(cfg: ExperimentConfig, variant: str, url: str, study_name: str, search_seeds: int,
-                schedule: bool, lock: _StudyLock) -> tuple[Any, Any]:
+                schedule: bool, lock: StudyLock) -> tuple[Any, Any]:
     """The storage and the study, created or joined; refuse a study holding a sweep of another setup."""
     import optuna
 
@@ -338,7 +193,7 @@ def _open_study(cfg: ExperimentConfig, variant: str, url: str, study_name: str, 
     direction = "maximize" if higher else "minimize"
     mine = _fingerprint(cfg, variant, search_seeds, schedule)
     with lock:  # also serialises the creation of the database tables by workers starting together
-        storage = _storage(url)
+        storage = optuna_storage(url, heartbeat_s=_HEARTBEAT_S, grace_s=_GRACE_S)
         study = optuna.create_study(study_name=study_name, storage=storage, direction=direction,
                                     load_if_exists=True)
         theirs = study.user_attrs.get(_ATTR)
@@ -380,7 +235,7 @@ def _fail_stale(study: Any) -> None:
 
 class _Objective:
     def __init__(self, cfg: ExperimentConfig, vcfg: VariantConfig, search_seeds: int, schedule: bool,
-                 lock: _StudyLock) -> None:
+                 lock: StudyLock) -> None:
         self.cfg, self.vcfg, self.schedule, self.lock = cfg, vcfg, schedule, lock
         self.seeds = [SEARCH_SEED_OFFSET + i for i in range(search_seeds)]
 
@@ -437,7 +292,7 @@ def sweep_worker(cfg_json: ExperimentConfig | Mapping[str, Any] | str, storage_u
     vcfg = _sweep_variant(cfg, variant)
     trials = _positive_int(trials, "trials", "trials=20 (--trials 20)")
     search_seeds = _positive_int(search_seeds, "search_seeds", "search_seeds=1")
-    lock = _StudyLock(storage_url, study_name)
+    lock = StudyLock(storage_url, study_name)
     storage, study = _open_study(cfg, vcfg.name, storage_url, study_name, search_seeds, schedule, lock)
     sampler = optuna.samplers.TPESampler(seed=_mixed_seed(sampler_seed, _counted(study)))
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
@@ -558,7 +413,7 @@ def run_sweep(
     probe_cfg, probe_name = with_weights(cfg, variant, _weights_from_params(cfg, vcfg, probe, schedule))
     build_run(probe_cfg, probe_name, SEARCH_SEED_OFFSET, device="cpu")
 
-    lock = _StudyLock(url, study_name)
+    lock = StudyLock(url, study_name)
     storage, study = _open_study(cfg, variant, url, study_name, search_seeds, schedule, lock)
     cfg_json = cfg.model_dump(mode="json")
     todo = trials - _counted(study)
@@ -586,7 +441,7 @@ def run_sweep(
 
     summary: dict[str, Any] = {
         "study": study_name,
-        "storage": _hide_password(url),
+        "storage": hide_password(url),
         "variant": variant,
         "metric": metric,
         "higher_is_better": higher,

@@ -1,5 +1,6 @@
-"""The training loop, callbacks and logs."""
+"""The training loop, its settings, callbacks and logs."""
 from auxloss.train.callbacks import Callback
+from auxloss.train.options import TrainOptions
 from auxloss.train.trainer import FitResult, Trainer
 
-__all__ = ["Callback", "FitResult", "Trainer"]
+__all__ = ["Callback", "FitResult", "TrainOptions", "Trainer"]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,8 +36,12 @@ from auxloss.train.checkpoint import (
     set_rng_state,
 )
 from auxloss.train.logging import RunLogger
+from auxloss.train.options import TrainOptions
 
 __all__ = ["FitResult", "Trainer", "move_to"]
+
+# Settings stored under another attribute name: ``optimizer`` is the optimizer that fit builds.
+_OPTION_ATTRIBUTE = {"optimizer": "optimizer_spec"}
 
 
 def move_to(batch: Any, device: torch.device | str) -> Any:
@@ -78,95 +84,46 @@ class Trainer:
     """Trains an aux model with an objective.
 
     Args:
-        epochs: number of epochs.
-        optimizer: ``"adam"``, ``"adamw"``, ``"sgd"`` or a callable ``params -> Optimizer``.
-        lr, weight_decay, momentum: optimizer settings (momentum for SGD).
-        lr_schedule: ``None``, ``"cosine"`` (to zero over all steps), ``"step"`` (×0.1 at 50% and 75%), or a
-            callable ``optimizer -> LRScheduler`` stepped once per optimizer step.
-        grad_clip: max global gradient norm, or ``None``.
-        accumulate: micro-batches per optimizer step.
-        amp: ``False``, ``"bf16"`` or ``"fp16"`` (autocast on CUDA; fp16 uses a GradScaler). On CPU, ``"bf16"``
-            uses CPU autocast and ``"fp16"`` runs in float32 without a scaler (CPU autocast has no fp16 path).
-        compile: wrap the model in ``torch.compile`` (hooks are registered before, as compile requires).
-        patience: early stopping after this many epochs without a better validation main metric; ``None`` = off.
-        device: ``"auto"`` (CUDA when available), or any torch device.
+        options: the training settings, a :class:`~auxloss.train.TrainOptions` (epochs, optimizer, lr, amp,
+            patience, ...; its docstring describes each one). Default: every default.
         callbacks: :class:`~auxloss.train.callbacks.Callback` objects.
         log_dir: where ``epochs.jsonl``/``epochs.csv``/``steps.jsonl`` go; ``None`` = no files.
-        log_every: log a step record every N optimizer steps.
-        eval_train: also evaluate the training set in eval mode each epoch, for an honest train/val gap (the
-            running train-mode metric is biased by dropout and by the weights changing during the epoch).
-        progress: show a progress bar (rich).
+        progress: show a progress bar (rich; without rich installed, a warning and no bar).
         checkpoint_dir: where to write ``last.pt``/``prev.pt`` (atomically) after every epoch; a later ``fit`` with
             the same arguments resumes from there, bit-identically on CPU. A folder or an fsspec URL
             (``s3://bucket/run``), so that another machine can resume the run.
-        checkpoint_every: also checkpoint every N optimizer steps inside an epoch.
-        check_grads: check the global gradient norm before every optimizer step (always done when ``grad_clip`` is
-            set, since clipping computes it): a NaN/Inf norm, exploding gradients from a finite loss, raises an
-            error naming the step, or with ``Objective(nonfinite="skip")`` skips the update and counts it in
-            ``skipped_steps``. Off by default: it costs a device sync per step.
+        **settings: any setting of :class:`~auxloss.train.TrainOptions` by name, replacing the one in
+            ``options``: ``Trainer(epochs=5, lr=3e-3)``.
+
+    Each setting is also an attribute of the same name (the optimizer's is ``optimizer_spec``, since
+    ``optimizer`` is the optimizer built during :meth:`fit`; ``device`` is the resolved ``torch.device``).
     """
 
     def __init__(
         self,
+        options: TrainOptions | None = None,
         *,
-        epochs: int = 10,
-        optimizer: str | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] = "adam",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
-        lr_schedule: str | Callable[[torch.optim.Optimizer], Any] | None = None,
-        grad_clip: float | None = None,
-        accumulate: int = 1,
-        amp: Literal[False, "bf16", "fp16"] | bool = False,
-        compile: bool = False,
-        patience: int | None = None,
-        device: str | torch.device = "auto",
         callbacks: Sequence[Callback] = (),
         log_dir: str | Path | None = None,
-        log_every: int = 10,
-        tensorboard: bool = False,
-        eval_train: bool = True,
         progress: bool = False,
         checkpoint_dir: str | Path | None = None,
-        checkpoint_every: int | None = None,
-        check_grads: bool = False,
-        test_every_epoch: bool = False,
+        **settings: Any,
     ) -> None:
-        if not isinstance(epochs, int) or epochs < 1:
-            raise AuxLossError(f"epochs must be a positive integer, got {epochs!r}.")
-        if not isinstance(accumulate, int) or accumulate < 1:
-            raise AuxLossError(f"accumulate must be a positive integer, got {accumulate!r}.")
-        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-            raise AuxLossError(f"lr must be a positive finite number, got {lr!r}.")
-        if grad_clip is not None and not grad_clip > 0:
-            raise AuxLossError(f"grad_clip must be positive or None, got {grad_clip!r}.")
-        if amp not in (False, True, "bf16", "fp16"):
-            raise AuxLossError(f"amp must be False, 'bf16' or 'fp16', got {amp!r}.")
-        if patience is not None and (not isinstance(patience, int) or patience < 1):
-            raise AuxLossError(f"patience must be a positive integer or None, got {patience!r}.")
-        self.epochs = epochs
-        self.optimizer_spec = optimizer
-        self.lr, self.weight_decay, self.momentum = float(lr), float(weight_decay), float(momentum)
-        self.lr_schedule = lr_schedule
-        self.grad_clip = grad_clip
-        self.accumulate = accumulate
-        self.amp = "bf16" if amp is True else amp
-        self.compile = compile
-        self.patience = patience
+        self.options = TrainOptions.merged(options, settings)  # validated: a bad value names the setting
+        for name, value in self.options.items():
+            setattr(self, _OPTION_ATTRIBUTE.get(name, name), value)
+        device = self.options.device
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else \
             torch.device(device)
         self.callbacks = list(callbacks)
         self.log_dir = Path(log_dir) if log_dir is not None else None
-        self.log_every = max(1, int(log_every))
-        self.tensorboard = tensorboard
-        self.eval_train = eval_train
-        self.progress = progress
         self.checkpoint_dir = checkpoint_location(checkpoint_dir) if checkpoint_dir is not None else None
-        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-            raise AuxLossError(f"checkpoint_every must be a positive number of steps or None, got {checkpoint_every!r}.")
-        self.checkpoint_every = checkpoint_every
-        self.test_every_epoch = test_every_epoch
-        self.check_grads = bool(check_grads)
+        if progress and importlib.util.find_spec("rich") is None:
+            # The bar is a nicety of the experiment extra: training goes on without it.
+            warnings.warn("progress=True draws its bar with rich, which is not installed; training without a "
+                          "progress bar. Install it with: pip install 'auxloss[experiment]'.", stacklevel=2)
+            progress = False
+        self.progress = progress
         # Set during fit, for callbacks.
         self.model: nn.Module | None = None
         self.objective: Objective | None = None
