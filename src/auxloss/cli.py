@@ -121,9 +121,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     previous = json.loads((out / RESULTS_FILE).read_text()) if (out / RESULTS_FILE).exists() else {}
     import yaml
 
-    cfg = parse_config(yaml.safe_load((out / "config.yaml").read_text()), source=str(out / "config.yaml"))
-    store = open_experiment_store(out, cfg.name)
-    results = aggregate(cfg, store, command=previous.get("config", {}).get("command"),
+    name = previous.get("name")
+    summary = None
+    if (out / "config.yaml").exists():
+        from auxloss.experiment.build import experiment_from_config
+
+        cfg = parse_config(yaml.safe_load((out / "config.yaml").read_text()), source=str(out / "config.yaml"))
+        name, summary = cfg.name, experiment_from_config(cfg).summary()
+    store = open_experiment_store(out, name or "experiment")
+    summary = store.get_meta("summary") or summary  # a Python-API experiment has no config.yaml
+    if summary is None:
+        raise AuxLossError(f"{str(out)!r} has no record of its experiment (no config.yaml, no summary in the store); "
+                           "it was not written by auxloss run or auxloss.compare.")
+    results = aggregate(summary, store, command=previous.get("config", {}).get("command"),
                         seconds=previous.get("timing", {}).get("total_seconds"))
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     path = build_report(out, results, *load_histories(store))

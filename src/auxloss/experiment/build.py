@@ -9,38 +9,27 @@ The pairing guarantee lives here. For seed *s*, the baseline and every variant g
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from auxloss.errors import AuxLossError
+from auxloss.experiment import assemble
+from auxloss.experiment.assemble import Built
 from auxloss.experiment.config import ExperimentConfig, HeadConfig, TaskConfig, VariantConfig
+from auxloss.experiment.spec import Experiment, Resolved, Variant
 from auxloss.heads import DenseHead, InceptionAuxHead, LinearHead, MLPHead, SequenceHead
-from auxloss.objective import Objective
 from auxloss.schedules import from_config as schedule_from_config
-from auxloss.taps import Tap, attach
+from auxloss.taps import Tap
 from auxloss.tasks import Task
-from auxloss.train.trainer import Trainer
 from auxloss.zoo.data import DictDataset
 
-__all__ = ["Built", "build_data", "build_model", "build_run"]
-
-
-@dataclasses.dataclass
-class Built:
-    """Everything one run needs."""
-
-    model: nn.Module
-    objective: Objective
-    trainer: Trainer
-    loaders: dict[str, DataLoader]
-    data: dict[str, DictDataset]
+__all__ = ["Built", "ConfigVariant", "build_data", "build_model", "build_run", "experiment_from_config"]
 
 
 def data_seed(cfg: ExperimentConfig, seed: int) -> int:
@@ -193,97 +182,138 @@ def _add_shuffled_targets(data: dict[str, DictDataset], variant: VariantConfig, 
             ds.tensors[f"{key}__shuffled"] = ds.tensors[key][torch.randperm(len(ds), generator=g)]
 
 
+class ConfigVariant(Variant):
+    """A variant read from YAML: its heads are sized from the data of the run (classes of the target, target
+    shape) and Trinh decoders need the trunk, so taps and tasks are built per run in :meth:`resolve`."""
+
+    def __init__(self, cfg: ExperimentConfig, variant: VariantConfig) -> None:
+        # Validated by pydantic already; the tasks are named here for the report, the objects built per run.
+        object.__setattr__(self, "name", variant.name)
+        object.__setattr__(self, "taps", {})
+        object.__setattr__(self, "tasks", ())
+        object.__setattr__(self, "weighting", variant.weighting)
+        object.__setattr__(self, "train", _trainer_options(cfg.train_for(variant.name)) if variant.train else {})
+        object.__setattr__(self, "_cfg", cfg)
+        object.__setattr__(self, "_variant", variant)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self._variant.tasks]
+
+    def describe(self) -> dict[str, Any]:
+        return self._variant.model_dump(mode="json")
+
+    def resolve(self, trunk: nn.Module, splits: Mapping[str, Any], seed: int) -> Resolved:
+        cfg, variant = self._cfg, self._variant
+        main_key = cfg.main.target
+        _add_shuffled_targets(splits, variant, main_key, seed)
+        train = splits["train"]
+        taps: dict[str, Tap] = {}
+        tasks: list[Task] = []
+        by_source = {t.source: t for t in variant.tasks}
+        trinh_losses: dict[str, Any] = {}  # tap name -> its decoder's loss (auxloss.sequence)
+        for name, tap_cfg in variant.taps.items():
+            if tap_cfg.head.type == "trinh":
+                from auxloss.sequence import trinh_auxiliary
+
+                trinh_taps, trinh_tasks = trinh_auxiliary(trunk, tap_cfg.layer, name=name,
+                                                          **{"seed": seed, **tap_cfg.head.params})
+                taps[name] = trinh_taps[name]
+                trinh_losses[name] = trinh_tasks[0].loss
+                continue
+            task = by_source.get(name)
+            key = _target_key(task, main_key) if task is not None else main_key
+            out = tap_cfg.head.out
+            target = _column(train, key)
+            if out is None:
+                out = _num_classes(train, key) if task is None or task.loss in ("cross_entropy", "ce") else None
+                if out is None:
+                    out = int(math.prod(target.shape[1:])) if target is not None and target.dim() > 1 else 1
+                    if tap_cfg.head.type == "dense" and target is not None and target.dim() == 4:
+                        out = int(target.shape[1])
+            select = tuple(tap_cfg.select) if isinstance(tap_cfg.select, list) else tap_cfg.select
+            shape = tuple(target.shape[1:]) if target is not None else ()
+            taps[name] = Tap(tap_cfg.layer, _head(tap_cfg.head, out, shape), select=select, detach=tap_cfg.detach)
+        for t in variant.tasks:
+            target: Any = t.target
+            if t.shuffle_target:
+                target = f"{_target_key(t, main_key)}__shuffled"
+            elif t.target is not None and ":" in t.target:
+                target = _target_fn(t.target)
+            weight = schedule_from_config(t.weight) if isinstance(t.weight, dict) else t.weight
+            if t.source in trinh_losses:  # the decoder scores itself against the input sequence
+                tasks.append(Task(t.name, source=t.source, target=target or "input", loss=trinh_losses[t.source],
+                                  metric=None, weight=weight))
+                continue
+            loss: Any = _target_fn(t.loss) if ":" in t.loss else t.loss  # a 'module:function' loss
+            tasks.append(Task(t.name, source=t.source, target=target, loss=loss, metric=t.metric, weight=weight))
+        factory = None
+        if variant.weighting:
+            spec = dict(variant.weighting)
+
+            def factory(model: nn.Module) -> Any:
+                from auxloss.weighting.registry import build_weighting
+
+                return build_weighting(spec, model=model)
+        return Resolved(taps=taps, tasks=tasks, weighting=factory)
+
+
+def _column(data: Any, key: str) -> torch.Tensor | None:
+    tensors = getattr(data, "tensors", None)
+    return tensors.get(key) if isinstance(tensors, Mapping) else None
+
+
+class _SeedData:
+    """``seed -> splits`` for a config, remembering the last seed's splits: the model factory reads their shapes,
+    and each call hands out fresh dataset objects so a variant's extra columns never reach another run."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+        self._last: tuple[int, dict[str, DictDataset]] | None = None
+
+    def raw(self, seed: int) -> dict[str, DictDataset]:
+        if self._last is None or self._last[0] != seed:
+            self._last = (seed, build_data(self.cfg, seed))
+        return self._last[1]
+
+    def __call__(self, seed: int) -> dict[str, DictDataset]:
+        return {k: DictDataset(dict(ds.tensors), num_classes=ds.num_classes, class_names=ds.class_names,
+                               info=ds.info) for k, ds in self.raw(seed).items()}
+
+
+def experiment_from_config(cfg: ExperimentConfig | dict[str, Any]) -> Experiment:
+    """The :class:`~auxloss.experiment.spec.Experiment` a YAML config describes: ``auxloss run`` is this, then
+    the same runner as :func:`auxloss.compare`."""
+    if not isinstance(cfg, ExperimentConfig):
+        cfg = ExperimentConfig.model_validate(cfg)
+    data = _SeedData(cfg)
+
+    def model(seed: int) -> nn.Module:
+        return build_model(cfg, data.raw(seed)["train"])
+
+    tcfg = cfg.train
+    from auxloss.experiment.runner import config_hash
+
+    return Experiment(
+        model=model, data=data, variants=[ConfigVariant(cfg, v) for v in cfg.variants],
+        main=Task("main", target=cfg.main.target, loss=cfg.main.loss, metric=cfg.main.metric),
+        name=cfg.name, seeds=cfg.seeds, train=_trainer_options(tcfg), batch_size=cfg.data.batch_size,
+        compare_on=tcfg.compare_on, alpha=cfg.alpha, config=cfg.model_dump(mode="json"),
+        fingerprint=config_hash(cfg), rebuild=(experiment_from_config, (cfg.model_dump(mode="json"),)),
+    )
+
+
+def _trainer_options(tcfg: Any) -> dict[str, Any]:
+    keys = ("epochs", "optimizer", "lr", "weight_decay", "lr_schedule", "grad_clip", "accumulate", "amp", "compile",
+            "patience", "device", "eval_train", "checkpoint_every")
+    return {k: getattr(tcfg, k) for k in keys}
+
+
 def build_run(cfg: ExperimentConfig, variant_name: str, seed: int, *, device: str | None = None,
               log_dir: str | None = None, progress: bool = False) -> Built:
-    """Data, model (trunk + this variant's heads), objective and trainer for one run."""
-    variant = cfg.variant(variant_name)
-    data = build_data(cfg, seed)
-    main_key = cfg.main.target
-    _add_shuffled_targets(data, variant, main_key, seed)
-    train = data["train"]
-
-    torch.manual_seed(seed)
-    trunk = build_model(cfg, train)  # built first: identical across variants for this seed
-
-    taps: dict[str, Tap] = {}
-    tasks: list[Task] = []
-    by_source = {t.source: t for t in variant.tasks}
-    trinh_losses: dict[str, Any] = {}  # tap name -> its decoder's loss (auxloss.sequence)
-    for name, tap_cfg in variant.taps.items():
-        if tap_cfg.head.type == "trinh":
-            from auxloss.sequence import trinh_auxiliary
-
-            trinh_taps, trinh_tasks = trinh_auxiliary(trunk, tap_cfg.layer, name=name,
-                                                      **{"seed": seed, **tap_cfg.head.params})
-            taps[name] = trinh_taps[name]
-            trinh_losses[name] = trinh_tasks[0].loss
-            continue
-        task = by_source.get(name)
-        key = _target_key(task, main_key) if task is not None else main_key
-        out = tap_cfg.head.out
-        target = train.tensors.get(key)
-        if out is None:
-            out = _num_classes(train, key) if task is None or task.loss in ("cross_entropy", "ce") else None
-            if out is None:
-                out = int(math.prod(target.shape[1:])) if target is not None and target.dim() > 1 else 1
-                if tap_cfg.head.type == "dense" and target is not None and target.dim() == 4:
-                    out = int(target.shape[1])
-        select = tuple(tap_cfg.select) if isinstance(tap_cfg.select, list) else tap_cfg.select
-        shape = tuple(target.shape[1:]) if target is not None else ()
-        taps[name] = Tap(tap_cfg.layer, _head(tap_cfg.head, out, shape), select=select, detach=tap_cfg.detach)
-    for t in variant.tasks:
-        target: Any = t.target
-        if t.shuffle_target:
-            target = f"{_target_key(t, main_key)}__shuffled"
-        elif t.target is not None and ":" in t.target:
-            target = _target_fn(t.target)
-        weight = schedule_from_config(t.weight) if isinstance(t.weight, dict) else t.weight
-        if t.source in trinh_losses:  # the decoder scores itself against the input sequence
-            tasks.append(Task(t.name, source=t.source, target=target or "input", loss=trinh_losses[t.source],
-                              metric=None, weight=weight))
-            continue
-        loss: Any = _target_fn(t.loss) if ":" in t.loss else t.loss  # a 'module:function' loss
-        tasks.append(Task(t.name, source=t.source, target=target, loss=loss, metric=t.metric, weight=weight))
-
-    example = train.tensors["input"][:1]
-    model: nn.Module = attach(trunk, taps, example_input=example) if taps else trunk
-    objective = Objective(Task("main", target=main_key, loss=cfg.main.loss, metric=cfg.main.metric), tasks)
-    if variant.weighting:
-        from auxloss.weighting.registry import build_weighting  # adaptive and gradient-aware weightings
-
-        objective.set_weighting(build_weighting(variant.weighting, model=model))
-
-    tcfg = cfg.train_for(variant_name)
-    trainer = Trainer(
-        epochs=tcfg.epochs, optimizer=tcfg.optimizer, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-        lr_schedule=tcfg.lr_schedule, grad_clip=tcfg.grad_clip, accumulate=tcfg.accumulate, amp=tcfg.amp,
-        compile=tcfg.compile, patience=tcfg.patience, device=device or tcfg.device, eval_train=tcfg.eval_train,
-        log_dir=log_dir, progress=progress, checkpoint_every=tcfg.checkpoint_every,
-    )
-    # The loader's own generator fixes the batch order for this seed whatever the model consumed from the global
-    # RNG; the global RNG is then reseeded so dropout starts from the same state in every variant.
-    g = torch.Generator().manual_seed(seed)
-    bs = cfg.data.batch_size
-    from auxloss.train.distributed import is_distributed, rank, world_size
-
-    if is_distributed():
-        # Each rank trains on its shard with batch_size / world_size samples, so the global batch, and with it
-        # the statistics of a gradient-aware weighting, equals a single-process run's.
-        ws = world_size()
-        if bs % ws:
-            raise AuxLossError(f"data.batch_size={bs} is not divisible by the {ws} processes; make it a multiple.")
-        sampler = DistributedSampler(train, num_replicas=ws, rank=rank(), shuffle=True, seed=seed,
-                                     drop_last=True)
-        train_loader = DataLoader(train, batch_size=bs // ws, sampler=sampler, drop_last=len(train) > bs)
-    else:
-        train_loader = DataLoader(train, batch_size=bs, shuffle=True, generator=g, drop_last=len(train) > bs)
-    loaders = {
-        "train": train_loader,
-        "val": DataLoader(data["val"], batch_size=512),
-        "test": DataLoader(data["test"], batch_size=512),
-    }
-    torch.manual_seed(seed + 1)
-    return Built(model=model, objective=objective, trainer=trainer, loaders=loaders, data=data)
+    """Data, model (trunk + this variant's heads), objective and trainer for one run of a config."""
+    return assemble.build_run(experiment_from_config(cfg), variant_name, seed, device=device, log_dir=log_dir,
+                              progress=progress)
 
 
 def final_metric(values: dict[str, float], split: str) -> float:

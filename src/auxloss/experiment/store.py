@@ -120,6 +120,13 @@ class Store:
         with self._transaction() as con:
             con.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
+    def setdefault_meta(self, key: str, value: Any) -> Any:
+        """Store ``value`` under ``key`` unless a value is there already; return the stored value (atomic)."""
+        with self._transaction() as con:
+            con.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
+            row = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0])
+
     # -- runs ----------------------------------------------------------------------------------------------
     def add_runs(self, runs: list[tuple[str, int]]) -> None:
         """Register runs as pending (existing ones are left as they are)."""
