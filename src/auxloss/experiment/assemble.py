@@ -60,7 +60,7 @@ def state_hash(module: nn.Module) -> str:
             t = value.detach().cpu().contiguous()
             h.update(str(t.dtype).encode())
             h.update(str(tuple(t.shape)).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:24]
 
 
@@ -72,7 +72,7 @@ def batch_hash(batch: Any) -> str:
         if isinstance(x, Tensor):
             t = x.detach().cpu().contiguous()
             h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         elif isinstance(x, Mapping):
             for k in sorted(x, key=str):
                 h.update(str(k).encode())

@@ -9,7 +9,6 @@ The pairing guarantee lives here. For seed *s*, the baseline and every variant g
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -20,9 +19,10 @@ from torch import nn
 
 from auxloss.errors import AuxLossError
 from auxloss.experiment import assemble
-from auxloss.experiment.assemble import Built
+from auxloss.experiment.assemble import Built, check_splits
 from auxloss.experiment.config import ExperimentConfig, HeadConfig, TaskConfig, VariantConfig
 from auxloss.experiment.spec import Experiment, Resolved, Variant
+from auxloss.experiment.usercode import call_with_seed, import_callable, is_user_reference
 from auxloss.heads import DenseHead, InceptionAuxHead, LinearHead, MLPHead, SequenceHead
 from auxloss.schedules import from_config as schedule_from_config
 from auxloss.taps import Tap
@@ -36,10 +36,14 @@ def data_seed(cfg: ExperimentConfig, seed: int) -> int:
     return cfg.data.data_seed if cfg.data.data_seed is not None else seed
 
 
-def build_data(cfg: ExperimentConfig, seed: int) -> dict[str, DictDataset]:
+def build_data(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
     """The train/val/test splits for ``seed`` (identical for every variant)."""
     d = cfg.data
     s = data_seed(cfg, seed)
+    if is_user_reference(d.name):
+        fn = import_callable(d.name, what="data.name", search=_search(cfg))
+        params = dict(d.params) | ({"root": d.root} if d.root else {})
+        return check_splits(call_with_seed(fn, s, params, what=f"data {d.name!r}"))
     if d.name == "shapes":
         from auxloss.zoo.data import make_shapes_splits
 
@@ -68,8 +72,8 @@ def build_data(cfg: ExperimentConfig, seed: int) -> dict[str, DictDataset]:
             raise AuxLossError("data.name 'folder' needs data.root: the folder holding one subfolder per class.")
         full = load_image_folder(d.root, **d.params)
         return _split(full, None, d.n_train, d.n_val, d.n_test, s, "folder")
-    raise AuxLossError(f"unknown data.name {d.name!r}; use 'shapes', 'digits', 'digits-sequence', 'fashion-mnist' "
-                       "or 'folder'.")
+    raise AuxLossError(f"unknown data.name {d.name!r}; use 'shapes', 'digits', 'digits-sequence', 'fashion-mnist', "
+                       "'folder', or 'package.module:function' for your own (it returns the train/val/test splits).")
 
 
 def _pixel_sequences(images: DictDataset, step: int = 1) -> DictDataset:
@@ -111,11 +115,24 @@ def _num_classes(data: DictDataset, key: str) -> int | None:
     return None
 
 
-def build_model(cfg: ExperimentConfig, train: DictDataset) -> nn.Module:
+def _search(cfg: ExperimentConfig) -> list[str]:
+    return [cfg._config_dir] if cfg._config_dir else []
+
+
+def build_model(cfg: ExperimentConfig, train: Any, seed: int = 0) -> nn.Module:
     """The trunk (no heads), with the number of classes and input size read from the data when not given."""
     from auxloss.zoo import models
 
     name, params = cfg.model.name, dict(cfg.model.params)
+    if is_user_reference(name):
+        net = call_with_seed(import_callable(name, what="model.name", search=_search(cfg)), seed, params,
+                             what=f"model {name!r}")
+        if not isinstance(net, nn.Module):
+            raise AuxLossError(f"model {name!r} returned a {type(net).__name__}, not a torch.nn.Module.")
+        return net
+    if not isinstance(train, DictDataset):
+        raise AuxLossError(f"the built-in model {name!r} reads its input size from built-in data; with your own data "
+                           "give your own model too (model.name: 'package.module:function').")
     x = train.tensors["input"]
     n_classes = _num_classes(train, cfg.main.target)
     if ":" in name:
@@ -154,11 +171,7 @@ def _head(cfg: HeadConfig, out: int, target_shape: tuple[int, ...]) -> nn.Module
 
 
 def _target_fn(spec: str) -> Any:
-    module, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise AuxLossError(f"cannot import the target function {spec!r} ({exc}); give 'module:function'.") from exc
+    return import_callable(spec, what="the function")
 
 
 def _target_key(task: TaskConfig, main_key: str) -> str:
@@ -225,6 +238,9 @@ class ConfigVariant(Variant):
             key = _target_key(task, main_key) if task is not None else main_key
             out = tap_cfg.head.out
             target = _column(train, key)
+            if out is None and not isinstance(train, DictDataset):
+                raise AuxLossError(f"variant {variant.name!r}, tap {name!r}: give head.out (the head's output size); "
+                                   "it is read from the data only for the built-in datasets.")
             if out is None:
                 out = _num_classes(train, key) if task is None or task.loss in ("cross_entropy", "ce") else None
                 if out is None:
@@ -276,20 +292,25 @@ class _SeedData:
             self._last = (seed, build_data(self.cfg, seed))
         return self._last[1]
 
-    def __call__(self, seed: int) -> dict[str, DictDataset]:
+    def __call__(self, seed: int) -> dict[str, Any]:
+        if is_user_reference(self.cfg.data.name):
+            return build_data(self.cfg, seed)  # the user's own objects, fresh per run
         return {k: DictDataset(dict(ds.tensors), num_classes=ds.num_classes, class_names=ds.class_names,
                                info=ds.info) for k, ds in self.raw(seed).items()}
 
 
-def experiment_from_config(cfg: ExperimentConfig | dict[str, Any]) -> Experiment:
+def experiment_from_config(cfg: ExperimentConfig | dict[str, Any], config_dir: str | None = None) -> Experiment:
     """The :class:`~auxloss.experiment.spec.Experiment` a YAML config describes: ``auxloss run`` is this, then
     the same runner as :func:`auxloss.compare`."""
     if not isinstance(cfg, ExperimentConfig):
         cfg = ExperimentConfig.model_validate(cfg)
+        cfg._config_dir = config_dir
     data = _SeedData(cfg)
 
     def model(seed: int) -> nn.Module:
-        return build_model(cfg, data.raw(seed)["train"])
+        if is_user_reference(cfg.model.name):  # needs no data: do not load it twice
+            return build_model(cfg, None, seed)
+        return build_model(cfg, data.raw(seed)["train"], seed)
 
     tcfg = cfg.train
     from auxloss.experiment.runner import config_hash
@@ -299,7 +320,7 @@ def experiment_from_config(cfg: ExperimentConfig | dict[str, Any]) -> Experiment
         main=Task("main", target=cfg.main.target, loss=cfg.main.loss, metric=cfg.main.metric),
         name=cfg.name, seeds=cfg.seeds, train=_trainer_options(tcfg), batch_size=cfg.data.batch_size,
         compare_on=tcfg.compare_on, alpha=cfg.alpha, config=cfg.model_dump(mode="json"),
-        fingerprint=config_hash(cfg), rebuild=(experiment_from_config, (cfg.model_dump(mode="json"),)),
+        fingerprint=config_hash(cfg), rebuild=(experiment_from_config, (cfg.model_dump(mode="json"), cfg._config_dir)),
     )
 
 

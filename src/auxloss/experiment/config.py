@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from auxloss.errors import AuxLossError
 
@@ -154,6 +154,9 @@ class VariantConfig(_Strict):
 
 
 class ExperimentConfig(_Strict):
+    #: The folder of the YAML file (importable for ``module:function`` names); not part of the experiment.
+    _config_dir: str | None = PrivateAttr(default=None)
+
     name: str = "experiment"
     seeds: int = Field(5, ge=1)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -319,7 +322,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         data = {}
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
-    return parse_config(data, source=str(path), lines=loader.lines)  # type: ignore[attr-defined]
+    cfg = parse_config(data, source=str(path), lines=loader.lines)  # type: ignore[attr-defined]
+    cfg._config_dir = str(path.resolve().parent)
+    return cfg
 
 
 def _set_dotted(data: Any, key: str, value: Any) -> None:

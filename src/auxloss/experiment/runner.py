@@ -71,7 +71,7 @@ def run_one(exp: Experiment | ExperimentConfig, variant: str, seed: int, *, out:
     record = {
         "variant": variant,
         "seed": seed,
-        "main": fit.main_metric(exp.compare_on),
+        "main": _main_value(fit.best, exp.compare_on, exp.main.name),
         "best_epoch": fit.best_epoch,
         "best": fit.best,
         "seconds": fit.seconds,
@@ -83,6 +83,13 @@ def run_one(exp: Experiment | ExperimentConfig, variant: str, seed: int, *, out:
     if keeper is not None and out is not None and built.trainer.is_main_process:
         record["weights"] = keeper.save_best(built.model, out)
     return record
+
+
+def _main_value(best: dict[str, float], split: str, task: str) -> float:
+    key = f"{split}/metric/{task}"
+    if key not in best:
+        raise AuxLossError(f"the run has no {key!r} (the main task's metric on {split!r}); it has {sorted(best)}.")
+    return float(best[key])
 
 
 class _Keeper(Callback):
@@ -278,6 +285,7 @@ def run(
     progress: bool = False,
     command: str | None = None,
     store: str | None = None,
+    devices: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train every (variant, seed) not yet finished under ``out``, then write ``results.json`` and the report.
 
@@ -290,6 +298,8 @@ def run(
         force: reuse a folder that holds another experiment's results (its runs are discarded).
         store: a ``postgresql://`` URL to keep the runs in a shared database instead of ``out/results.sqlite``, so
             that workers on several machines (each with ``AUXLOSS_SHARED_STORE=1``) split one experiment.
+        devices: one device per worker process (``auxloss.experiment.devices.worker_devices``): each worker is
+            pinned to its own, and ``workers`` is their number.
     """
     from auxloss.train import distributed as D
 
@@ -313,16 +323,19 @@ def run(
     todo = status.get("pending", 0)
     if os.environ.get("AUXLOSS_SHARED_STORE") == "1":
         todo += status.get("running", 0)  # other workers' runs: wait, to take over any whose worker dies
+    if devices:
+        workers = len(devices)
     workers = max(1, min(workers, todo)) if todo else 1
+    pinned = list(devices[:workers]) if devices else [device] * workers
     if todo and workers == 1:
-        _worker_loop(exp, str(out), device, None, progress)
+        _worker_loop(exp, str(out), pinned[0], None, progress)
     elif todo:
         _check_picklable(exp)
         # Each process gets an equal share of the cores: oversubscribed torch threads spin and slow everyone.
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers) as pool:
-            pool.map(_pool_worker, [(exp, str(out), device, threads, False, os.getpid())] * workers)
+            pool.map(_pool_worker, [(exp, str(out), d, threads, False, os.getpid()) for d in pinned])
     return _finish(exp, out, db, command, started)
 
 
