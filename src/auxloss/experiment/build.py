@@ -317,8 +317,12 @@ def experiment_from_config(cfg: ExperimentConfig | dict[str, Any], config_dir: s
 
     return Experiment(
         model=model, data=data, variants=[ConfigVariant(cfg, v) for v in cfg.variants],
-        main=Task("main", target=cfg.main.target, loss=cfg.main.loss, metric=cfg.main.metric),
+        main=Task(cfg.main.name, target=cfg.main.target, loss=cfg.main.loss, metric=cfg.main.metric),
         name=cfg.name, seeds=cfg.seeds, train=_trainer_options(tcfg), batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size, batch_keys=tuple(cfg.data.batch_keys),
+        input_key=cfg.data.input_key, keep=cfg.keep,
+        loader={"num_workers": cfg.data.num_workers, "pin_memory": cfg.data.pin_memory,
+                "persistent_workers": cfg.data.persistent_workers},
         compare_on=tcfg.compare_on, alpha=cfg.alpha, config=cfg.model_dump(mode="json"),
         fingerprint=config_hash(cfg), rebuild=(experiment_from_config, (cfg.model_dump(mode="json"), cfg._config_dir)),
     )

@@ -42,6 +42,16 @@ class DataConfig(_Strict):
     #: Seed of the data itself. ``None`` draws a new training subset per seed (the default: seeds then cover
     #: data variability too); an integer keeps one fixed dataset for every seed.
     data_seed: int | None = None
+    #: Batch size of the validation and test loaders (evaluation needs no gradients: larger is faster).
+    eval_batch_size: int = Field(512, ge=1)
+    #: Names of the positions of a tuple batch (``(x, y)`` is ``input``, ``target``); dict batches keep their keys.
+    batch_keys: list[str] = Field(default_factory=lambda: ["input", "target"], min_length=1)
+    #: The batch key holding the model input.
+    input_key: str = "input"
+    #: DataLoader worker processes (0 loads in the training process); workers are seeded from the run's seed.
+    num_workers: int = Field(0, ge=0)
+    pin_memory: bool = False
+    persistent_workers: bool = False
 
 
 class ModelConfig(_Strict):
@@ -87,6 +97,8 @@ class TaskConfig(_Strict):
 
 
 class MainConfig(_Strict):
+    #: The main task's name (in logs, metrics and the report): any plain name.
+    name: str = "main"
     target: str = "target"
     loss: str = "cross_entropy"
     #: The metric variants are compared on: ``auto`` follows the loss (accuracy for cross entropy, mae for l1...).
@@ -96,7 +108,7 @@ class MainConfig(_Strict):
         """The main metric's name and whether higher is better, exactly as the main Task resolves them."""
         from auxloss.tasks import Task
 
-        task = Task("main", target=self.target, loss=self.loss, metric=self.metric)
+        task = Task(self.name, target=self.target, loss=self.loss, metric=self.metric)
         if task.metric_name is None:
             raise AuxLossError(f"main.loss {self.loss!r} has no default metric; set main.metric to one of "
                                "'accuracy', 'binary_accuracy', 'mse', 'mae'.")
@@ -148,8 +160,8 @@ class VariantConfig(_Strict):
                 )
         names = [t.name for t in self.tasks]
         dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes or "main" in names:
-            raise ValueError(f"duplicate task names {dupes or ['main']}: each task needs its own name")
+        if dupes:
+            raise ValueError(f"duplicate task names {dupes}: each task needs its own name")
         return self
 
 
@@ -165,6 +177,9 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     variants: list[VariantConfig] = Field(default_factory=list)
     alpha: float = Field(0.05, gt=0, lt=1)
+    #: Trained weights kept per run: ``best`` (the best-validation epoch's trunk and heads), ``all`` (also the
+    #: last epoch's) or ``none``.
+    keep: Literal["none", "best", "all"] = "best"
 
     @model_validator(mode="after")
     def _unique_variants(self) -> ExperimentConfig:
