@@ -74,6 +74,15 @@ def batch(n=4, **extra):
     return {"input": torch.randn(n, 3, 16, 16), "target": torch.randint(0, 3, (n,)), **extra}
 
 
+def _total_backward_with_gating():
+    from auxloss.weighting import CosineGating
+
+    model = tiny_model(a=al.Tap("block1", al.LinearHead(3)))
+    objective = al.Objective(aux=[al.Task("a", source="a", weight=0.3)], weighting=CosineGating())
+    b = batch()
+    objective(model(b["input"]), b).total.backward()
+
+
 def objective_error(model, objective, b):
     return api(lambda: objective(model(b["input"]), b))
 
@@ -212,6 +221,9 @@ ROWS = {
            r"positive finite number"),
     "T5": (lambda e: api(lambda: _other_models_checkpoint(e["tmp"])), r"does not fit this model/objective",
            r"use another output folder, or delete the checkpoint"),
+    "T6": (lambda e: api(lambda: _total_backward_with_gating()),
+           r"CosineGating is gradient-aware.*report\.total\.backward\(\) cannot do",
+           r"Call objective\.backward\(report\) instead"),
     # weights
     "W1": (lambda e: api(lambda: al.Task("a", weight=-0.3)),
            r"task 'a': Constant: value must be finite and >= 0, got -0\.3", r"Pass e\.g\. value=0\.1"),

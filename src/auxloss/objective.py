@@ -16,55 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from auxloss.errors import AuxLossError
+from auxloss.step import LossReport, StepContext, StepPlan, guard_total, plain_backward
 from auxloss.taps import Outputs
 from auxloss.tasks import Task, batch_as_dict
-from auxloss.weighting.base import GradientWeighting, Weighting
+from auxloss.weighting.base import Weighting
 
-__all__ = ["LossReport", "Objective"]
-
-
-@dataclasses.dataclass
-class LossReport:
-    """One step of the objective.
-
-    ``total`` carries the autograd graph; ``losses`` too (gradient-aware weightings need them). ``weights`` are the
-    λ in force this step (the main task's is 1). ``metrics`` are detached tensors, so building a report costs no
-    device sync; :meth:`as_dict` turns everything into floats for logging.
-    """
-
-    total: Tensor
-    losses: dict[str, Tensor]
-    weights: dict[str, float]
-    metrics: dict[str, Tensor]
-    step: int
-    batch_size: int
-    finite: bool = True
-    extras: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def detached(self) -> dict[str, Any]:
-        """Like :meth:`as_dict`, but tensors stay detached tensors on their device: no device sync, for the
-        training loop's running sums (converted to floats once per epoch or log step)."""
-        out: dict[str, Any] = {"loss": self.total.detach()}
-        for name, value in self.losses.items():
-            out[f"loss/{name}"] = value.detach()
-        for name, w in self.weights.items():
-            out[f"weight/{name}"] = float(w)
-        for name, value in self.metrics.items():
-            out[f"metric/{name}"] = value
-        out.update(self.extras)
-        return out
-
-    def as_dict(self) -> dict[str, float]:
-        """Flat floats: ``loss``, ``loss/<task>``, ``weight/<task>``, ``metric/<task>``, and any extras."""
-        out = {"loss": float(self.total.detach())}
-        for name, value in self.losses.items():
-            out[f"loss/{name}"] = float(value.detach())
-        for name, w in self.weights.items():
-            out[f"weight/{name}"] = float(w)
-        for name, value in self.metrics.items():
-            out[f"metric/{name}"] = float(value)
-        out.update(self.extras)
-        return out
+__all__ = ["LossReport", "Objective", "StepContext", "StepPlan"]
 
 
 class Objective(nn.Module):
@@ -94,9 +51,11 @@ class Objective(nn.Module):
         weighting: Weighting | None = None,
     ) -> None:
         super().__init__()
-        self.main = main if main is not None else Task("main", target="target")
-        if self.main.target is None:
-            self.main.target = "target"
+        main = main if main is not None else Task("main", target="target")
+        if isinstance(main, Task) and main.target is None:
+            # A copy: the user's Task object is never changed behind their back.
+            main = dataclasses.replace(main, target="target")
+        self.main = main
         if not isinstance(self.main.target, str) and not callable(self.main.target):
             raise AuxLossError("the main task's target must be a batch key or a function of the batch.")
         self.aux_tasks: list[Task] = list(aux)
@@ -204,7 +163,7 @@ class Objective(nn.Module):
             if task is self.main:
                 batch_size = int(pred.shape[0])
         weights: dict[str, Any] = self.weights(step=step, epoch=epoch)
-        extras: dict[str, float] = {}
+        extras: dict[str, float | Tensor] = {}
         if self.weighting is not None:
             mult = self.weighting.multipliers(losses, step=step, epoch=self.epoch if epoch is None else epoch)
             weights = {name: w * mult[name] for name, w in weights.items()}
@@ -214,32 +173,76 @@ class Objective(nn.Module):
             if extra is not None:
                 total = total + extra
             extras.update(self.weighting.telemetry())
+        guard = None
+        if self.weighting is not None and self.weighting.custom_backward:
+            total, guard = guard_total(total, type(self.weighting).__name__)
         report = LossReport(
             total=total,
             losses=losses,
-            weights={self.main.name: 1.0, **{k: float(w.detach()) if isinstance(w, Tensor) else float(w)
+            # a tensor multiplier stays a detached tensor: reading it here would cost a device sync every step
+            weights={self.main.name: 1.0, **{k: w.detach() if isinstance(w, Tensor) else float(w)
                                             for k, w in weights.items()}},
             metrics=metrics,
             step=step,
             batch_size=batch_size,
             extras=extras,
+            backward_guard=guard,
         )
         self._check_finite(report, named)
         return report
 
-    def backward(self, report: LossReport, *, scale: float = 1.0, scaler: Any = None) -> None:
-        """Back-propagate the step's total (times ``scale``, for gradient accumulation) through a GradScaler if any.
+    @property
+    def custom_backward(self) -> bool:
+        """Whether the weighting takes over the backward pass (gradient-aware): then only
+        :meth:`backward` applies it, and ``report.total.backward()`` raises."""
+        return self.weighting is not None and self.weighting.custom_backward
 
-        The trainer calls this rather than ``report.total.backward()`` so that weightings that act on gradients
-        rather than losses can take over the backward pass.
+    def before_step(self, ctx: StepContext | None = None) -> StepPlan:
+        """Before the forward of a training micro-batch: the weighting prepares, and says what the loop must do.
+
+        ``ctx`` is what the loop knows (learning rate, model, scale, scaler, DDP); the objective fills in its own
+        step and epoch and which tap each auxiliary task reads alone. Without a weighting nothing happens.
         """
-        if isinstance(self.weighting, GradientWeighting):
-            self.weighting.backward(self, report, scale=scale, scaler=scaler)
+        if self.weighting is None:
+            return StepPlan()
+        return self.weighting.before_step(self._complete(ctx))
+
+    def backward(self, report: LossReport, ctx: StepContext | None = None, *, scale: float = 1.0,
+                 scaler: Any = None) -> None:
+        """Back-propagate the step with the configured method: the plain ``total`` times the scale, or the
+        gradient-aware weighting's own update.
+
+        Give the step's ``ctx`` (as passed to :meth:`before_step`), or for a simple loop ``scale`` (``1/accumulate``
+        for gradient accumulation) and ``scaler`` (a GradScaler) alone.
+        """
+        if ctx is None:
+            ctx = StepContext(scale=scale, scaler=scaler)
+        elif scale != 1.0 or scaler is not None:
+            raise AuxLossError("give the scale and scaler either in the StepContext or as arguments, not both.")
+        ctx = self._complete(ctx)
+        if self.weighting is None:
+            plain_backward(report, ctx)
             return
-        total = report.total * scale if scale != 1.0 else report.total
-        if scaler is not None:
-            total = scaler.scale(total)
-        total.backward()
+        guard = report.backward_guard
+        if guard is not None:
+            guard.armed = False  # the weighting may back-propagate the total itself
+        try:
+            self.weighting.backward(report, ctx)
+        finally:
+            if guard is not None:
+                guard.armed = True
+
+    def _complete(self, ctx: StepContext | None) -> StepContext:
+        """``ctx`` with the objective's own counters and the taps each auxiliary task reads alone."""
+        ctx = ctx if ctx is not None else StepContext()
+        readers: dict[str, int] = {}
+        for task in self.tasks:
+            readers[task.source] = readers.get(task.source, 0) + 1
+        own_taps = {t.name: t.source for t in self.aux_tasks
+                    if readers[t.source] == 1 and t.source != "main" and not t.is_emitted}
+        return dataclasses.replace(
+            ctx, step=self.step if ctx.step is None else ctx.step,
+            epoch=self.epoch if ctx.epoch is None else ctx.epoch, own_taps=own_taps)
 
     def _combine(self, losses: Mapping[str, Tensor], weights: Mapping[str, Any]) -> Tensor:
         # Summed left to right in task order, so that fixed weights give exactly the hand-written formula

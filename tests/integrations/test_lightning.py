@@ -160,10 +160,10 @@ class CountingWeighting(GradientWeighting):
         super().__init__()
         self.calls = []
 
-    def backward(self, objective, report, *, scale=1.0, scaler=None):
-        self.calls.append((scale, scaler))
-        total = report.total * scale if scale != 1.0 else report.total
-        (scaler.scale(total) if scaler is not None else total).backward()
+    def backward(self, report, ctx):
+        self.calls.append((ctx.scale, ctx.scaler))
+        total = report.total * ctx.scale if ctx.scale != 1.0 else report.total
+        (ctx.scaler.scale(total) if ctx.scaler is not None else total).backward()
 
 
 @needs_lightning
@@ -193,6 +193,23 @@ def test_cosine_gating_under_lightning_equals_auxloss_trainer():
     assert obj_l.weighting.n_backward_calls == obj_a.weighting.n_backward_calls == 8 * 2  # 1 + K per batch
     assert_same_weights(model_l, model_a)
     assert any(k.startswith("train/cos/deep") for k in trainer.callback_metrics)  # telemetry is logged
+
+
+@needs_lightning
+def test_amortized_gating_under_lightning_equals_auxloss_trainer():
+    """Amortized steps put the cached multiplier on the head's gradient into the trunk at its tap (the step
+    protocol's before_step); with weighted gating that multiplier is not 1, so the head's own parameters would
+    differ if either trainer skipped the per-tap scaling."""
+    gating = pytest.importorskip("auxloss.weighting.gating", reason="CosineGating is not available")
+
+    def make():
+        return build(weighting=gating.CosineGating(weighted=True, mode="amortized", every=3))
+
+    (_, _, model_l, obj_l), (model_a, obj_a) = fit_both(make, accumulate=2)
+    # 8 backward calls: refreshes at 0, 3, 6 take 1 + K = 2 passes, the 5 amortized ones a single pass
+    assert obj_l.weighting.n_backward_calls == obj_a.weighting.n_backward_calls == 3 * 2 + 5
+    assert 0.0 < float(obj_a.weighting._cached[0]) < 1.0  # a multiplier that changes the head's gradient
+    assert_same_weights(model_l, model_a)
 
 
 @needs_lightning

@@ -7,16 +7,17 @@ The maths lives in pure functions on flat tensors (``combine_gating``, ``combine
 
 import pytest
 import torch
+from _combine import combine_gating, combine_metabalance, combine_projection, combine_weighted
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import auxloss as al
-from auxloss.weighting.gating import CosineGating, combine_gating, gating_coefficients
-from auxloss.weighting.grads import combine_weighted, cosine
-from auxloss.weighting.metabalance import combine_metabalance, metabalance_factor, moving_average
+from auxloss.weighting.gating import CosineGating, gating_coefficients
+from auxloss.weighting.grads import cosine
+from auxloss.weighting.metabalance import metabalance_factor, moving_average
 from auxloss.weighting.olaux import olaux_update
-from auxloss.weighting.projection import Projection, combine_projection, projection_coefficients
+from auxloss.weighting.projection import Projection, projection_coefficients
 
 FAST = settings(max_examples=150, deadline=None)
 ATOL = 1e-9

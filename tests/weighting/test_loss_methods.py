@@ -399,7 +399,9 @@ class Capture(Callback):
         self.steps = []
 
     def on_before_backward(self, trainer, report):
-        self.steps.append((dict(report.weights), dict(report.extras)))
+        # A log writer: the report holds device tensors (no sync in the step), read here as floats.
+        self.steps.append(({k: float(v) for k, v in report.weights.items()},
+                           {k: float(v) for k, v in report.extras.items()}))
 
 
 def multiplier_from_telemetry(kind, extras, task):

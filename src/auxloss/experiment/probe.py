@@ -94,7 +94,7 @@ def probe_variant(cfg: ExperimentConfig, variant: str, *, steps: int = 200, ever
                 if name in report.metrics:
                     metrics[name].append(float(report.metrics[name]))
             optimizer.zero_grad(set_to_none=True)
-            report.total.backward()
+            objective.backward(report)  # the configured method (a gradient-aware weighting refuses total.backward())
             optimizer.step()
             objective.advance()
             step += 1

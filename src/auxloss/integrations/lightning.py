@@ -17,11 +17,13 @@ What the mixin does with Lightning's hooks:
   ``current_epoch``;
 - ``objective.on_validation_end`` gets the epoch's validation means (``val/metric/main``, ``val/loss/<task>``;
   not during the sanity check) and ``objective.on_epoch_end`` the 1-based epoch after each training epoch;
-- **gradient-aware weightings** (a :class:`~auxloss.weighting.base.GradientWeighting` such as ``CosineGating``)
-  take over the backward pass: the mixin overrides ``LightningModule.backward`` to call
-  ``objective.backward(report, scale=1/accumulate_grad_batches, scaler=<Lightning's GradScaler>)`` instead of
-  ``loss.backward()``. Lightning keeps automatic optimization, so its gradient clipping, accumulation, LR
-  schedulers and precision plugins work unchanged. ``training_step`` must then return ``report.total`` as it is.
+- **the step protocol**, as in auxloss's own Trainer: ``auxloss_step`` calls ``objective.before_step(ctx)``
+  before the forward (the learning rate, the model for per-tap multipliers of amortized steps,
+  ``scale=1/accumulate_grad_batches``, Lightning's GradScaler), and the mixin overrides
+  ``LightningModule.backward`` to call ``objective.backward(report, ctx)`` instead of ``loss.backward()``, so
+  gradient-aware weightings (``CosineGating``...) apply their own method. Lightning keeps automatic optimization,
+  so its gradient clipping, accumulation, LR schedulers and precision plugins work unchanged.
+  ``training_step`` must then return ``report.total`` as it is.
 
 Lightning is imported only when :class:`AuxLossModule` is first used; without it the import fails with
 ``pip install auxloss[lightning]``.
@@ -30,18 +32,16 @@ Lightning is imported only when :class:`AuxLossModule` is first used; without it
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from auxloss._distributed import sync_tensors, world_size
 from auxloss.errors import AuxLossError
 from auxloss.integrations import MissingExtraError, require
 from auxloss.objective import Objective
-from auxloss.weighting.base import GradientWeighting
-
-if TYPE_CHECKING:
-    from auxloss.objective import LossReport
+from auxloss.step import LossReport, StepContext
 
 # AuxLossModule is built on first access (see __getattr__ at the end), so that importing needs no Lightning.
 __all__ = ["AuxLossMixin", "AuxLossModule", "lightning_module_base"]  # noqa: F822
@@ -85,21 +85,26 @@ class AuxLossMixin:
     def auxloss_step(self, batch: Any, stage: str = "train") -> LossReport:
         """Forward the batch through ``aux_model``, score it with ``objective``, log the report; returns it.
 
-        In training, the report is also kept for :meth:`backward` (gradient-aware weightings need every task's
+        In training it makes the step protocol's first call, ``objective.before_step(ctx)``, before the forward,
+        and keeps the report and the context for :meth:`backward` (a gradient-aware weighting needs every task's
         loss, not only the total).
         """
         if stage not in STAGES:
             raise AuxLossError(f"stage must be one of {STAGES}, got {stage!r}.")
         model, objective = self._auxloss_parts()
+        ctx = None
         if stage == "train":
-            self._auxloss_set_lr(objective)
+            ctx = self._auxloss_context(model)
+            objective.before_step(ctx)
         outputs = model(objective.inputs(batch))
         report = objective(outputs, batch)
         if stage == "train":
-            self.__dict__["_auxloss_report"] = report
+            self.__dict__["_auxloss_step"] = (report, ctx)
         if not report.finite:  # nonfinite="skip": nothing sensible to log; training_step returns None
             return report
-        values = report.as_dict()  # one device sync for all the values
+        # Detached tensors (no device sync here): Lightning averages them on the device and converts them where
+        # it writes its logs.
+        values = report.detached()
         n = report.batch_size or None
         if stage == "train":
             self.log("train/loss", values.pop("loss"), prog_bar=True, on_step=self.auxloss_log_steps, on_epoch=True,
@@ -114,6 +119,18 @@ class AuxLossMixin:
                 self._auxloss_accumulate(values, report.batch_size)
         return report
 
+    def _auxloss_context(self, model: nn.Module) -> StepContext:
+        """What Lightning knows about the coming step, for the step protocol."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:  # called outside a Lightning fit
+            return StepContext(model=model)
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        scale = 1.0
+        if self.automatic_optimization:  # type: ignore[attr-defined]
+            scale = 1.0 / trainer.accumulate_grad_batches  # what Lightning divides the returned loss by
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return StepContext(lr=lr, model=model, scale=scale, scaler=scaler)
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         report = self.auxloss_step(batch, "train")
         return report.total if report.finite else None  # None: Lightning skips the update
@@ -124,32 +141,30 @@ class AuxLossMixin:
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.auxloss_step(batch, "test")
 
-    # -- backward: gradient-aware weightings take it over --------------------------------------------------------
+    # -- backward: the objective's configured method -----------------------------------------------------------
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
-        """``loss.backward()``, or ``objective.backward(report, ...)`` under a gradient-aware weighting.
+        """``objective.backward(report, ctx)`` on the report :meth:`auxloss_step` kept: the step protocol's second
+        call, the same as in auxloss's own Trainer (a gradient-aware weighting applies its own method).
 
         ``loss`` is what Lightning made of ``training_step``'s return value (divided by ``accumulate_grad_batches``,
-        scaled by the GradScaler under ``precision="16-mixed"``); the weighting recomputes the same from the kept
-        report's per-task losses with ``scale`` and ``scaler``.
+        scaled by the GradScaler); the objective recomputes the same from the report with the context's ``scale``
+        and ``scaler``. Without a kept report (a ``training_step`` that did not call :meth:`auxloss_step`),
+        Lightning's own ``loss.backward()`` runs, which a gradient-aware weighting cannot allow.
         """
         objective = getattr(self, "objective", None)
-        weighting = getattr(objective, "weighting", None)
-        if not isinstance(weighting, GradientWeighting):
+        kept = self.__dict__.pop("_auxloss_step", None)
+        if kept is None:
+            if isinstance(objective, Objective) and objective.custom_backward:
+                raise AuxLossError(
+                    f"{type(objective.weighting).__name__} is gradient-aware and needs this step's LossReport, but "
+                    "no auxloss_step(batch) ran in training_step since the last backward. Call "
+                    "report = self.auxloss_step(batch) in training_step and return report.total."
+                )
             super().backward(loss, *args, **kwargs)  # type: ignore[misc]
             return
-        report = self.__dict__.pop("_auxloss_report", None)
-        if report is None:
-            raise AuxLossError(
-                f"{type(weighting).__name__} is gradient-aware and needs this step's LossReport, but no "
-                "auxloss_step(batch) ran in training_step since the last backward. Call "
-                "report = self.auxloss_step(batch) in training_step and return report.total."
-            )
-        trainer = self.trainer  # type: ignore[attr-defined]
-        scale = 1.0
-        if self.automatic_optimization:  # type: ignore[attr-defined]
-            scale = 1.0 / trainer.accumulate_grad_batches  # what Lightning divided the returned loss by
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        objective.backward(report, scale=scale, scaler=scaler)  # type: ignore[union-attr]
+        report, ctx = kept
+        assert isinstance(objective, Objective)
+        objective.backward(report, ctx)
 
     # -- counters and events -------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -163,7 +178,7 @@ class AuxLossMixin:
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)  # type: ignore[misc]
-        self.__dict__.pop("_auxloss_report", None)  # a skipped step's report must not reach a later backward
+        self.__dict__.pop("_auxloss_step", None)  # a skipped step's report must not reach a later backward
         # One objective step per optimizer step: global_step counts optimizer steps, so a batch that only
         # accumulates gradients (or that was skipped) adds nothing, and manual optimization counts its opt.step()s.
         now = self.trainer.global_step  # type: ignore[attr-defined]
@@ -191,26 +206,21 @@ class AuxLossMixin:
         if trainer.sanity_checking or getattr(trainer.state, "fn", None) != "fit" or not sums:
             return
         keys = sorted(sums)
-        if trainer.world_size > 1:  # every process saw its own shard: sum over all of them
-            packed = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float32, device=self.device)
-            packed = trainer.strategy.reduce(packed, reduce_op="sum").cpu().tolist()  # type: ignore[attr-defined]
-            sums, count = dict(zip(keys, packed[:-1])), packed[-1]
-        metrics = {f"val/{k}": float(sums[k]) / count for k in keys}
+        if world_size() > 1:  # every process saw its own shard: sum over all of them
+            synced = sync_tensors([sums[k] for k in keys] + [torch.tensor(float(count), dtype=torch.float64,
+                                                                        device=sums[keys[0]].device)], "sum")
+            sums, count = dict(zip(keys, synced[:-1])), float(synced[-1])  # type: ignore[arg-type]
+        metrics = {f"val/{k}": float(sums[k]) / count for k in keys}  # floats once per epoch
         _, objective = self._auxloss_parts()
         objective.on_validation_end(metrics)
 
-    def _auxloss_accumulate(self, values: dict[str, float], n: int) -> None:
+    def _auxloss_accumulate(self, values: dict[str, Any], n: int) -> None:
+        # Batch-size-weighted sums kept as float64 tensors on their device: no device sync per batch.
         sums, count = self.__dict__.get("_auxloss_val", ({}, 0))
         for k, v in values.items():
+            v = torch.as_tensor(v, dtype=torch.float64, device=v.device if isinstance(v, Tensor) else self.device)
             sums[k] = sums.get(k, 0.0) + v * n
         self.__dict__["_auxloss_val"] = (sums, count + n)
-
-    def _auxloss_set_lr(self, objective: Objective) -> None:
-        # OL-AUX's look-ahead needs the model's current learning rate, which only the optimizer knows.
-        weighting = objective.weighting
-        trainer = getattr(self, "_trainer", None)
-        if weighting is not None and hasattr(weighting, "set_lr") and trainer is not None and trainer.optimizers:
-            weighting.set_lr(trainer.optimizers[0].param_groups[0]["lr"])
 
 
 def lightning_module_base() -> type:

@@ -10,11 +10,13 @@ Override only what you need. The order of calls in one optimizer step is::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from auxloss.objective import LossReport
-    from auxloss.train.trainer import Trainer
+from auxloss.step import LossReport
+
+# The trainer imports this module, so naming its class here (even under TYPE_CHECKING) would be an import cycle:
+# hooks receive the running `auxloss.train.Trainer`, typed loosely.
+Trainer = Any
 
 __all__ = ["Callback"]
 

@@ -21,14 +21,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from auxloss._distributed import is_distributed, sync_tensors
 from auxloss.errors import AuxLossError
 from auxloss.objective import LossReport, Objective
-from auxloss.taps import AuxModel
+from auxloss.step import StepContext
 from auxloss.train.callbacks import Callback
 from auxloss.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
-from auxloss.train.distributed import all_reduce_mean, is_distributed
 from auxloss.train.logging import RunLogger
-from auxloss.weighting.base import GradientWeighting
 
 __all__ = ["FitResult", "Trainer", "move_to"]
 
@@ -58,10 +57,11 @@ class FitResult:
     stopped_early: bool
     seconds: float
     skipped_steps: int = 0
+    main_task: str = "main"  # the objective's main task's name (its metric keys are "<split>/metric/<name>")
 
     def main_metric(self, split: str = "test") -> float:
         """The main task's metric on ``split`` at the best epoch."""
-        key = f"{split}/metric/main"
+        key = f"{split}/metric/{self.main_task}"
         if key not in self.best:
             raise AuxLossError(f"no {split!r} metric in this run; the splits evaluated are "
                                f"{sorted({k.split('/')[0] for k in self.best})}.")
@@ -215,7 +215,7 @@ class Trainer:
         """Batch-size-weighted means of every task's loss and metric over ``loader``, in eval mode."""
         was_training = model.training
         model.eval()
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}
         count = 0
         try:
             for batch in loader:
@@ -231,6 +231,14 @@ class Trainer:
                 count += n
         finally:
             model.train(was_training)
+        if is_distributed() and isinstance(getattr(loader, "sampler", None), DistributedSampler):
+            # Each rank saw its own shard: the sums and the count are summed over the ranks (an unsharded loader
+            # already gives every rank the whole split).
+            keys = sorted(sums)
+            packed = [torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys]
+            synced = sync_tensors([*packed, torch.tensor(float(count), dtype=torch.float64, device=self.device)],
+                                  "sum")
+            sums, count = dict(zip(keys, synced[:-1])), int(synced[-1])  # type: ignore[arg-type]
         if count == 0:
             raise AuxLossError("an evaluation split is empty: give it at least one sample.")
         return {k: float(v) / count for k, v in sums.items()}
@@ -326,15 +334,16 @@ class Trainer:
                     # gradient telemetry of gradient-aware weightings (epoch means), for the report's health section
                     **{k: v for k, v in train_means.items() if k.startswith(("cos/", "normratio/", "effw/"))},
                 }
-                if "trainval/metric/main" in record and "val/metric/main" in record:
-                    gap = record["trainval/metric/main"] - record["val/metric/main"]
+                main = objective.main.name
+                if f"trainval/metric/{main}" in record and f"val/metric/{main}" in record:
+                    gap = record[f"trainval/metric/{main}"] - record[f"val/metric/{main}"]
                     record["gap"] = gap if higher else -gap
                 st["history"].append(record)
                 self._call("on_epoch_end", record)
                 if logger is not None:
                     logger.log_epoch(record)
-                progress.epoch_done(record)
-                self._select_best(st, record, metrics, higher)
+                progress.epoch_done(record, main)
+                self._select_best(st, record, metrics, higher, main)
                 st["epoch"] = epoch
                 st["batch_idx"] = 0
                 self._save(st, started)
@@ -357,6 +366,7 @@ class Trainer:
             stopped_early=st["stopped_early"],
             seconds=st["elapsed"] + time.perf_counter() - started,
             skipped_steps=objective.skipped_steps,
+            main_task=objective.main.name,
         )
 
     @property
@@ -373,13 +383,13 @@ class Trainer:
                 "sums": {}, "count": 0, "micro": 0, "epoch_gen_state": None}
 
     def _select_best(self, st: dict[str, Any], record: dict[str, Any], metrics: dict[str, float],
-                     higher: bool) -> None:
+                     higher: bool, main: str) -> None:
         # The best checkpoint is chosen on validation only: choosing on test would leak it.
         assert self.model is not None
-        if "val/metric/main" in record:
-            value, maximize = record["val/metric/main"], higher
-        elif "val/loss/main" in record:
-            value, maximize = record["val/loss/main"], False
+        if f"val/metric/{main}" in record:
+            value, maximize = record[f"val/metric/{main}"], higher
+        elif f"val/loss/{main}" in record:
+            value, maximize = record[f"val/loss/{main}"], False
         else:
             st["best_epoch"], st["best_metrics"] = record["epoch"], metrics
             return
@@ -489,13 +499,13 @@ class Trainer:
         for batch_idx, batch in enumerate(iterator, start=skip):
             batch = move_to(batch, self.device)
             self._call("on_train_batch_start", batch, batch_idx)
-            # Gradient-aware weightings take per-task gradients with autograd.grad, which DDP's hooks never see:
-            # they all-reduce those gradients themselves, so DDP's own synchronisation is switched off.
-            weighting = objective.weighting
-            sync_off = (isinstance(model, nn.parallel.DistributedDataParallel)
-                        and isinstance(weighting, GradientWeighting)
-                        and getattr(weighting, "next_step_is_exact", lambda: True)())
-            self._apply_trunk_grad_scales(objective)
+            # One protocol call before the forward: the weighting prepares the step (per-tap multipliers, its
+            # learning rate) and says whether DDP's own gradient sync must be off (per-task gradients taken with
+            # autograd.grad, which DDP's hooks never see, are all-reduced by the weighting itself).
+            ctx = StepContext(lr=optimizer.param_groups[0]["lr"], model=self.model, scale=1.0 / self.accumulate,
+                              scaler=self.scaler, distributed=isinstance(model, nn.parallel.DistributedDataParallel))
+            plan = objective.before_step(ctx)
+            sync_off = ctx.distributed and not plan.sync_gradients
             with model.no_sync() if sync_off else nullcontext():
                 with self._autocast():
                     outputs = model(objective.inputs(batch))
@@ -505,10 +515,7 @@ class Trainer:
                     progress.step()
                     continue
                 self._call("on_before_backward", report)
-                set_lr = getattr(objective.weighting, "set_lr", None)
-                if set_lr is not None:  # OL-AUX's look-ahead uses the model's current learning rate
-                    set_lr(optimizer.param_groups[0]["lr"])
-                objective.backward(report, scale=1.0 / self.accumulate, scaler=self.scaler)
+                objective.backward(report, ctx)
                 self._call("on_after_backward", report)
             st["micro"] += 1
             # Detached tensors, summed on the device: reading them as floats every step would cost a device sync
@@ -529,24 +536,6 @@ class Trainer:
             st["micro"] = 0
         count = st["count"]
         return {k: float(v) / count for k, v in sums.items()} if count else {}
-
-    def _apply_trunk_grad_scales(self, objective: Objective) -> None:
-        """On an amortized step of a gradient-aware weighting, put each task's multiplier on its tap's gradient
-        into the trunk, so the head's own parameters keep their full gradient (see ``trunk_grad_scales``)."""
-        weighting, aux_model = objective.weighting, self.model
-        if not isinstance(aux_model, AuxModel) or not hasattr(weighting, "trunk_grad_scales"):
-            return
-        scales = weighting.trunk_grad_scales() or {}
-        readers: dict[str, int] = {}
-        for task in objective.tasks:
-            readers[task.source] = readers.get(task.source, 0) + 1
-        applied = {}
-        for task in objective.aux_tasks:
-            # Only a tap read by this one task can carry its multiplier: a shared tap would scale them all.
-            if task.name in scales and task.source in aux_model.taps and readers[task.source] == 1:
-                applied[task.name] = scales[task.name]
-        aux_model.set_trunk_grad_scales({t.source: applied[t.name] for t in objective.aux_tasks if t.name in applied})
-        weighting.scaled_at_taps(applied)
 
     def _skip_step(self, batch_idx: int, values: dict[str, float]) -> bool:
         """A non-finite gradient norm: drop the update (nonfinite="skip", counted) or raise."""
@@ -569,7 +558,7 @@ class Trainer:
         if is_distributed():
             # The objective's own parameters (learnable task weights) are outside the DDP-wrapped model.
             params = [p for p in self.objective.parameters() if p.grad is not None]
-            for p, g in zip(params, all_reduce_mean([p.grad for p in params])):
+            for p, g in zip(params, sync_tensors([p.grad for p in params], "mean")):
                 p.grad = g
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
@@ -596,6 +585,7 @@ class Trainer:
         self.global_step += 1
         self._call("on_train_batch_end", report, batch_idx)
         if logger is not None and self.global_step % self.log_every == 0:
+            # the one place step values become Python floats (a device sync), once per logging interval
             logger.log_step(self.global_step, {k: float(v) for k, v in values.items()})
 
 
@@ -642,9 +632,9 @@ class _Progress:
         if self._bar is not None:
             self._bar.advance(self._task)
 
-    def epoch_done(self, record: Mapping[str, Any]) -> None:
+    def epoch_done(self, record: Mapping[str, Any], main: str) -> None:
         if self._bar is not None:
-            val = record.get("val/metric/main")
+            val = record.get(f"val/metric/{main}")
             info = f"epoch {record['epoch']}" + (f" val {val:.4f}" if isinstance(val, float) else "")
             self._bar.update(self._task, info=info)
 

@@ -1,29 +1,39 @@
-"""The two kinds of weighting strategy, and the contract between them and the :class:`~auxloss.Objective`.
+"""The two kinds of weighting strategy, and the step protocol between them, the objective and the training loop.
 
 An auxiliary task's effective weight is ``λ_k(t) · m_k``: its schedule (fixed or curriculum, from the task)
 times the strategy's multiplier. The main task's weight is always 1: no strategy may scale it down.
 
-- :class:`LossWeighting` strategies see only the losses. Each step :meth:`LossWeighting.multipliers` returns
+- :class:`LossWeighting` strategies see only the losses. Each step :meth:`Weighting.multipliers` returns
   ``m_k`` per auxiliary task (a float or a tensor, possibly carrying a graph for learnable weights), and
-  :meth:`LossWeighting.extra_loss` may add a regulariser (uncertainty weighting's ``s/2``).
+  :meth:`Weighting.extra_loss` may add a regulariser (uncertainty weighting's ``s/2``).
 - :class:`GradientWeighting` strategies act on the gradients of the *shared* parameters (those both the main task
-  and that auxiliary task reach). They take over the backward pass: :meth:`GradientWeighting.backward` is called
-  by :meth:`Objective.backward` instead of ``total.backward()``.
+  and that auxiliary task reach). They take over the backward pass (``custom_backward = True``).
 
-Both are ``nn.Module``: learnable weights are parameters (so the trainer's optimizer, ``.to()``, ``state_dict``
-and DDP see them) and running statistics are buffers or extra state, so a checkpoint resumes exactly.
+**The step protocol.** Per micro-batch the loop makes two calls on the objective, which forwards them here:
+
+1. ``plan = objective.before_step(ctx)`` before the forward -> :meth:`Weighting.before_step` with a frozen
+   :class:`~auxloss.step.StepContext` (step, epoch, learning rate, the model, the taps each task reads alone,
+   accumulation scale, GradScaler, DDP or not). It returns a :class:`~auxloss.step.StepPlan` (whether DDP's own
+   gradient sync stays on). A strategy prepares here (an amortized step sets its multipliers at the taps).
+2. ``objective.backward(report, ctx)`` after it -> :meth:`Weighting.backward`, which writes ``p.grad``: the plain
+   ``scale·total`` backward by default, each strategy's own method for gradient-aware ones.
+
+Events: :meth:`Weighting.on_epoch_end` after each training epoch and :meth:`Weighting.on_validation_end` after
+each evaluation. :meth:`Weighting.telemetry` returns detached tensors (never floats: reading a device value costs
+a sync), converted where the logs are written.
+
+Both kinds are ``nn.Module``: learnable weights are parameters (so the trainer's optimizer, ``.to()``,
+``state_dict`` and DDP see them) and running statistics are buffers or extra state, so a checkpoint resumes exactly.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import ClassVar
 
 from torch import Tensor, nn
 
 from auxloss.errors import AuxLossError
-
-if TYPE_CHECKING:
-    from auxloss.objective import LossReport, Objective
+from auxloss.step import LossReport, StepContext, StepPlan, plain_backward
 
 __all__ = ["GradientWeighting", "LossWeighting", "Weighting"]
 
@@ -31,9 +41,17 @@ __all__ = ["GradientWeighting", "LossWeighting", "Weighting"]
 class Weighting(nn.Module):
     """Base of every strategy. :meth:`bind` tells it the task names once the objective is built."""
 
+    #: Whether :meth:`backward` does more than back-propagate ``report.total`` (gradient-aware strategies). The
+    #: objective then guards ``report.total`` so that a direct ``report.total.backward()`` raises.
+    custom_backward: ClassVar[bool] = False
+    #: The constructor argument that a config's ``layer`` key fills with the named layers' parameters (``None``:
+    #: the strategy takes no layer), and whether a config must give it (see :mod:`auxloss.weighting.registry`).
+    layer_argument: ClassVar[str | None] = None
+    layer_required: ClassVar[bool] = False
+
     def __init__(self) -> None:
         super().__init__()
-        self.main_name: str = "main"
+        self.main_name: str = ""  # set by bind(): the main task's name, whatever the user called it
         self.aux_names: list[str] = []
 
     def bind(self, main: str, aux: list[str]) -> None:
@@ -51,15 +69,25 @@ class Weighting(nn.Module):
         """A term added to the total (a regulariser of learnable weights), or ``None``."""
         return None
 
-    # -- events from the trainer ---------------------------------------------------------------------------------
+    # -- the step protocol ---------------------------------------------------------------------------------------
+    def before_step(self, ctx: StepContext) -> StepPlan:
+        """Before the forward of a training micro-batch; returns what the loop must do for it."""
+        return StepPlan()
+
+    def backward(self, report: LossReport, ctx: StepContext) -> None:
+        """Write this micro-batch's update times ``ctx.scale`` into ``p.grad`` (accumulating): here the plain
+        backward of ``report.total``, through ``ctx.scaler`` when there is one."""
+        plain_backward(report, ctx)
+
+    # -- events from the loop ------------------------------------------------------------------------------------
     def on_validation_end(self, metrics: dict[str, float], *, higher_is_better: bool) -> None:
-        """After each epoch's evaluation (``val/metric/main`` etc.)."""
+        """After each epoch's evaluation (``val/metric/<main task>`` etc.)."""
 
     def on_epoch_end(self, epoch: int) -> None:
         """After each training epoch (1-based)."""
 
-    def telemetry(self) -> dict[str, float]:
-        """Numbers to log with the step (cosines, norm ratios, effective weights...)."""
+    def telemetry(self) -> dict[str, Tensor]:
+        """Detached tensors to log with the step (cosines, norm ratios, effective weights...)."""
         return {}
 
 
@@ -70,10 +98,12 @@ class LossWeighting(Weighting):
 class GradientWeighting(Weighting):
     """A strategy on per-task gradients of the shared parameters. Subclasses implement :meth:`backward`.
 
-    ``backward`` must leave in every parameter's ``.grad`` (accumulating into what is there, for gradient
-    accumulation) the update direction times ``scale``; losses go through ``scaler.scale`` when a GradScaler is
-    given, and the objective's ``report.weights`` hold each task's λ from its schedule.
+    ``backward(report, ctx)`` must leave in every parameter's ``.grad`` (accumulating into what is there, for
+    gradient accumulation) the update direction times ``ctx.scale``; losses go through ``ctx.scaler.scale`` when a
+    GradScaler is given, and ``report.weights`` hold each task's λ from its schedule.
     """
 
-    def backward(self, objective: Objective, report: LossReport, *, scale: float = 1.0, scaler: Any = None) -> None:
-        raise NotImplementedError
+    custom_backward: ClassVar[bool] = True
+
+    def backward(self, report: LossReport, ctx: StepContext) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement backward(report, ctx).")

@@ -24,6 +24,7 @@ import math
 import torch
 from torch import Tensor
 
+from auxloss._distributed import SyncedState
 from auxloss.errors import AuxLossError
 from auxloss.weighting.base import LossWeighting
 
@@ -42,7 +43,7 @@ def dwa_weights(last: Tensor, before: Tensor, temperature: float) -> Tensor:
     return ratio.numel() * torch.softmax(ratio / temperature, dim=0)
 
 
-class DWA(LossWeighting):
+class DWA(SyncedState, LossWeighting):
     """Dynamic Weight Average over the auxiliary tasks: ``w_k = K·softmax_k(r_k/τ)`` from epoch-mean loss ratios.
 
     Args:
@@ -70,8 +71,9 @@ class DWA(LossWeighting):
         super().bind(main, aux)
         k = len(aux)
         f64 = torch.float64
-        self.register_buffer("loss_sum", torch.zeros(k, dtype=f64))
-        self.register_buffer("loss_count", torch.zeros(k, dtype=torch.long))
+        # The epoch's running sums, summed over the ranks under DDP at the epoch's end (each saw its own shard).
+        self.add_state("loss_sum", torch.zeros(k, dtype=f64), reduce="sum")
+        self.add_state("loss_count", torch.zeros(k, dtype=torch.long), reduce="sum")
         self.register_buffer("epoch_means", torch.full((2, k), math.nan, dtype=f64))
         self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("weights", torch.ones(k, dtype=f64))
@@ -95,15 +97,9 @@ class DWA(LossWeighting):
 
     def on_epoch_end(self, epoch: int) -> None:
         self._check_bound()
-        # Under DDP every rank saw its own shard: sum the epoch's losses over ranks, so that all ranks compute the
-        # same weights from the global epoch means (and a checkpoint written by rank 0 fits every rank).
-        from auxloss.train.distributed import all_reduce_mean, world_size
-
-        if world_size() > 1:
-            ws = world_size()
-            mean_sum, mean_count = all_reduce_mean([self.loss_sum.clone(), self.loss_count.to(self.loss_sum.dtype)])
-            self.loss_sum.copy_(mean_sum * ws)
-            self.loss_count.copy_((mean_count * ws).round().to(self.loss_count.dtype))
+        # Under DDP every rank saw its own shard: the declared sums are summed over ranks, so that all ranks
+        # compute the same weights from the global epoch means (and a checkpoint written by rank 0 fits every rank).
+        self.sync_state()
         if int(self.loss_count.sum()) == 0:
             return  # no training step this epoch (or none finite): nothing to roll
         counted = self.loss_count > 0
@@ -117,10 +113,11 @@ class DWA(LossWeighting):
         if int(self.epochs_seen) >= 2:
             self.weights.copy_(dwa_weights(self.epoch_means[0], self.epoch_means[1], self.temperature))
 
-    def telemetry(self) -> dict[str, float]:
+    def telemetry(self) -> dict[str, Tensor]:
         if not hasattr(self, "weights"):
             return {}
-        return {f"dwa_w/{n}": v for n, v in zip(self.aux_names, self.weights.tolist())}
+        w = self.weights.detach().clone()  # a copy: the buffer changes in place at the epoch's end
+        return {f"dwa_w/{n}": w[i] for i, n in enumerate(self.aux_names)}
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"

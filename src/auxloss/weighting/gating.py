@@ -17,24 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from auxloss.errors import AuxLossError
-from auxloss.weighting.grads import Combination, PerTaskGradientWeighting, TaskStats, combine_weighted, cosine
+from auxloss.weighting.grads import Combination, PerTaskGradientWeighting, TaskStats
 
-__all__ = ["CosineGating", "combine_gating", "gating_coefficients"]
+__all__ = ["CosineGating", "gating_coefficients"]
 
 
 def gating_coefficients(cos: Tensor, weighted: bool = False) -> Tensor:
     """``c_k`` from the cosines: ``1[cos > 0]``, or ``max(0, cos)`` when ``weighted``. Always in [0, 1]."""
     return cos.clamp(min=0.0) if weighted else (cos > 0).to(cos.dtype)
-
-
-def combine_gating(g0: Tensor, gks: Tensor, lambdas: Tensor, weighted: bool = False) -> tuple[Tensor, Tensor]:
-    """The gated update of flat gradients: ``g0`` ``(D,)``, ``gks`` ``(K, D)``, ``lambdas`` ``(K,)``.
-
-    Returns the update ``g_0 + Σ c_k·λ_k·g_k`` and the coefficients ``c`` ``(K,)``.
-    """
-    cos = cosine(gks @ g0, g0 @ g0, (gks * gks).sum(1))
-    c = gating_coefficients(cos, weighted)
-    return combine_weighted(g0, gks, c * lambdas.to(c.dtype)), c
 
 
 class CosineGating(PerTaskGradientWeighting):

@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from auxloss._distributed import SyncedState
 from auxloss.errors import AuxLossError
 from auxloss.weighting.base import LossWeighting
 
@@ -96,13 +98,14 @@ def _as_params(params: object) -> list[Tensor]:
     return found
 
 
-class GradNorm(LossWeighting):
+class GradNorm(SyncedState, LossWeighting):
     """GradNorm over all T tasks on the shared layer ``params``; auxiliary multipliers ``w_k / w_0``.
 
     Args:
         alpha: the restoring strength α ≥ 0 (0: equal gradient norms; larger: favour slow tasks more).
         lr: the learning rate of the task weights (plain gradient descent on ``L_grad``), ≥ 0 (0 freezes them).
         params: the parameters of the last shared layer W: a module, a tensor or an iterable of tensors. Required.
+        layer: the name of that layer, shown in the repr (a config's ``layer`` key sets both).
 
     State (buffers, main task first): ``task_weights`` (the ``w_i``, summing to T), ``initial_loss`` (``L_i(0)``),
     ``has_initial``, ``updates`` and ``l_grad`` (the last ``L_grad``). Telemetry: ``gradnorm_w/<task>`` for every
@@ -115,7 +118,11 @@ class GradNorm(LossWeighting):
     updates: Tensor
     l_grad: Tensor
 
-    def __init__(self, alpha: float = 1.5, lr: float = 0.025, params: object = None) -> None:
+    layer_argument: ClassVar[str | None] = "params"
+    layer_required: ClassVar[bool] = True
+
+    def __init__(self, alpha: float = 1.5, lr: float = 0.025, params: object = None, *,
+                 layer: str | None = None) -> None:
         super().__init__()
         for arg, value in (("alpha", alpha), ("lr", lr)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
@@ -124,7 +131,9 @@ class GradNorm(LossWeighting):
         self.alpha, self.lr = float(alpha), float(lr)
         # A plain list, not registered: these are the model's parameters, which the model owns and saves.
         self._params = _as_params(params)
-        self.layer: str | None = None  # the layer's name, when built from a config (for the repr only)
+        if layer is not None and not isinstance(layer, str):
+            raise AuxLossError(f"GradNorm: layer is the name of the layer params come from, got {layer!r}.")
+        self.layer = layer  # for the repr only
         self._shown: Tensor | None = None
 
     @property
@@ -140,6 +149,10 @@ class GradNorm(LossWeighting):
         self.register_buffer("has_initial", torch.zeros((), dtype=torch.bool))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("l_grad", torch.full((), math.nan, dtype=f64))
+        # This step's measurements, averaged over the ranks under DDP (the global batch's), so that every rank
+        # takes the same step on w. Not saved: they are rewritten every training step.
+        self.add_state("step_norms", torch.zeros(t, dtype=f64), reduce="mean", persistent=False)
+        self.add_state("step_losses", torch.zeros(t, dtype=f64), reduce="mean", persistent=False)
         self._shown = None
 
     @property
@@ -179,12 +192,11 @@ class GradNorm(LossWeighting):
     def _update(self, losses: dict[str, Tensor]) -> None:
         device = self.task_weights.device
         f64 = torch.float64
-        norms = self.grad_norms(losses).to(device=device, dtype=f64)
-        current = torch.stack([losses[n].detach().reshape(()).to(device=device, dtype=f64) for n in self.names])
-        # Under DDP: the global batch's norms and losses (rank means), so every rank takes the same step on w.
-        from auxloss.train.distributed import all_reduce_mean
-
-        norms, current = all_reduce_mean([norms, current])
+        self.step_norms.copy_(self.grad_norms(losses).to(device=device, dtype=f64))
+        self.step_losses.copy_(torch.stack([losses[n].detach().reshape(()).to(device=device, dtype=f64)
+                                            for n in self.names]))
+        self.sync_state()
+        norms, current = self.step_norms, self.step_losses
         # No device sync: every decision is a torch.where on the device.
         finite_now = torch.isfinite(current).all()
         initial = torch.where(self.has_initial, self.initial_loss, current)
@@ -196,12 +208,12 @@ class GradNorm(LossWeighting):
         self.l_grad.copy_(torch.where(ok, l_grad, self.l_grad))
         self.updates += ok.long()
 
-    def telemetry(self) -> dict[str, float]:
+    def telemetry(self) -> dict[str, Tensor]:
         if not hasattr(self, "task_weights"):
             return {}
-        shown = self._shown if self._shown is not None else self.task_weights
-        out = {f"gradnorm_w/{n}": v for n, v in zip(self.names, shown.tolist())}
-        out["gradnorm/l_grad"] = float(self.l_grad)
+        shown = (self._shown if self._shown is not None else self.task_weights).detach().clone()
+        out = {f"gradnorm_w/{n}": shown[i] for i, n in enumerate(self.names)}
+        out["gradnorm/l_grad"] = self.l_grad.detach().clone()
         return out
 
     def extra_repr(self) -> str:

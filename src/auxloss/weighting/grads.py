@@ -34,17 +34,17 @@ see and remember is in the true domain whatever the current scale.
 little next to the backward passes; the subset's point is a cheaper, more local signal. It must meet every task's
 shared set.
 
-**Amortized mode** (``mode="amortized", every=N``): the statistics are refreshed (exact mode) on one backward call
-in N (calls are counted on :meth:`backward`, micro-batches included, starting with a refresh), and on the others a
-*single* backward runs on ``L_0 + Σ_k m_k·λ_k·L_k`` with each strategy's cached multiplier ``m_k`` (its
-"effective weight" divided by ``λ_k``; see each strategy for what it caches). The trainer puts ``m_k`` on the
-gradient head k sends into the trunk, at its tap (:meth:`trunk_grad_scales`,
+**Amortized mode** (``mode="amortized", every=N``): the statistics are refreshed (exact mode) on one backward
+call in N (calls are counted on :meth:`backward`, micro-batches included, starting with a refresh), and on the
+others a *single* backward runs on ``L_0 + Σ_k m_k·λ_k·L_k`` with each strategy's cached multiplier ``m_k``
+(its "effective weight" divided by ``λ_k``; see each strategy for what it caches). The trainer puts ``m_k`` on
+the gradient head k sends into the trunk, at its tap (:meth:`~PerTaskGradientWeighting.before_step` with
 :meth:`~auxloss.taps.AuxModel.set_trunk_grad_scales`), and the loss keeps ``λ_k``: the trunk gets
-``m_k·λ_k·g_k`` and the head's own parameters their full ``λ_k·g_k``, as in exact mode. Where that is not possible
-(a loop of your own that does not call it, a task reading the main output, a tap shared by several tasks) the
-single backward uses ``m_k·λ_k`` for the whole task, so the head's own parameters get ``m_k·λ_k·g_k`` too.
-Per-tensor or non-scalar rules (a projection, MetaBalance's per-tensor rescaling) are summarised by one scalar
-per task between refreshes.
+``m_k·λ_k·g_k`` and the head's own parameters their full ``λ_k·g_k``, as in exact mode. Where that is not
+possible (a loop of your own that does not call ``objective.before_step(ctx)`` with the model, a task reading
+the main output, a tap shared by several tasks) the single backward uses ``m_k·λ_k`` for the whole task, so
+the head's own parameters get ``m_k·λ_k·g_k`` too. Per-tensor or non-scalar rules (a projection, MetaBalance's
+per-tensor rescaling) are summarised by one scalar per task between refreshes.
 
 **Gradient accumulation.** Each backward call is one micro-batch: the decision (gate, projection, rescaling) is
 taken on that micro-batch's own gradients, and the result times ``scale`` is added to ``p.grad``. For rules that
@@ -62,7 +62,7 @@ or the cached one on amortized steps). The objective collects telemetry during t
 step's backward, so a step's report carries the previous step's values.
 
 **Distributed.** :func:`torch.autograd.grad` bypasses DDP's gradient all-reduce, so under a process group each
-task's gradients are averaged explicitly (one flat all-reduce of all tasks, :func:`auxloss.train.distributed.
+task's gradients are averaged explicitly (one flat all-reduce of all tasks, :func:`auxloss._distributed.
 all_reduce_mean`) before any statistic: cosines, projections and state are those of the global batch and every rank
 writes the same update. Amortized steps are a plain backward, which DDP reduces itself.
 """
@@ -73,22 +73,21 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from auxloss._distributed import all_reduce_mean, is_distributed
 from auxloss.errors import AuxLossError
+from auxloss.step import LossReport, StepContext, StepPlan
+from auxloss.taps import AuxModel
 from auxloss.weighting.base import GradientWeighting
-
-if TYPE_CHECKING:
-    from auxloss.objective import LossReport, Objective
 
 __all__ = [
     "Combination",
     "PerTaskGradientWeighting",
     "TaskStats",
-    "combine_weighted",
     "cosine",
     "discover_params",
     "per_task_gradients",
@@ -103,11 +102,6 @@ def cosine(dot: Tensor, sq0: Tensor, sqk: Tensor) -> Tensor:
     denom = torch.sqrt(sq0 * sqk)
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
     return torch.where(denom > 0, dot / safe, torch.zeros_like(dot)).clamp(-1.0, 1.0)
-
-
-def combine_weighted(g0: Tensor, gks: Tensor, coefs: Tensor) -> Tensor:
-    """``g_0 + Σ_k coefs_k·g_k`` for flat ``g0`` ``(D,)``, ``gks`` ``(K, D)`` and ``coefs`` ``(K,)``."""
-    return g0 + (coefs.to(gks.dtype)[:, None] * gks).sum(0)
 
 
 def discover_params(losses: Iterable[Tensor]) -> list[Tensor]:
@@ -240,6 +234,10 @@ class PerTaskGradientWeighting(GradientWeighting):
     :meth:`_params_changed`, :meth:`_state` and :meth:`_load_state`.
     """
 
+    # A config's `layer` names where the statistics are taken (the last shared block): `params` must cover every
+    # trainable tensor, so a layer there would miss the rest.
+    layer_argument: ClassVar[str | None] = "stats_params"
+
     def __init__(
         self,
         *,
@@ -269,6 +267,7 @@ class PerTaskGradientWeighting(GradientWeighting):
         self.n_backward_calls = 0  # autograd backward passes run (autograd.grad or backward)
         self._cached: Tensor | None = None  # m_k per aux task, for amortized steps
         self._tele: dict[str, Tensor] = {}
+        self._scaled_at_taps: dict[str, float] = {}  # tasks whose m_k before_step put at their tap
 
     @staticmethod
     def _tensor_list(values: Iterable[Tensor] | None, what: str) -> list[Tensor] | None:
@@ -293,31 +292,36 @@ class PerTaskGradientWeighting(GradientWeighting):
         """``m_k`` per auxiliary task for an amortized step (``None``: refresh now). Default: the cached ones."""
         return self._cached
 
-    def trunk_grad_scales(self) -> dict[str, float] | None:
-        """Before the forward of the next step: on an amortized step, ``m_k`` per auxiliary task, so the trainer
-        can scale each head's gradient into the trunk at its tap (:meth:`AuxModel.set_trunk_grad_scales`); then
-        the trunk gets ``m_k·λ_k·g_k`` while the head's own parameters keep ``λ_k·g_k``, exactly as in exact mode.
-        ``None`` on a step that takes per-task gradients."""
-        self._scaled_at_taps = {}
-        if self.next_step_is_exact():
-            return None
-        m = self._amortized_multipliers()
-        return {name: float(m[k]) for k, name in enumerate(self.aux_names)}
+    def before_step(self, ctx: StepContext) -> StepPlan:
+        """Before the forward: on an amortized step, put ``m_k`` on the gradient head k sends into the trunk at its
+        tap (when ``ctx.model`` is an :class:`~auxloss.AuxModel` and the tap is read by task k alone), so the trunk
+        gets ``m_k·λ_k·g_k`` while the head's own parameters keep ``λ_k·g_k``, exactly as in exact mode.
 
-    def scaled_at_taps(self, scales: dict[str, float]) -> None:
-        """The trainer reports the tasks whose multiplier it applied at their taps for the coming step."""
-        self._scaled_at_taps = dict(scales)
-
-    def next_step_is_exact(self) -> bool:
-        """Whether the next :meth:`backward` takes per-task gradients (and all-reduces them itself under DDP).
-
-        The trainer switches DDP's own gradient synchronisation off for exactly those steps: an amortized step is
-        a plain backward, which DDP must reduce as usual.
+        A step that takes per-task gradients asks the loop to switch DDP's own synchronisation off: it all-reduces
+        those gradients itself, and an amortized step is a plain backward, which DDP must reduce as usual.
         """
+        exact = self._next_step_exact()
+        scales: dict[str, float] = {}
+        model = ctx.model
+        if isinstance(model, AuxModel):
+            if not exact:
+                m = self._amortized_multipliers()
+                assert m is not None
+                taps = model.taps
+                for k, name in enumerate(self.aux_names):
+                    if ctx.own_taps.get(name) in taps:
+                        scales[name] = float(m[k])  # a Python factor for the tap's backward hook
+            model.set_trunk_grad_scales({ctx.own_taps[n]: v for n, v in scales.items()})
+        self._scaled_at_taps = scales
+        return StepPlan(sync_gradients=not (exact and ctx.distributed))
+
+    def _next_step_exact(self) -> bool:
+        """Whether the next :meth:`backward` takes per-task gradients (a refresh, or no cached multipliers yet)."""
         return self.mode == "exact" or self.backward_steps % self.every == 0 or self._amortized_multipliers() is None
 
-    def _before_step(self, objective: Objective) -> None:
-        """Called at the start of every backward (OL-AUX applies its periodic update here)."""
+    def _before_step(self, ctx: StepContext) -> None:
+        """Called at the start of every backward with the step's context (OL-AUX applies its periodic update
+        here)."""
 
     def _params_changed(self, old: list[Tensor] | None, new: list[Tensor]) -> None:
         """Called when the parameter list changes (first step included); re-align per-parameter state."""
@@ -356,8 +360,8 @@ class PerTaskGradientWeighting(GradientWeighting):
         return params
 
     # -- backward -----------------------------------------------------------------------------------------------
-    def backward(self, objective: Objective, report: LossReport, *, scale: float = 1.0, scaler: Any = None) -> None:
-        main = objective.main.name
+    def backward(self, report: LossReport, ctx: StepContext) -> None:
+        main = self.main_name
         aux = list(self.aux_names)
         losses = report.losses
         missing = [n for n in [main, *aux] if n not in losses]
@@ -366,8 +370,9 @@ class PerTaskGradientWeighting(GradientWeighting):
                 f"{type(self).__name__}: the report has no loss for task(s) {missing}; the strategy is bound to "
                 f"{[main, *aux]}. Set the weighting through Objective(weighting=...) or objective.set_weighting()."
             )
-        lambdas = [float(report.weights[n]) for n in aux]
-        self._before_step(objective)
+        lambdas = [float(report.weights[n]) for n in aux]  # the schedules' λ: Python floats already
+        self._before_step(ctx)
+        scale, scaler = ctx.scale, ctx.scaler
         refresh = self.mode == "exact" or self.backward_steps % self.every == 0
         multipliers = None if refresh else self._amortized_multipliers()
         self.backward_steps += 1
@@ -379,7 +384,7 @@ class PerTaskGradientWeighting(GradientWeighting):
     def _single_backward(self, main: str, aux: list[str], lambdas: list[float], losses: dict[str, Tensor],
                          multipliers: Tensor, *, scale: float, scaler: Any) -> None:
         total = losses[main]
-        at_taps, self._scaled_at_taps = getattr(self, "_scaled_at_taps", {}), {}
+        at_taps, self._scaled_at_taps = self._scaled_at_taps, {}
         for k, name in enumerate(aux):
             loss = losses[name]
             if name in at_taps:
@@ -526,16 +531,17 @@ class PerTaskGradientWeighting(GradientWeighting):
                 p.grad.add_(total)
 
     # -- telemetry and state ------------------------------------------------------------------------------------
-    def telemetry(self) -> dict[str, float]:
-        """The last computed ``cos/<task>``, ``normratio/<task>`` and ``effw/<task>`` (from the previous step)."""
-        return {k: float(v) for k, v in self._tele.items()}
+    def telemetry(self) -> dict[str, Tensor]:
+        """The last computed ``cos/<task>``, ``normratio/<task>`` and ``effw/<task>`` (from the previous step), as
+        detached tensors."""
+        return dict(self._tele)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
             "backward_steps": self.backward_steps,
             "n_backward_calls": self.n_backward_calls,
             "cached": None if self._cached is None else self._cached.detach().cpu().clone(),
-            "telemetry": self.telemetry(),
+            "telemetry": {k: float(v) for k, v in self._tele.items()},  # floats: a checkpoint is read on any device
             "strategy": self._state(),
         }
 
@@ -568,8 +574,6 @@ class PerTaskGradientWeighting(GradientWeighting):
 def _all_reduce_tasks(grads: list[list[Tensor | None]]) -> list[list[Tensor | None]]:
     """Under DDP, every task's gradients averaged over the processes in one all-reduce (autograd.grad bypasses
     DDP's own), so that the statistics and the update are those of the global batch; a no-op in one process."""
-    from auxloss.train.distributed import all_reduce_mean, is_distributed  # lazy: keeps this module light
-
     if not is_distributed():
         return grads
     flat = all_reduce_mean([g for task in grads for g in task])

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from auxloss.errors import AuxLossError
 from auxloss.weighting.grads import Combination, PerTaskGradientWeighting, TaskStats, warn_realigned
 
-__all__ = ["MetaBalance", "combine_metabalance", "metabalance_factor", "moving_average"]
+__all__ = ["MetaBalance", "metabalance_factor", "moving_average"]
 
 ADAPT = ("both", "shrink", "enlarge")
 
@@ -53,14 +53,6 @@ def metabalance_factor(m0: Tensor, mk: Tensor, relax: float, adapt: str = "both"
     elif adapt == "enlarge":
         f = torch.where(mk < m0, f, torch.ones_like(f))
     return torch.where(positive, f, torch.ones_like(f))
-
-
-def combine_metabalance(g0: Tensor, gks: Tensor, lambdas: Tensor, m0: Tensor, mks: Tensor, relax: float,
-                        adapt: str = "both") -> tuple[Tensor, Tensor]:
-    """One tensor's update from flat ``g0`` ``(D,)``, ``gks`` ``(K, D)``, ``lambdas`` ``(K,)`` and the (already
-    updated) moving averages ``m0`` (scalar) and ``mks`` ``(K,)``. Returns the update and the factors ``f`` ``(K,)``."""
-    f = metabalance_factor(m0.expand_as(mks), mks, relax, adapt)
-    return g0 + ((lambdas * f).to(gks.dtype)[:, None] * gks).sum(0), f
 
 
 class MetaBalance(PerTaskGradientWeighting):

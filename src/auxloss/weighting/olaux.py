@@ -18,8 +18,9 @@ Details of this implementation:
   so a step contributes the mean of its micro-batches' products.
 - ``g_0ᵀg_k`` is summed over ``stats_params`` when given, else over all shared parameters, in the true gradient
   domain (a GradScaler's scale is divided out).
-- α: pass ``lr=``, or call :meth:`OLAux.set_lr` (each step, with a learning-rate schedule) before the
-  backward; the strategy cannot see the optimizer. Without either, the first backward raises.
+- α: the step context's ``lr`` (the Trainer and the Lightning module pass the optimizer's current one each step),
+  else ``lr=`` or :meth:`OLAux.set_lr`; the strategy cannot see the optimizer. Without any, the first backward
+  raises.
 - Amortized mode: the products are only measured on refresh steps, and each stands for the ``every`` backward
   calls it covers (it is added ``every`` times over); amortized steps use the current ``w_k``.
 - Defaults (``beta=1.0``, ``horizon=5``, ``init=1.0``) are starting points chosen here, not the paper's tuned
@@ -30,16 +31,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from auxloss.errors import AuxLossError
+from auxloss.step import StepContext
 from auxloss.weighting.grads import Combination, PerTaskGradientWeighting, TaskStats
-
-if TYPE_CHECKING:
-    from auxloss.objective import Objective
 
 __all__ = ["OLAux", "olaux_update"]
 
@@ -108,8 +107,13 @@ class OLAux(PerTaskGradientWeighting):
         _positive("lr", lr)
         self.lr = float(lr)
 
-    def _before_step(self, objective: Objective) -> None:
-        step = int(objective.step)
+    def _before_step(self, ctx: StepContext) -> None:
+        if ctx.lr is not None:  # the loop's learning rate in force for this step (it may follow a schedule)
+            lr = float(ctx.lr)
+            if not (math.isfinite(lr) and lr >= 0):  # 0 is a valid end of a schedule: the step moves nothing
+                raise AuxLossError(f"OLAux: the optimizer's learning rate is {lr!r}; it must be finite and >= 0.")
+            self.lr = lr
+        step = int(ctx.step if ctx.step is not None else 0)
         # the objective's counter went back (a new run): start a new window there
         self.window_start = min(self.window_start, step)
         if step - self.window_start >= self.horizon:
@@ -122,8 +126,9 @@ class OLAux(PerTaskGradientWeighting):
     def _combine(self, stats: list[TaskStats], *, scale: float) -> list[Combination]:
         if self.lr is None:
             raise AuxLossError(
-                "OLAux needs the model's learning rate: pass OLAux(lr=...) or call weighting.set_lr(lr) before the "
-                "backward (each step, if the learning rate follows a schedule)."
+                "OLAux needs the model's learning rate: pass OLAux(lr=...), call weighting.set_lr(lr), or give it in "
+                "the step context, objective.backward(report, StepContext(lr=...)) (each step, if the learning "
+                "rate follows a schedule)."
             )
         device = stats[0].dot.device if stats else torch.device("cpu")
         self.aux_weights = self.aux_weights.to(device)
@@ -141,11 +146,11 @@ class OLAux(PerTaskGradientWeighting):
     def _amortized_multipliers(self) -> Tensor | None:
         return None if self._cached is None else self.aux_weights.clone()
 
-    def telemetry(self) -> dict[str, float]:
+    def telemetry(self) -> dict[str, Tensor]:
         out = super().telemetry()
         for k, name in enumerate(self.aux_names):
             if k < len(self.aux_weights):
-                out[f"olaux_w/{name}"] = float(self.aux_weights[k])
+                out[f"olaux_w/{name}"] = self.aux_weights[k].detach().clone()
         return out
 
     def _state(self) -> dict[str, Any]:

@@ -23,9 +23,10 @@ per epoch: it says whether the auxiliary losses *together* helped, not which one
 would all receive the same updates anyway. Each task's own balance comes from its λ (its schedule); this strategy
 scales all of them together. To weight tasks apart by their own signal use DWA, uncertainty or GradNorm weighting.
 
-The metric read is ``"val/metric/main"`` in the main task's direction, or ``"val/loss/main"`` (lower is better)
-when the main task has no metric. It needs a validation split: without one it raises :class:`AuxLossError`.
-Evaluation batches never change its state; it changes only in :meth:`MainProgress.on_validation_end`.
+The metric read is ``"val/metric/<main>"`` in the main task's direction, or ``"val/loss/<main>"`` (lower is
+better) when the main task has no metric, ``<main>`` being the main task's name (``"main"`` by default). It
+needs a validation split: without one it raises :class:`AuxLossError`. Evaluation batches never change its
+state; it changes only in :meth:`MainProgress.on_validation_end`.
 
 Defaults: ``start=0.1, step=0.1, min=0.0, max=1.0, patience=1, mode="additive"``.
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from auxloss.errors import AuxLossError
@@ -131,14 +133,15 @@ class MainProgress(LossWeighting):
         return {name: self.mult for name in self.aux_names}
 
     def on_validation_end(self, metrics: dict[str, float], *, higher_is_better: bool) -> None:
-        if "val/metric/main" in metrics:
-            value, higher = float(metrics["val/metric/main"]), higher_is_better
-        elif "val/loss/main" in metrics:
-            value, higher = float(metrics["val/loss/main"]), False
+        metric, loss = f"val/metric/{self.main_name}", f"val/loss/{self.main_name}"
+        if metric in metrics:
+            value, higher = float(metrics[metric]), higher_is_better
+        elif loss in metrics:
+            value, higher = float(metrics[loss]), False
         else:
             raise AuxLossError(
                 "MainProgress follows the main task's validation metric, but the evaluation gave neither "
-                f"'val/metric/main' nor 'val/loss/main' (keys: {sorted(metrics)[:8]}). Pass a validation loader to "
+                f"{metric!r} nor {loss!r} (keys: {sorted(metrics)[:8]}). Pass a validation loader to "
                 "Trainer.fit, or use another weighting."
             )
         self.mult, self.best, self.last, self.stale = progress_update(
@@ -147,8 +150,10 @@ class MainProgress(LossWeighting):
         )
         self.validations += 1
 
-    def telemetry(self) -> dict[str, float]:
-        return {f"mult/{name}": self.mult for name in self.aux_names}
+    def telemetry(self) -> dict[str, Tensor]:
+        # the multiplier is a host-side float (it changes only at validations): a CPU tensor costs no device sync
+        mult = torch.tensor(self.mult, dtype=torch.float64)
+        return {f"mult/{name}": mult for name in self.aux_names}
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"mult": self.mult, "best": self.best, "last": self.last, "stale": self.stale,

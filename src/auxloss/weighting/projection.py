@@ -29,23 +29,13 @@ from torch import Tensor, nn
 
 from auxloss.weighting.grads import Combination, PerTaskGradientWeighting, TaskStats, cosine
 
-__all__ = ["Projection", "combine_projection", "projection_coefficients"]
+__all__ = ["Projection", "projection_coefficients"]
 
 
 def projection_coefficients(dot: Tensor, sq0: Tensor) -> Tensor:
     """``a_k = min(0, g_k·g_0)/‖g_0‖²`` (0 where ``g_0`` is 0): ``g_k' = g_k − a_k·g_0``. Never positive."""
     safe = torch.where(sq0 > 0, sq0, torch.ones_like(sq0))
     return torch.where(sq0 > 0, dot.clamp(max=0.0) / safe, torch.zeros_like(dot))
-
-
-def combine_projection(g0: Tensor, gks: Tensor, lambdas: Tensor) -> tuple[Tensor, Tensor]:
-    """The projected update of flat gradients: ``g0`` ``(D,)``, ``gks`` ``(K, D)``, ``lambdas`` ``(K,)``.
-
-    Returns ``g_0 + Σ λ_k·g_k'`` and the projected gradients ``g_k'`` ``(K, D)``.
-    """
-    a = projection_coefficients(gks @ g0, g0 @ g0)
-    projected = gks - a[:, None].to(gks.dtype) * g0[None, :]
-    return g0 + (lambdas.to(gks.dtype)[:, None] * projected).sum(0), projected
 
 
 class Projection(PerTaskGradientWeighting):

@@ -1,18 +1,20 @@
 """Build a weighting strategy from a config: ``{"type": "dwa", "temperature": 2.0}``.
 
-:data:`WEIGHTINGS` maps each type name to a callable building that strategy from keyword arguments. The
-gradient-aware strategies are imported only when asked for, so this module imports without them.
+:data:`WEIGHTINGS` maps each type name to the strategy class, or a ``functools.partial`` of it with some
+constructor arguments fixed by the name (``gating_weighted``).
 
 A ``layer`` key (a qualified module name, or a list of them) is resolved to those modules' parameters against
-the model and passed as ``params`` to strategies that take ``params`` (GradNorm's last shared layer, the shared
-parameters of the gradient-aware ones); likewise ``stats_layer`` becomes ``stats_params``. For an
-:class:`~auxloss.AuxModel` the names of the user's model (``model.model``) are tried first, then the wrapper's own
-(``"model.block3"``, ``"heads.aux1"``).
+the model and passed as the constructor argument the class names in its ``layer_argument`` (GradNorm's ``params``,
+the last shared layer; the gradient-aware strategies' ``stats_params``, where the statistics are taken: their
+``params`` must cover every trainable tensor, so a layer there would miss the rest). A class with
+``layer_required`` cannot be built without it, and one whose constructor takes ``layer`` also gets the name (for
+its repr). ``stats_layer`` always becomes ``stats_params``. For an :class:`~auxloss.AuxModel` the names of the
+user's model (``model.model``) are tried first, then the wrapper's own (``"model.block3"``, ``"heads.aux1"``).
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,28 +23,16 @@ from torch import nn
 
 from auxloss.errors import AuxLossError, close_matches
 from auxloss.weighting.base import Weighting
+from auxloss.weighting.dwa import DWA
+from auxloss.weighting.gating import CosineGating
+from auxloss.weighting.gradnorm import GradNorm
+from auxloss.weighting.metabalance import MetaBalance
+from auxloss.weighting.olaux import OLAux
+from auxloss.weighting.progress import MainProgress
+from auxloss.weighting.projection import Projection
+from auxloss.weighting.uncertainty import Uncertainty
 
 __all__ = ["WEIGHTINGS", "build_weighting"]
-
-
-class _Lazy:
-    """A strategy class imported on first use, with some constructor arguments fixed by the type name."""
-
-    def __init__(self, module: str, cls: str, **fixed: Any) -> None:
-        self.module, self.cls, self.fixed = module, cls, fixed
-
-    def resolve(self) -> type[Weighting]:
-        try:
-            return getattr(importlib.import_module(self.module), self.cls)
-        except (ImportError, AttributeError) as exc:
-            raise AuxLossError(f"the weighting {self.module}.{self.cls} is not available ({exc}).") from exc
-
-    def __call__(self, **kwargs: Any) -> Weighting:
-        return self.resolve()(**self.fixed, **kwargs)
-
-    def __repr__(self) -> str:
-        fixed = "".join(f", {k}={v!r}" for k, v in self.fixed.items())
-        return f"<{self.module}.{self.cls}{fixed}>"
 
 
 def _fixed(**kwargs: Any) -> None:
@@ -51,23 +41,25 @@ def _fixed(**kwargs: Any) -> None:
         raise AuxLossError(f"weighting 'fixed' takes no parameters, got {sorted(kwargs)}.")
 
 
-_W = "auxloss.weighting."
 WEIGHTINGS: dict[str, Callable[..., Weighting | None]] = {
     "fixed": _fixed,
-    "main_progress": _Lazy(_W + "progress", "MainProgress"),
-    "uncertainty": _Lazy(_W + "uncertainty", "Uncertainty"),
-    "dwa": _Lazy(_W + "dwa", "DWA"),
-    "gradnorm": _Lazy(_W + "gradnorm", "GradNorm"),
-    "gating": _Lazy(_W + "gating", "CosineGating", weighted=False),
-    "gating_weighted": _Lazy(_W + "gating", "CosineGating", weighted=True),
-    "projection": _Lazy(_W + "projection", "Projection"),
-    "olaux": _Lazy(_W + "olaux", "OLAux"),
-    "metabalance": _Lazy(_W + "metabalance", "MetaBalance"),
+    "main_progress": MainProgress,
+    "uncertainty": Uncertainty,
+    "dwa": DWA,
+    "gradnorm": GradNorm,
+    "gating": functools.partial(CosineGating, weighted=False),
+    "gating_weighted": functools.partial(CosineGating, weighted=True),
+    "projection": Projection,
+    "olaux": OLAux,
+    "metabalance": MetaBalance,
 }
 
 
-# Config keys naming layers, resolved against the model to the parameter lists the strategies take.
-_LAYER_KEYS = {"layer": "params", "stats_layer": "stats_params"}
+def _split(builder: Callable[..., Any]) -> tuple[type[Weighting], dict[str, Any]]:
+    """The strategy class behind a registry entry and the arguments the entry fixes."""
+    if isinstance(builder, functools.partial):
+        return builder.func, dict(builder.keywords)
+    return builder, {}  # type: ignore[return-value]
 
 
 def build_weighting(spec: Mapping[str, Any] | str | Weighting | None, *, model: nn.Module | None = None
@@ -103,46 +95,41 @@ def build_weighting(spec: Mapping[str, Any] | str | Weighting | None, *, model: 
                            + (f" Did you mean {hint[0]!r}?" if hint else ""))
     kind = kind.lower()
     builder = WEIGHTINGS[kind]
-    if not isinstance(builder, _Lazy):
+    if builder is _fixed:
         return builder(**params)
 
-    cls = builder.resolve()
+    cls, fixed = _split(builder)
     accepted = inspect.signature(cls).parameters
     layer = params.get("layer")
-    keys = dict(_LAYER_KEYS)
-    if kind != "gradnorm":
-        # For the gradient-aware strategies a layer names where the statistics are taken (the last shared block):
-        # their `params` must cover every trainable tensor, so a layer there would miss the rest.
-        keys["layer"] = "stats_params"
+    keys = {"layer": cls.layer_argument, "stats_layer": "stats_params"}
     for key, target in keys.items():
         if key not in params:
             continue
         names = params.pop(key)
-        if target not in accepted:
-            raise AuxLossError(f"weighting {kind!r} takes no {key!r} (it has no {target!r} to fill).")
+        if target is None or target not in accepted:
+            raise AuxLossError(f"weighting {kind!r} takes no {key!r} (it has no {target or 'layer'!r} to fill).")
         if target in params:
             raise AuxLossError(f"weighting {kind!r}: give either {key!r} or {target!r}, not both.")
         params[target] = resolve_layer_params(model, names, kind)
-    clash = sorted(set(params) & set(builder.fixed))
+    if cls.layer_required and cls.layer_argument not in params:
+        raise AuxLossError(f"weighting {kind!r} needs 'layer': the qualified name of the layer whose parameters fill "
+                           f"its {cls.layer_argument!r} (e.g. {{'type': {kind!r}, 'layer': 'block3'}}).")
+    if layer is not None and "layer" in accepted:  # the name itself, for the strategy's repr
+        params["layer"] = layer if isinstance(layer, str) else ",".join(layer)
+    clash = sorted(set(params) & set(fixed))
     if clash:
-        raise AuxLossError(f"weighting {kind!r} sets {clash} itself; choose the type name instead "
-                           f"({[k for k, b in WEIGHTINGS.items() if isinstance(b, _Lazy) and b.cls == builder.cls]}).")
+        names = [k for k, b in WEIGHTINGS.items() if _split(b)[0] is cls]
+        raise AuxLossError(f"weighting {kind!r} sets {clash} itself; choose the type name instead ({names}).")
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     unknown = sorted(k for k in params if k not in accepted)
     if unknown and not takes_any:
-        valid = [k for k in accepted if k not in builder.fixed and k != "self"]
-        valid += [key for key, target in _LAYER_KEYS.items() if target in valid]
+        valid = [k for k in accepted if k not in fixed and k != "self"]
+        valid += [key for key, target in keys.items() if target in valid]
         raise AuxLossError(f"weighting {kind!r} has no parameter(s) {unknown}; its parameters are {valid}.")
-    if kind == "gradnorm" and "params" not in params:
-        raise AuxLossError("weighting 'gradnorm' needs 'layer': the qualified name of the last layer every task "
-                           "shares (e.g. {'type': 'gradnorm', 'layer': 'block3'}).")
     try:
-        weighting = builder(**params)
+        return builder(**params)
     except TypeError as exc:  # e.g. a required parameter missing
         raise AuxLossError(f"weighting {kind!r}: {exc}.") from exc
-    if layer is not None and kind == "gradnorm":
-        weighting.layer = layer if isinstance(layer, str) else ",".join(layer)
-    return weighting
 
 
 def resolve_layer_params(model: nn.Module | None, layer: str | list[str], kind: str = "gradnorm") -> list[nn.Parameter]:

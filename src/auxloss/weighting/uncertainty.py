@@ -79,11 +79,11 @@ class Uncertainty(LossWeighting):
     def extra_loss(self, losses: dict[str, Tensor]) -> Tensor | None:
         return 0.5 * self._s().sum()
 
-    def telemetry(self) -> dict[str, float]:
+    def telemetry(self) -> dict[str, Tensor]:
         if self.log_var is None:
             return {}
-        values = self.log_var.detach().tolist()
-        return {f"log_var/{name}": v for name, v in zip(self.aux_names, values)}
+        values = self.log_var.detach().clone()  # a copy: the optimizer changes the parameter in place
+        return {f"log_var/{name}": values[i] for i, name in enumerate(self.aux_names)}
 
     def extra_repr(self) -> str:
         return f"init={self.init!r}"
