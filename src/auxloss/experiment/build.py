@@ -20,7 +20,7 @@ from torch import nn
 from auxloss.errors import AuxLossError
 from auxloss.experiment import assemble
 from auxloss.experiment.assemble import Built, check_splits
-from auxloss.experiment.config import ExperimentConfig, HeadConfig, TaskConfig, VariantConfig
+from auxloss.experiment.config import ExperimentConfig, HeadConfig, TaskConfig, VariantConfig, config_hash
 from auxloss.experiment.spec import Experiment, Resolved, Variant
 from auxloss.experiment.usercode import call_with_seed, import_callable, is_user_reference
 from auxloss.heads import DenseHead, InceptionAuxHead, LinearHead, MLPHead, SequenceHead
@@ -313,8 +313,6 @@ def experiment_from_config(cfg: ExperimentConfig | dict[str, Any], config_dir: s
         return build_model(cfg, data.raw(seed)["train"], seed)
 
     tcfg = cfg.train
-    from auxloss.experiment.runner import config_hash
-
     return Experiment(
         model=model, data=data, variants=[ConfigVariant(cfg, v) for v in cfg.variants],
         main=Task(cfg.main.name, target=cfg.main.target, loss=cfg.main.loss, metric=cfg.main.metric),

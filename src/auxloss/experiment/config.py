@@ -8,16 +8,26 @@ and, where the YAML gives it, the file line.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from auxloss.errors import AuxLossError
 
 __all__ = ["DataConfig", "ExperimentConfig", "HeadConfig", "ModelConfig", "TaskConfig", "TrainConfig",
-           "VariantConfig", "load_config", "parse_config"]
+           "VariantConfig", "config_hash", "load_config", "parse_config"]
 
 
 class _Strict(BaseModel):
@@ -217,6 +227,13 @@ class ExperimentConfig(_Strict):
     @property
     def variant_names(self) -> list[str]:
         return ["baseline"] + [v.name for v in self.variants]
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """A fingerprint of everything that changes the runs (not the number of seeds, which only adds runs)."""
+    data = cfg.model_dump(mode="json")
+    data.pop("seeds", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # -- loading with line numbers -------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ second command on the same ``--out`` (or a crashed one restarted) never trains a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -23,23 +22,16 @@ import torch
 
 from auxloss.errors import AuxLossError
 from auxloss.experiment import stats
-from auxloss.experiment.config import ExperimentConfig
+from auxloss.experiment.config import ExperimentConfig, config_hash
 from auxloss.experiment.spec import BASELINE, Experiment
 from auxloss.experiment.store import Store, open_store, worker_id
 from auxloss.train.callbacks import Callback
 
-__all__ = ["aggregate", "run", "run_experiment", "run_one"]
+__all__ = ["aggregate", "config_hash", "run", "run_experiment", "run_one"]
 
 RESULTS_FILE = "results.json"
 EXPERIMENT_FILE = "experiment.json"
 STORE_FILE = "results.sqlite"
-
-
-def config_hash(cfg: ExperimentConfig) -> str:
-    """A fingerprint of everything that changes the runs (not the number of seeds, which only adds runs)."""
-    data = cfg.model_dump(mode="json")
-    data.pop("seeds", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_one(exp: Experiment | ExperimentConfig, variant: str, seed: int, *, out: Path | None = None,
