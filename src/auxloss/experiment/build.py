@@ -13,7 +13,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,7 +26,7 @@ from auxloss.heads import DenseHead, InceptionAuxHead, LinearHead, MLPHead, Sequ
 from auxloss.schedules import from_config as schedule_from_config
 from auxloss.taps import Tap
 from auxloss.tasks import Task
-from auxloss.zoo.data import DictDataset
+from auxloss.zoo.data import DataRequest, DictDataset, build_splits
 
 __all__ = ["Built", "ConfigVariant", "build_data", "build_model", "build_run", "experiment_from_config"]
 
@@ -37,72 +36,17 @@ def data_seed(cfg: ExperimentConfig, seed: int) -> int:
 
 
 def build_data(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
-    """The train/val/test splits for ``seed`` (identical for every variant)."""
+    """The train/val/test splits for ``seed`` (identical for every variant): the user's own function
+    (``package.module:function``), or a built-in dataset from the registry."""
     d = cfg.data
     s = data_seed(cfg, seed)
     if is_user_reference(d.name):
         fn = import_callable(d.name, what="data.name", search=_search(cfg))
         params = dict(d.params) | ({"root": d.root} if d.root else {})
         return check_splits(call_with_seed(fn, s, params, what=f"data {d.name!r}"))
-    if d.name == "shapes":
-        from auxloss.zoo.data import make_shapes_splits
-
-        return make_shapes_splits(d.n_train, d.n_val, d.n_test, seed=s, **d.params)
-    if d.name == "digits":
-        from auxloss.zoo.data import load_digits_dataset
-
-        full = load_digits_dataset(**d.params)
-        return _split(full, None, d.n_train, d.n_val, d.n_test, s, "digits")
-    if d.name == "digits-sequence":
-        from auxloss.zoo.data import load_digits_dataset
-
-        return _split(_pixel_sequences(load_digits_dataset(), **d.params), None, d.n_train, d.n_val, d.n_test, s,
-                      "digits-sequence")
-    if d.name == "fashion-mnist":
-        from auxloss.zoo.data import FASHION_MNIST_DEFAULT_ROOT, load_fashion_mnist
-
-        root = d.root or FASHION_MNIST_DEFAULT_ROOT
-        train = load_fashion_mnist(root, split="train")
-        test = load_fashion_mnist(root, split="test")
-        return _split(train, test, d.n_train, d.n_val, d.n_test, s, "fashion-mnist")
-    if d.name == "folder":
-        from auxloss.zoo.data import load_image_folder
-
-        if not d.root:
-            raise AuxLossError("data.name 'folder' needs data.root: the folder holding one subfolder per class.")
-        full = load_image_folder(d.root, **d.params)
-        return _split(full, None, d.n_train, d.n_val, d.n_test, s, "folder")
-    raise AuxLossError(f"unknown data.name {d.name!r}; use 'shapes', 'digits', 'digits-sequence', 'fashion-mnist', "
-                       "'folder', or 'package.module:function' for your own (it returns the train/val/test splits).")
-
-
-def _pixel_sequences(images: DictDataset, step: int = 1) -> DictDataset:
-    """Images ``(N, 1, H, W)`` read in raster order, ``step`` pixels per time step: ``(N, H·W/step, step)``."""
-    x = images.tensors["input"]
-    pixels = int(math.prod(x.shape[1:]))
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1 or pixels % step:
-        raise AuxLossError(f"data.params.step must be a positive divisor of the {pixels} pixels, got {step!r}.")
-    tensors = dict(images.tensors, input=x.reshape(len(x), pixels // step, step))
-    return DictDataset(tensors, num_classes=images.num_classes, class_names=images.class_names,
-                       info={**images.info, "sequence_step": step})
-
-
-def _split(full: DictDataset, test: DictDataset | None, n_train: int, n_val: int, n_test: int, seed: int,
-           name: str) -> dict[str, DictDataset]:
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(full))
-    need = n_train + n_val + (0 if test is not None else n_test)
-    if need > len(full):
-        raise AuxLossError(f"the {name} data has {len(full)} samples but the splits ask for {need}; lower "
-                           "data.n_train/n_val/n_test.")
-    out = {"train": full.subset(order[:n_train].tolist()), "val": full.subset(order[n_train:n_train + n_val].tolist())}
-    if test is None:
-        out["test"] = full.subset(order[n_train + n_val:need].tolist())
-    else:
-        if n_test > len(test):
-            raise AuxLossError(f"the {name} test split has {len(test)} samples, fewer than data.n_test={n_test}.")
-        out["test"] = test.subset(np.random.default_rng(seed + 1).permutation(len(test))[:n_test].tolist())
-    return out
+    request = DataRequest(n_train=d.n_train, n_val=d.n_val, n_test=d.n_test, seed=s, root=d.root,
+                          params=dict(d.params))
+    return build_splits(d.name, request)
 
 
 def _num_classes(data: DictDataset, key: str) -> int | None:
