@@ -67,7 +67,8 @@ def _run_config(cfg: Any, args: argparse.Namespace, command: str) -> int:
         args.workers = len(devices)
     results = run_experiment(cfg, out, workers=args.workers, device=args.device, force=args.force,
                              command=command, progress=args.workers == 1 and sys.stderr.isatty(),
-                             store=getattr(args, "store", None), devices=devices)
+                             store=getattr(args, "store", None), devices=devices,
+                             checkpoint_dir=getattr(args, "checkpoint_dir", None), mlflow=getattr(args, "mlflow", None))
     if not results:  # a torchrun rank other than 0: rank 0 prints
         return 0
     _print_results(results, out, time.perf_counter() - started)
@@ -232,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the runs in a PostgreSQL database (postgresql://user@host/db) shared by workers "
                             "on several machines (set AUXLOSS_SHARED_STORE=1 on each), instead of "
                             "OUT/results.sqlite")
+        p.add_argument("--checkpoint-dir", default=None, metavar="DIR|URL",
+                       help="keep the runs' checkpoints in a folder on shared storage or at an fsspec URL "
+                            "(s3://bucket/ckpt) instead of OUT/runs/, so that a worker on another machine resumes a "
+                            "run whose worker died (default: under --out)")
+        p.add_argument("--mlflow", default=None, metavar="URI",
+                       help="also log to MLflow at this tracking URI (http://host:5000, file:/path/mlruns): one "
+                            "parent run per experiment with the verdict and the report, a nested run per "
+                            "variant and seed (needs pip install 'auxloss[mlflow]')")
 
     p = sub.add_parser("demo", help="run a built-in demo: baseline vs auxiliary-loss variants",
                        description="Run a built-in demo on data that needs no download, print the verdict table, "

@@ -7,7 +7,7 @@ import torch
 from auxloss import AuxLossError
 from auxloss.experiment.build import build_run
 from auxloss.experiment.config import load_config, parse_config
-from auxloss.experiment.runner import run_experiment
+from auxloss.experiment.runner import load_histories, run_experiment
 from auxloss.experiment.store import Store
 
 TINY = {
@@ -89,6 +89,11 @@ def test_run_writes_results_resumes_and_refuses_another_experiment(tmp_path):
     for f in ("report.html", "report.md", "config.yaml"):
         assert (tmp_path / f).exists()
     assert results["runs"] == {"done": 6, "failed": 0, "pending": 0}
+    # results.json names the main task, and that name is the one its history keys use (the report reads them).
+    histories, _ = load_histories(Store(tmp_path / "results.sqlite"))
+    records = [rec for runs in histories.values() for recs in runs.values() for rec in recs]
+    assert len(records) == 6 * 2  # 6 runs of 2 epochs
+    assert all(f"val/metric/{on_disk['main_task']}" in rec for rec in records)
 
     # Interrupt one run (as a kill would leave it) and run again: only that run is redone.
     db = tmp_path / "results.sqlite"

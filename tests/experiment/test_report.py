@@ -304,3 +304,71 @@ def test_json_round_trip_gives_the_same_report(built: tuple[Path, str, str], tmp
     loaded = [json.loads(json.dumps(x)) for x in (_results(), _histories(), BEST)]
     again = build_report(tmp_path, *loaded).parent / "report.md"
     assert again.read_text(encoding="utf-8") == built[1]
+
+
+def _renamed_main(histories: dict, name: str) -> dict:
+    """The histories as a run whose main task is called ``name`` logs them, without the stored "gap" key."""
+    out = copy.deepcopy(histories)
+    for runs in out.values():
+        for recs in runs.values():
+            for i, rec in enumerate(recs):
+                renamed = {(k[: -len("/main")] + "/" + name if k.endswith("/main") else k): v for k, v in rec.items()}
+                # Without "gap", the report recomputes it from the main task's train and validation metrics.
+                del renamed["gap"]
+                recs[i] = renamed
+    return out
+
+
+def test_main_task_named_otherwise(tmp_path: Path) -> None:
+    res = _results()
+    res["main_task"] = "digit"
+    hist = _renamed_main(_histories(), "digit")
+    assert not any("main" in k for runs in hist.values() for recs in runs.values() for rec in recs for k in rec)
+    path = build_report(tmp_path, res, hist, BEST)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+
+    assert "Main task: digit. Main metric: accuracy on the test split" in md
+    assert "on the final test accuracy of the main task (digit)" in md
+    assert "main task 'digit'" in format_table(res).splitlines()[0]
+    assert "(main)" not in md and "'main'" not in format_table(res)
+    # The main task's validation curve is found under its own name.
+    _assert_png(path.parent / "figures" / "learning_curves.png")
+
+    # The main task is not listed as an auxiliary task of any variant, not even of the baseline, which has none.
+    aux = md.split("## Auxiliary tasks", 1)[1].split("## ", 1)[0]
+    pairs = {tuple(c.strip() for c in line.split("|")[1:3]) for line in aux.splitlines() if line.startswith("| ")}
+    expected = {(v, t) for v, tasks in AUX.items() for t in tasks}
+    assert pairs - {("Variant", "Task"), ("---", "---")} == expected
+
+    # The gap comes from trainval/metric/digit − val/metric/digit: the values the records were built with.
+    section = md.split("## Overfitting", 1)[1].split("## ", 1)[0]
+    base_gap = 100 * sum(0.08 + 0.001 * s for s in SEEDS) / 3
+    ds_gap = 100 * sum(0.04 + 0.001 * s for s in SEEDS) / 3
+    assert f"The baseline ends with a gap of {base_gap:.1f} points" in section
+    assert f"{ds_gap - base_gap:+.1f} points vs the baseline: less overfitting" in section
+
+    # The verdict and the results table still read the main metric from results.json.
+    diffs = [v - b for v, b in zip(FINAL["deep-supervision"], BASE)]
+    assert f"deep-supervision helps: +{100 * sum(diffs) / 3:.1f} points of accuracy" in md
+    row = next(line for line in md.splitlines() if line.startswith("| deep-supervision |"))
+    assert f"{100 * sum(FINAL['deep-supervision']) / 3:.1f} ± " in row
+
+
+def test_gap_recomputed_in_the_metric_direction_passed_in(tmp_path: Path) -> None:
+    # For a lower-is-better metric the gap is validation − train (positive = overfitting). A higher-is-better
+    # report built just before in the same process must not change the direction of the next one.
+    finals = {"baseline": [0.50, 0.52, 0.51], "deep-supervision": [0.49, 0.51, 0.50]}
+    aux = {"baseline": [], "deep-supervision": ["aux1", "aux2"]}
+    build_report(tmp_path / "first", _results(), _renamed_main(_histories(), "digit"))
+    res = _results(finals, metric="loss", hib=False, aux=aux)
+    res["main_task"] = "digit"
+    hist = _renamed_main(_histories(variants=finals), "digit")
+    for variant, runs in hist.items():
+        for recs in runs.values():
+            for rec in recs:
+                # The train loss is the lower one, so validation − train is the (positive) overfitting gap.
+                rec["trainval/metric/digit"] = rec["val/metric/digit"] - (0.02 if variant == "baseline" else 0.01)
+    build_report(tmp_path / "second", res, hist)
+    section = (tmp_path / "second" / "report.md").read_text(encoding="utf-8").split("## Overfitting", 1)[1]
+    assert "The baseline ends with a gap of 0.02000 (3 seeds)." in section
+    assert "deep-supervision ends with a gap of 0.01000, -0.01000 vs the baseline: less overfitting" in section

@@ -26,6 +26,7 @@ from auxloss.experiment.config import ExperimentConfig, config_hash
 from auxloss.experiment.spec import BASELINE, Experiment
 from auxloss.experiment.store import Store, open_store, worker_id
 from auxloss.train.callbacks import Callback
+from auxloss.train.checkpoint import join_location, remove_checkpoint
 
 __all__ = ["aggregate", "config_hash", "run", "run_experiment", "run_one"]
 
@@ -34,12 +35,25 @@ EXPERIMENT_FILE = "experiment.json"
 STORE_FILE = "results.sqlite"
 
 
+def run_checkpoint_dir(exp: Experiment, variant: str, seed: int, out: Path | None,
+                       checkpoint_dir: str | Path | None = None) -> Path | str | None:
+    """Where (variant, seed) keeps its checkpoints: under ``out``, or under the shared ``checkpoint_dir``.
+
+    Under a shared root the folder names the experiment and its fingerprint: two experiments (or a config changed
+    with ``--force``) never resume each other's checkpoints.
+    """
+    if checkpoint_dir is None:
+        return out / "runs" / variant / f"seed{seed}" / "checkpoint" if out is not None else None
+    return join_location(checkpoint_dir, f"{exp.name}-{exp.identity()}", variant, f"seed{seed}")
+
+
 def run_one(exp: Experiment | ExperimentConfig, variant: str, seed: int, *, out: Path | None = None,
             device: str | None = None, progress: bool = False, callbacks: tuple = (),
-            store: Store | None = None) -> dict[str, Any]:
+            store: Store | None = None, checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
     """Train one (variant, seed) and return its result record (with ``history``).
 
     With a ``store``, the run's pairing is checked against the seed's first run (initial trunk, first batch).
+    ``checkpoint_dir``: a shared folder or fsspec URL for the checkpoints (see :func:`run_checkpoint_dir`).
     """
     from auxloss.experiment.assemble import PairingCheck, build_run
 
@@ -57,12 +71,14 @@ def run_one(exp: Experiment | ExperimentConfig, variant: str, seed: int, *, out:
         built.trainer.callbacks.append(keeper)
     built.trainer.callbacks.extend(callbacks)
     # An interrupted run resumes from its last checkpoint (bit-identically on CPU) instead of starting over.
-    built.trainer.checkpoint_dir = run_dir / "checkpoint" if run_dir is not None else None
+    built.trainer.checkpoint_dir = run_checkpoint_dir(exp, variant, seed, out, checkpoint_dir)
     fit = built.trainer.fit(built.model, built.objective, built.loaders["train"], built.loaders["val"],
                             built.loaders["test"])
     record = {
         "variant": variant,
         "seed": seed,
+        # The report reads the main task's history keys (`val/metric/<name>`) by this name.
+        "main_task": built.objective.main.name,
         "main": _main_value(fit.best, exp.compare_on, exp.main.name),
         "best_epoch": fit.best_epoch,
         "best": fit.best,
@@ -195,11 +211,30 @@ def open_experiment_store(out: str | Path, name: str, url: str | None = None) ->
     return Store(out / STORE_FILE, stale_after=stale_after())
 
 
+def _variant_params(exp: Experiment, variant: str, seed: int) -> dict[str, Any]:
+    """What one run trains with (its MLflow params): the shared settings, the variant's own, its seed."""
+    v = exp.variant(variant)
+    config = exp.describe()
+    return {"variant": v.describe() if v is not None else {"name": variant}, "seed": seed,
+            **{k: config[k] for k in ("data", "model", "main") if k in config},
+            "train": {k: repr(val) if callable(val) else val for k, val in exp.train_for(variant).items()}}
+
+
+def _tracker(exp: Experiment, store: Store, mlflow: str | None) -> Any:
+    if not mlflow:
+        return None
+    from auxloss.integrations.mlflow import MlflowTracker
+
+    return MlflowTracker(mlflow, exp.name, exp.identity(), store)
+
+
 def _worker_loop(exp: Experiment, out: str, device: str | None, threads: int | None,
-                 progress: bool, parent: int | None = None) -> int:
+                 progress: bool, parent: int | None = None, checkpoint_dir: str | None = None,
+                 mlflow: str | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     store = open_experiment_store(out, exp.name)
+    tracker = _tracker(exp, store, mlflow)
     shared = os.environ.get("AUXLOSS_SHARED_STORE") == "1"
     me = worker_id()
     done = 0
@@ -215,29 +250,37 @@ def _worker_loop(exp: Experiment, out: str, device: str | None, threads: int | N
             return done
         variant, seed = job
         heartbeat = _Heartbeat(store, variant, seed, me, parent)
+        callbacks: tuple = (heartbeat,)
+        if tracker is not None:
+            callbacks += (tracker.callback(variant, seed, _variant_params(exp, variant, seed)),)
         try:
             record = run_one(exp, variant, seed, out=Path(out), device=device, progress=progress,
-                             callbacks=(heartbeat,), store=store)
+                             callbacks=callbacks, store=store, checkpoint_dir=checkpoint_dir)
         except _Stop:
-            continue
-        except AuxLossError as exc:
-            store.fail(variant, seed, str(exc))
-            raise
+            continue  # the MLflow run stays open: the worker that took the run over continues it
         except Exception as exc:
-            store.fail(variant, seed, "".join(traceback.format_exception(exc)))
+            store.fail(variant, seed, str(exc) if isinstance(exc, AuxLossError) else
+                       "".join(traceback.format_exception(exc)))
+            if tracker is not None:
+                with contextlib.suppress(AuxLossError):  # the run's own error matters, not a tracking one on top
+                    tracker.fail_run(callbacks[-1].run_id)
             raise
         history = record.pop("history")
         if store.finish(variant, seed, record, history, worker=me):
             done += 1
+            if tracker is not None:
+                tracker.finish_run(callbacks[-1].run_id, record)
         # The result is stored: the run's checkpoints are no longer needed.
-        shutil.rmtree(Path(out) / "runs" / variant / f"seed{seed}" / "checkpoint", ignore_errors=True)
+        remove_checkpoint(run_checkpoint_dir(exp, variant, seed, Path(out), checkpoint_dir))
 
 
-def _distributed_loop(exp: Experiment, out: Path, device: str | None) -> None:
+def _distributed_loop(exp: Experiment, out: Path, device: str | None, checkpoint_dir: str | None = None,
+                      mlflow: str | None = None) -> None:
     """Under torchrun: rank 0 claims each run and broadcasts it; every rank trains it together with DDP."""
     from auxloss.train import distributed as D
 
     store = open_experiment_store(out, exp.name) if D.rank() == 0 else None
+    tracker = _tracker(exp, store, mlflow) if store is not None else None
     me = worker_id()
     while True:
         job = store.claim(me) if store is not None else None
@@ -248,11 +291,15 @@ def _distributed_loop(exp: Experiment, out: Path, device: str | None) -> None:
         if device is None and torch.cuda.is_available():
             device = f"cuda:{torch.cuda.current_device()}"
         # Every rank reads the run's checkpoint on resume; only rank 0 writes it, and the logs (Trainer).
-        record = run_one(exp, variant, seed, out=out, device=device, store=store)
+        callbacks = (tracker.callback(variant, seed, _variant_params(exp, variant, seed)),) if tracker else ()
+        record = run_one(exp, variant, seed, out=out, device=device, callbacks=callbacks, store=store,
+                         checkpoint_dir=checkpoint_dir)
         if store is not None:
             history = record.pop("history")
             store.finish(variant, seed, record, history, worker=me)
-            shutil.rmtree(out / "runs" / variant / f"seed{seed}" / "checkpoint", ignore_errors=True)
+            if tracker is not None:
+                tracker.finish_run(callbacks[0].run_id, record)
+            remove_checkpoint(run_checkpoint_dir(exp, variant, seed, out, checkpoint_dir))
         D.barrier()
 
 
@@ -278,6 +325,8 @@ def run(
     command: str | None = None,
     store: str | None = None,
     devices: list[str] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    mlflow: str | None = None,
 ) -> dict[str, Any]:
     """Train every (variant, seed) not yet finished under ``out``, then write ``results.json`` and the report.
 
@@ -292,6 +341,10 @@ def run(
             that workers on several machines (each with ``AUXLOSS_SHARED_STORE=1``) split one experiment.
         devices: one device per worker process (``auxloss.experiment.devices.worker_devices``): each worker is
             pinned to its own, and ``workers`` is their number.
+        checkpoint_dir: a folder on shared storage or an fsspec URL (``s3://bucket/ckpt``) for the runs'
+            checkpoints instead of ``out/runs/``, so that a worker on another machine resumes a dead one's run.
+        mlflow: an MLflow tracking URI: every run is logged as a nested run of one parent run per experiment,
+            with the verdict and the report on the parent (:mod:`auxloss.integrations.mlflow`).
     """
     from auxloss.train import distributed as D
 
@@ -300,17 +353,20 @@ def run(
     if store:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / STORE_URL_FILE, store + "\n")
+    tracker = None
     if D.init_from_env():
         # Under torchrun: only rank 0 touches the store, the logs and the report.
         if D.rank() == 0:
-            _prepare_store(exp, out, force)
+            db = _prepare_store(exp, out, force)
+            tracker = _start_tracking(exp, db, out, mlflow, command, store, checkpoint_dir)
         D.barrier()
-        _distributed_loop(exp, out, device)
+        _distributed_loop(exp, out, device, checkpoint_dir, mlflow)
         D.barrier()
         if D.rank() != 0:
             return {}
-        return _finish(exp, out, open_experiment_store(out, exp.name), command, started)
+        return _finish(exp, out, open_experiment_store(out, exp.name), command, started, tracker)
     db = _prepare_store(exp, out, force)
+    tracker = _start_tracking(exp, db, out, mlflow, command, store, checkpoint_dir)
     status = db.status()
     todo = status.get("pending", 0)
     if os.environ.get("AUXLOSS_SHARED_STORE") == "1":
@@ -320,15 +376,16 @@ def run(
     workers = max(1, min(workers, todo)) if todo else 1
     pinned = list(devices[:workers]) if devices else [device] * workers
     if todo and workers == 1:
-        _worker_loop(exp, str(out), pinned[0], None, progress)
+        _worker_loop(exp, str(out), pinned[0], None, progress, None, checkpoint_dir, mlflow)
     elif todo:
         _check_picklable(exp)
         # Each process gets an equal share of the cores: oversubscribed torch threads spin and slow everyone.
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers) as pool:
-            pool.map(_pool_worker, [(exp, str(out), d, threads, False, os.getpid()) for d in pinned])
-    return _finish(exp, out, db, command, started)
+            pool.map(_pool_worker, [(exp, str(out), d, threads, False, os.getpid(), checkpoint_dir, mlflow)
+                                    for d in pinned])
+    return _finish(exp, out, db, command, started, tracker)
 
 
 def _check_picklable(exp: Experiment) -> None:
@@ -343,7 +400,16 @@ def _check_picklable(exp: Experiment) -> None:
         ) from None
 
 
-def _finish(exp: Experiment, out: Path, store: Store, command: str | None, started: float) -> dict[str, Any]:
+def _start_tracking(exp: Experiment, db: Store, out: Path, mlflow: str | None, command: str | None,
+                    store: str | None, checkpoint_dir: str | None) -> Any:
+    tracker = _tracker(exp, db, mlflow)
+    if tracker is not None:
+        tracker.start_experiment(exp.describe(), out, command=command, store=store, checkpoint_dir=checkpoint_dir)
+    return tracker
+
+
+def _finish(exp: Experiment, out: Path, store: Store, command: str | None, started: float,
+            tracker: Any = None) -> dict[str, Any]:
     from auxloss.experiment.report import build_report
 
     # Several processes may share `out` (AUXLOSS_SHARED_STORE): each aggregates and writes under a lock, so the
@@ -352,6 +418,8 @@ def _finish(exp: Experiment, out: Path, store: Store, command: str | None, start
         results = aggregate(exp.summary(), store, command=command, seconds=time.perf_counter() - started)
         write_atomic(out / RESULTS_FILE, json.dumps(results, indent=2))
         build_report(out, results, *load_histories(store))
+        if tracker is not None:
+            tracker.finish_experiment(results, out)
     return results
 
 

@@ -120,11 +120,14 @@ class Store:
         with self._transaction() as con:
             con.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
-    def setdefault_meta(self, key: str, value: Any) -> Any:
-        """Store ``value`` under ``key`` unless a value is there already; return the stored value (atomic)."""
+    def set_meta_once(self, key: str, value: Any) -> Any:
+        """Set ``key`` unless a worker set it first; return the value it holds (``value`` or the earlier one).
+
+        Workers starting together on several machines agree on one value this way (e.g. one MLflow parent run).
+        """
         with self._transaction() as con:
             con.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
-            row = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            row = con.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return json.loads(row[0])
 
     # -- runs ----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import multiprocessing as mp
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ import torch
 from auxloss.errors import AuxLossError
 from auxloss.experiment import stats
 from auxloss.experiment.config import ExperimentConfig, VariantConfig
+from auxloss.experiment.report.sweep import format_sweep
 
 __all__ = ["SEARCH_SEED_OFFSET", "WEIGHT_RANGE", "format_sweep", "run_sweep", "sweep_worker", "total_steps",
            "with_weights"]
@@ -636,75 +637,3 @@ def run_sweep(
     (out / SWEEP_MD).write_text(format_sweep(summary))
     return summary
 
-
-# --------------------------------------------------------------------------------------------------------
-# sweep.md
-# --------------------------------------------------------------------------------------------------------
-
-
-def _fmt(x: Any, digits: int = 4) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
-    return str(x)
-
-
-def _fmt_weights(weights: Mapping[str, Any] | None) -> str:
-    if not weights:
-        return ""
-    parts = []
-    for task, w in weights.items():
-        if isinstance(w, dict):
-            inner = ", ".join(f"{k}={_fmt(v, 3) if isinstance(v, float) else v}" for k, v in w.items()
-                              if k != "type")
-            parts.append(f"{task}: {w.get('type', 'schedule')}({inner})")
-        else:
-            parts.append(f"{task}: {_fmt(float(w), 3)}")
-    return "; ".join(parts)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return lines
-
-
-def format_sweep(summary: Mapping[str, Any]) -> str:
-    """``sweep.md``: the search and the held-out verdict as Markdown tables."""
-    s = summary
-    best = s["best"]
-    lines = [
-        f"# Weight sweep: {s['study']} (variant {s['variant']})",
-        "",
-        (f"{s['n_trials']} trials ({s['n_complete']} complete) scored on the validation {s['metric']} "
-         f"({s['direction']}) of search seeds {s['search_seeds']}. Storage: `{s['storage']}`."),
-        "",
-        (f"Best: trial {best['number']}, validation {s['metric']} {_fmt(best['value'])}, weights "
-         f"{_fmt_weights(best['weights'])} (config: {_fmt_weights(s['default_weights'])})."),
-        "",
-        "## Trials",
-        "",
-    ]
-    lines += _table(["trial", "state", f"val {s['metric']}", "weights"],
-                    [[str(t["number"]), t["state"], _fmt(t["value"]), _fmt_weights(t["weights"])]
-                     for t in s["trials"]])
-    held = s.get("held_out")
-    if held:
-        lines += ["", f"## Held-out seeds {held['seeds']} ({held['split']} {s['metric']})", ""]
-        comps = {c["variant"]: c for c in held["vs_baseline"]}
-        rows = []
-        for key in ("baseline", "default", "best"):
-            summ = held["summary"][key]
-            c = comps.get(key)
-            rows.append([f"{key} ({held['variants'][key]})", _fmt(summ["mean"]), _fmt(summ["std"]),
-                         _fmt(c["delta"]) if c else "", _fmt(c["p_holm"], 3) if c else "",
-                         c["verdict"] if c else ""])
-        lines += _table(["run", "mean", "std", "delta vs baseline", "p (Holm)", "verdict"], rows)
-        bd = held["best_vs_default"]
-        ci = bd["ci95"]
-        lines += ["", (f"Best vs default weights: delta {_fmt(bd['delta'])} (95% CI {_fmt(ci[0])} to "
-                       f"{_fmt(ci[1])}, p = {_fmt(bd['p_value'], 3)}, n = {bd['n']}): {bd['verdict']}.")]
-    else:
-        lines += ["", "No held-out evaluation (eval_seeds = 0)."]
-    return "\n".join(lines) + "\n"

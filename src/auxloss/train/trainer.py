@@ -26,7 +26,13 @@ from auxloss.errors import AuxLossError
 from auxloss.objective import LossReport, Objective
 from auxloss.step import StepContext
 from auxloss.train.callbacks import Callback
-from auxloss.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from auxloss.train.checkpoint import (
+    checkpoint_location,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from auxloss.train.logging import RunLogger
 
 __all__ = ["FitResult", "Trainer", "move_to"]
@@ -91,7 +97,8 @@ class Trainer:
             running train-mode metric is biased by dropout and by the weights changing during the epoch).
         progress: show a progress bar (rich).
         checkpoint_dir: where to write ``last.pt``/``prev.pt`` (atomically) after every epoch; a later ``fit`` with
-            the same arguments resumes from there, bit-identically on CPU.
+            the same arguments resumes from there, bit-identically on CPU. A folder or an fsspec URL
+            (``s3://bucket/run``), so that another machine can resume the run.
         checkpoint_every: also checkpoint every N optimizer steps inside an epoch.
         check_grads: check the global gradient norm before every optimizer step (always done when ``grad_clip`` is
             set, since clipping computes it): a NaN/Inf norm, exploding gradients from a finite loss, raises an
@@ -154,7 +161,7 @@ class Trainer:
         self.tensorboard = tensorboard
         self.eval_train = eval_train
         self.progress = progress
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_dir = checkpoint_location(checkpoint_dir) if checkpoint_dir is not None else None
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
             raise AuxLossError(f"checkpoint_every must be a positive number of steps or None, got {checkpoint_every!r}.")
         self.checkpoint_every = checkpoint_every
