@@ -35,7 +35,7 @@ EXPERIMENT_FILE = "experiment.json"
 STORE_FILE = "results.sqlite"
 
 
-def run_checkpoint_dir(exp: Experiment, variant: str, seed: int, out: Path | None,
+def run_checkpoint_dir(exp: Experiment | ExperimentConfig, variant: str, seed: int, out: Path | None,
                        checkpoint_dir: str | Path | None = None) -> Path | str | None:
     """Where (variant, seed) keeps its checkpoints: under ``out``, or under the shared ``checkpoint_dir``.
 
@@ -44,6 +44,7 @@ def run_checkpoint_dir(exp: Experiment, variant: str, seed: int, out: Path | Non
     """
     if checkpoint_dir is None:
         return out / "runs" / variant / f"seed{seed}" / "checkpoint" if out is not None else None
+    exp = as_experiment(exp)
     return join_location(checkpoint_dir, f"{exp.name}-{exp.identity()}", variant, f"seed{seed}")
 
 
