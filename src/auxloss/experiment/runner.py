@@ -65,7 +65,7 @@ def run_one(exp: Experiment | ExperimentConfig, variant: str, seed: int, *, out:
     assert exp.main is not None
     if store is not None:
         keys = (exp.input_key,) + ((exp.main.target,) if isinstance(exp.main.target, str) else ())
-        built.trainer.callbacks.append(PairingCheck(store.setdefault_meta, seed, built.init_hash, keys,
+        built.trainer.callbacks.append(PairingCheck(store.set_meta_once, seed, built.init_hash, keys,
                                                     tuple(exp.batch_keys)))
     keeper = _Keeper(run_dir / "weights", exp.keep) if run_dir is not None and exp.keep != "none" else None
     if keeper is not None:
