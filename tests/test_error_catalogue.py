@@ -162,7 +162,7 @@ ROWS = {
     "C7": (lambda e: cli(e, "- name: x\n", "--seeds", "3"), r"cannot set 'seeds' from the command line",
            r"Fix the file, or drop the option"),
     "C8": (lambda e: cli(e, GOOD.replace("name: shapes", "name: shape")), r"unknown data\.name 'shape'",
-           r"use 'shapes'"),
+           r"use 'shapes'.*package\.module:function"),
     "C9": (lambda e: cli(e, GOOD.replace("name: small_cnn", "name: smal_cnn")), r"Unknown model 'smal_cnn'",
            r"Did you mean 'small_cnn'"),
     "C10": (lambda e: cli(e, GOOD + "    weighting: {type: dwaa}\n"), r"unknown weighting type 'dwaa'",
@@ -346,6 +346,81 @@ def _full_disk_logs(e):
 
     e["monkeypatch"].setattr("auxloss.train.logging.RunLogger.log_epoch", full)
     return cli(e, GOOD)
+
+
+# -- your model and data (auxloss.compare) --------------------------------------------------------------------------
+def _u_data(seed, n=48, extra=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = (x[:, 0] > 0).long()
+    parts = (x, y, y.clone()) if extra else (x, y)
+    cut = (0, n // 2, 3 * n // 4, n)
+    return {k: TensorDataset(*(t[cut[i]:cut[i + 1]] for t in parts)) for i, k in enumerate(("train", "val", "test"))}
+
+
+def _u_model(seed):
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def _u_variant(**task):
+    return al.Variant("v", taps={"h": al.Tap("1", al.LinearHead(2))}, tasks=[al.Task("h", source="h", **task)])
+
+
+def _compare(e, **kwargs):
+    args = {"model": _u_model, "data": _u_data, "variants": [_u_variant()], "seeds": 1, "out": e["tmp"] / "o",
+            "train": {"epochs": 1, "device": "cpu", "eval_train": False}, **kwargs}
+    message = api(lambda: al.compare(**args))
+    assert not (e["tmp"] / "o" / "results.json").exists()  # nothing published
+    return message
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        for i in range(16):
+            yield torch.randn(6), torch.tensor(i % 2)
+
+
+def _drifting_model():
+    calls = []
+
+    def model(seed):
+        calls.append(seed)
+        net = _u_model(seed)
+        with torch.no_grad():
+            net[2].bias.add_(len(calls))
+        return net
+
+    return model
+
+
+def _user_module(e, spec):
+    pkg = e["tmp"] / "catalogue_pkg"
+    pkg.mkdir(exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text("def build():\n    pass\n")
+    return cli(e, GOOD.replace("name: small_cnn", f"name: '{spec}'"))
+
+
+ROWS.update({
+    "U1": (lambda e: _compare(e, model=lambda seed: "not a module"), r"must return a torch\.nn\.Module .*got str",
+           r"the trunk"),
+    "U2": (lambda e: _compare(e, data=lambda seed: {"train": _u_data(seed)["train"]}),
+           r"returned no \['val', 'test'\] split", r"needs 'train', 'val'"),
+    "U3": (lambda e: _compare(e, data=lambda seed: _u_data(seed, extra=True)), r"tuple batch has 3 items",
+           r"pass batch_keys="),
+    "U4": (lambda e: _compare(e, variants=[_u_variant(target="colour")]), r"no target key 'colour'",
+           r"Set the task's `target`"),
+    "U5": (lambda e: _compare(e, data=lambda seed: {**_u_data(seed), "train": _Stream()},
+                              train={"epochs": 1, "lr_schedule": "cosine", "eval_train": False}),
+           r"no length", r"give the dataset a __len__"),
+    "U6": (lambda e: _compare(e, model=_drifting_model()), r"different initial weights", r"seed it from `seed`"),
+    "U7": (lambda e: _user_module(e, "nowhere_pkg.models:build"), r"no module 'nowhere_pkg' was found; searched",
+           r"Put the package"),
+    "U8": (lambda e: _user_module(e, "catalogue_pkg.models:buld"), r"has no attribute 'buld'; it defines \['build'\]",
+           r"'buld'"),
+    "U9": (lambda e: api(lambda: al.Variant("x", taps={"h": al.Tap("1", al.LinearHead(2))})),
+           r"has taps but no task", r"Add a Task"),
+})
 
 
 @pytest.mark.parametrize("row", list(ROWS))

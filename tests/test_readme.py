@@ -19,9 +19,23 @@ def test_readme_opens_with_the_two_commands():
 
 def test_readme_quickstart_runs(capsys):
     blocks = python_blocks(ROOT / "README.md")
-    assert len(blocks) == 1, "the README's quickstart must be a single Python block"
+    assert len(blocks) == 2, "the README has two Python blocks: the quickstart and 'Did it help on my model?'"
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 5 and printed[0].startswith("0 {")
     assert namespace["deployable"] is namespace["net"]
+
+
+def test_readme_my_model_comparison_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it writes runs/my-net here
+    block = python_blocks(ROOT / "README.md")[1]
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith("deep-supervision: ") and printed[-1].split(": ")[-1] in (
+        "helps", "hurts", "no detectable effect")
+    results = namespace["results"]
+    assert [v["name"] for v in results["variants"]] == ["baseline", "deep-supervision"]
+    assert results["comparisons"][0]["seeds"] == [0, 1, 2]
+    assert (tmp_path / "runs" / "my-net" / "report.html").exists()

@@ -12,6 +12,8 @@ helped the main task::
 
 from auxloss import schedules
 from auxloss.errors import AuxLossError
+from auxloss.experiment.compare import compare
+from auxloss.experiment.spec import Variant
 from auxloss.heads import DenseHead, InceptionAuxHead, LinearHead, MLPHead, SequenceHead
 from auxloss.objective import LossReport, Objective
 from auxloss.taps import AuxModel, Outputs, Tap, attach, emit, list_layers
@@ -32,7 +34,9 @@ __all__ = [
     "SequenceHead",
     "Tap",
     "Task",
+    "Variant",
     "attach",
+    "compare",
     "emit",
     "list_layers",
     "schedules",

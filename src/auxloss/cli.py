@@ -56,9 +56,18 @@ def _run_config(cfg: Any, args: argparse.Namespace, command: str) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{cfg.name}: baseline + {len(cfg.variants)} variants x {cfg.seeds} seeds -> {out} "
               f"({args.workers} worker{'s' if args.workers > 1 else ''})", flush=True)
+    devices = None
+    if getattr(args, "gpus", None):
+        import torch
+
+        from auxloss.experiment.devices import parse_gpus, worker_devices
+
+        explicit = args.workers if args.workers_given else None
+        devices = worker_devices(parse_gpus(args.gpus, torch.cuda.device_count()), args.per_gpu, explicit)
+        args.workers = len(devices)
     results = run_experiment(cfg, out, workers=args.workers, device=args.device, force=args.force,
                              command=command, progress=args.workers == 1 and sys.stderr.isatty(),
-                             store=getattr(args, "store", None),
+                             store=getattr(args, "store", None), devices=devices,
                              checkpoint_dir=getattr(args, "checkpoint_dir", None), mlflow=getattr(args, "mlflow", None))
     if not results:  # a torchrun rank other than 0: rank 0 prints
         return 0
@@ -122,9 +131,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     previous = json.loads((out / RESULTS_FILE).read_text()) if (out / RESULTS_FILE).exists() else {}
     import yaml
 
-    cfg = parse_config(yaml.safe_load((out / "config.yaml").read_text()), source=str(out / "config.yaml"))
-    store = open_experiment_store(out, cfg.name)
-    results = aggregate(cfg, store, command=previous.get("config", {}).get("command"),
+    name = previous.get("name")
+    summary = None
+    if (out / "config.yaml").exists():
+        from auxloss.experiment.build import experiment_from_config
+
+        cfg = parse_config(yaml.safe_load((out / "config.yaml").read_text()), source=str(out / "config.yaml"))
+        name, summary = cfg.name, experiment_from_config(cfg).summary()
+    store = open_experiment_store(out, name or "experiment")
+    summary = store.get_meta("summary") or summary  # a Python-API experiment has no config.yaml
+    if summary is None:
+        raise AuxLossError(f"{str(out)!r} has no record of its experiment (no config.yaml, no summary in the store); "
+                           "it was not written by auxloss run or auxloss.compare.")
+    results = aggregate(summary, store, command=previous.get("config", {}).get("command"),
                         seconds=previous.get("timing", {}).get("total_seconds"))
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     path = build_report(out, results, *load_histories(store))
@@ -200,8 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", help="output folder (default: runs/<name>)")
-        p.add_argument("--workers", type=int, default=_default_workers(),
-                       help="processes training runs in parallel (default: %(default)s)")
+        p.add_argument("--workers", type=int, default=None,
+                       help=f"processes training runs in parallel (default: {_default_workers()}, or GPUs x "
+                            "--per-gpu with --gpus)")
+        p.add_argument("--gpus", default=None, metavar="IDS",
+                       help="pin each worker to one of these GPUs, round-robin: 'all' or indices such as '0,1'")
+        p.add_argument("--per-gpu", type=int, default=1, metavar="K",
+                       help="with --gpus: how many runs may share one GPU (default: 1)")
         p.add_argument("--device", default=None, help="torch device (default: CUDA when available, else CPU)")
         p.add_argument("--force", action="store_true",
                        help="reuse an output folder that holds another experiment's results (discarding them)")
@@ -288,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if hasattr(args, "workers") and hasattr(args, "gpus"):
+        args.workers_given = args.workers is not None
+        if args.workers is None:
+            args.workers = _default_workers()
     try:
         code = int(args.func(args) or 0)
         from auxloss.train.distributed import shutdown

@@ -9,48 +9,43 @@ The pairing guarantee lives here. For seed *s*, the baseline and every variant g
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from auxloss.errors import AuxLossError
-from auxloss.experiment.config import ExperimentConfig, HeadConfig, TaskConfig, VariantConfig
+from auxloss.experiment import assemble
+from auxloss.experiment.assemble import Built, check_splits
+from auxloss.experiment.config import ExperimentConfig, HeadConfig, TaskConfig, VariantConfig, config_hash
+from auxloss.experiment.spec import Experiment, Resolved, Variant
+from auxloss.experiment.usercode import call_with_seed, import_callable, is_user_reference
 from auxloss.heads import DenseHead, InceptionAuxHead, LinearHead, MLPHead, SequenceHead
-from auxloss.objective import Objective
 from auxloss.schedules import from_config as schedule_from_config
-from auxloss.taps import Tap, attach
+from auxloss.taps import Tap
 from auxloss.tasks import Task
-from auxloss.train.trainer import Trainer
 from auxloss.zoo.data import DataRequest, DictDataset, build_splits
 
-__all__ = ["Built", "build_data", "build_model", "build_run"]
-
-
-@dataclasses.dataclass
-class Built:
-    """Everything one run needs."""
-
-    model: nn.Module
-    objective: Objective
-    trainer: Trainer
-    loaders: dict[str, DataLoader]
-    data: dict[str, DictDataset]
+__all__ = ["Built", "ConfigVariant", "build_data", "build_model", "build_run", "experiment_from_config"]
 
 
 def data_seed(cfg: ExperimentConfig, seed: int) -> int:
     return cfg.data.data_seed if cfg.data.data_seed is not None else seed
 
 
-def build_data(cfg: ExperimentConfig, seed: int) -> dict[str, DictDataset]:
-    """The train/val/test splits for ``seed`` (identical for every variant), from the dataset registry."""
+def build_data(cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
+    """The train/val/test splits for ``seed`` (identical for every variant): the user's own function
+    (``package.module:function``), or a built-in dataset from the registry."""
     d = cfg.data
-    request = DataRequest(n_train=d.n_train, n_val=d.n_val, n_test=d.n_test, seed=data_seed(cfg, seed),
-                          root=d.root, params=dict(d.params))
+    s = data_seed(cfg, seed)
+    if is_user_reference(d.name):
+        fn = import_callable(d.name, what="data.name", search=_search(cfg))
+        params = dict(d.params) | ({"root": d.root} if d.root else {})
+        return check_splits(call_with_seed(fn, s, params, what=f"data {d.name!r}"))
+    request = DataRequest(n_train=d.n_train, n_val=d.n_val, n_test=d.n_test, seed=s, root=d.root,
+                          params=dict(d.params))
     return build_splits(d.name, request)
 
 
@@ -64,11 +59,24 @@ def _num_classes(data: DictDataset, key: str) -> int | None:
     return None
 
 
-def build_model(cfg: ExperimentConfig, train: DictDataset) -> nn.Module:
+def _search(cfg: ExperimentConfig) -> list[str]:
+    return [cfg._config_dir] if cfg._config_dir else []
+
+
+def build_model(cfg: ExperimentConfig, train: Any, seed: int = 0) -> nn.Module:
     """The trunk (no heads), with the number of classes and input size read from the data when not given."""
     from auxloss.zoo import models
 
     name, params = cfg.model.name, dict(cfg.model.params)
+    if is_user_reference(name):
+        net = call_with_seed(import_callable(name, what="model.name", search=_search(cfg)), seed, params,
+                             what=f"model {name!r}")
+        if not isinstance(net, nn.Module):
+            raise AuxLossError(f"model {name!r} returned a {type(net).__name__}, not a torch.nn.Module.")
+        return net
+    if not isinstance(train, DictDataset):
+        raise AuxLossError(f"the built-in model {name!r} reads its input size from built-in data; with your own data "
+                           "give your own model too (model.name: 'package.module:function').")
     x = train.tensors["input"]
     n_classes = _num_classes(train, cfg.main.target)
     if ":" in name:
@@ -107,11 +115,7 @@ def _head(cfg: HeadConfig, out: int, target_shape: tuple[int, ...]) -> nn.Module
 
 
 def _target_fn(spec: str) -> Any:
-    module, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise AuxLossError(f"cannot import the target function {spec!r} ({exc}); give 'module:function'.") from exc
+    return import_callable(spec, what="the function")
 
 
 def _target_key(task: TaskConfig, main_key: str) -> str:
@@ -135,93 +139,147 @@ def _add_shuffled_targets(data: dict[str, DictDataset], variant: VariantConfig, 
             ds.tensors[f"{key}__shuffled"] = ds.tensors[key][torch.randperm(len(ds), generator=g)]
 
 
+class ConfigVariant(Variant):
+    """A variant read from YAML: its heads are sized from the data of the run (classes of the target, target
+    shape) and Trinh decoders need the trunk, so taps and tasks are built per run in :meth:`resolve`."""
+
+    def __init__(self, cfg: ExperimentConfig, variant: VariantConfig) -> None:
+        # Validated by pydantic already; the tasks are named here for the report, the objects built per run.
+        object.__setattr__(self, "name", variant.name)
+        object.__setattr__(self, "taps", {})
+        object.__setattr__(self, "tasks", ())
+        object.__setattr__(self, "weighting", variant.weighting)
+        object.__setattr__(self, "train", _trainer_options(cfg.train_for(variant.name)) if variant.train else {})
+        object.__setattr__(self, "_cfg", cfg)
+        object.__setattr__(self, "_variant", variant)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self._variant.tasks]
+
+    def describe(self) -> dict[str, Any]:
+        return self._variant.model_dump(mode="json")
+
+    def resolve(self, trunk: nn.Module, splits: Mapping[str, Any], seed: int) -> Resolved:
+        cfg, variant = self._cfg, self._variant
+        main_key = cfg.main.target
+        _add_shuffled_targets(splits, variant, main_key, seed)
+        train = splits["train"]
+        taps: dict[str, Tap] = {}
+        tasks: list[Task] = []
+        by_source = {t.source: t for t in variant.tasks}
+        trinh_losses: dict[str, Any] = {}  # tap name -> its decoder's loss (auxloss.sequence)
+        for name, tap_cfg in variant.taps.items():
+            if tap_cfg.head.type == "trinh":
+                from auxloss.sequence import trinh_auxiliary
+
+                trinh_taps, trinh_tasks = trinh_auxiliary(trunk, tap_cfg.layer, name=name,
+                                                          **{"seed": seed, **tap_cfg.head.params})
+                taps[name] = trinh_taps[name]
+                trinh_losses[name] = trinh_tasks[0].loss
+                continue
+            task = by_source.get(name)
+            key = _target_key(task, main_key) if task is not None else main_key
+            out = tap_cfg.head.out
+            target = _column(train, key)
+            if out is None and not isinstance(train, DictDataset):
+                raise AuxLossError(f"variant {variant.name!r}, tap {name!r}: give head.out (the head's output size); "
+                                   "it is read from the data only for the built-in datasets.")
+            if out is None:
+                out = _num_classes(train, key) if task is None or task.loss in ("cross_entropy", "ce") else None
+                if out is None:
+                    out = int(math.prod(target.shape[1:])) if target is not None and target.dim() > 1 else 1
+                    if tap_cfg.head.type == "dense" and target is not None and target.dim() == 4:
+                        out = int(target.shape[1])
+            select = tuple(tap_cfg.select) if isinstance(tap_cfg.select, list) else tap_cfg.select
+            shape = tuple(target.shape[1:]) if target is not None else ()
+            taps[name] = Tap(tap_cfg.layer, _head(tap_cfg.head, out, shape), select=select, detach=tap_cfg.detach)
+        for t in variant.tasks:
+            target: Any = t.target
+            if t.shuffle_target:
+                target = f"{_target_key(t, main_key)}__shuffled"
+            elif t.target is not None and ":" in t.target:
+                target = _target_fn(t.target)
+            weight = schedule_from_config(t.weight) if isinstance(t.weight, dict) else t.weight
+            if t.source in trinh_losses:  # the decoder scores itself against the input sequence
+                tasks.append(Task(t.name, source=t.source, target=target or "input", loss=trinh_losses[t.source],
+                                  metric=None, weight=weight))
+                continue
+            loss: Any = _target_fn(t.loss) if ":" in t.loss else t.loss  # a 'module:function' loss
+            tasks.append(Task(t.name, source=t.source, target=target, loss=loss, metric=t.metric, weight=weight))
+        factory = None
+        if variant.weighting:
+            spec = dict(variant.weighting)
+
+            def factory(model: nn.Module) -> Any:
+                from auxloss.weighting.registry import build_weighting
+
+                return build_weighting(spec, model=model)
+        return Resolved(taps=taps, tasks=tasks, weighting=factory)
+
+
+def _column(data: Any, key: str) -> torch.Tensor | None:
+    tensors = getattr(data, "tensors", None)
+    return tensors.get(key) if isinstance(tensors, Mapping) else None
+
+
+class _SeedData:
+    """``seed -> splits`` for a config, remembering the last seed's splits: the model factory reads their shapes,
+    and each call hands out fresh dataset objects so a variant's extra columns never reach another run."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+        self._last: tuple[int, dict[str, DictDataset]] | None = None
+
+    def raw(self, seed: int) -> dict[str, DictDataset]:
+        if self._last is None or self._last[0] != seed:
+            self._last = (seed, build_data(self.cfg, seed))
+        return self._last[1]
+
+    def __call__(self, seed: int) -> dict[str, Any]:
+        if is_user_reference(self.cfg.data.name):
+            return build_data(self.cfg, seed)  # the user's own objects, fresh per run
+        return {k: DictDataset(dict(ds.tensors), num_classes=ds.num_classes, class_names=ds.class_names,
+                               info=ds.info) for k, ds in self.raw(seed).items()}
+
+
+def experiment_from_config(cfg: ExperimentConfig | dict[str, Any], config_dir: str | None = None) -> Experiment:
+    """The :class:`~auxloss.experiment.spec.Experiment` a YAML config describes: ``auxloss run`` is this, then
+    the same runner as :func:`auxloss.compare`."""
+    if not isinstance(cfg, ExperimentConfig):
+        cfg = ExperimentConfig.model_validate(cfg)
+        cfg._config_dir = config_dir
+    data = _SeedData(cfg)
+
+    def model(seed: int) -> nn.Module:
+        if is_user_reference(cfg.model.name):  # needs no data: do not load it twice
+            return build_model(cfg, None, seed)
+        return build_model(cfg, data.raw(seed)["train"], seed)
+
+    tcfg = cfg.train
+    return Experiment(
+        model=model, data=data, variants=[ConfigVariant(cfg, v) for v in cfg.variants],
+        main=Task(cfg.main.name, target=cfg.main.target, loss=cfg.main.loss, metric=cfg.main.metric),
+        name=cfg.name, seeds=cfg.seeds, train=_trainer_options(tcfg), batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size, batch_keys=tuple(cfg.data.batch_keys),
+        input_key=cfg.data.input_key, keep=cfg.keep,
+        loader={"num_workers": cfg.data.num_workers, "pin_memory": cfg.data.pin_memory,
+                "persistent_workers": cfg.data.persistent_workers},
+        compare_on=tcfg.compare_on, alpha=cfg.alpha, config=cfg.model_dump(mode="json"),
+        fingerprint=config_hash(cfg), rebuild=(experiment_from_config, (cfg.model_dump(mode="json"), cfg._config_dir)),
+    )
+
+
+def _trainer_options(tcfg: Any) -> dict[str, Any]:
+    """Every training setting of the config (:class:`~auxloss.train.TrainOptions`), by name."""
+    return dict(tcfg.options().items())
+
+
 def build_run(cfg: ExperimentConfig, variant_name: str, seed: int, *, device: str | None = None,
               log_dir: str | None = None, progress: bool = False) -> Built:
-    """Data, model (trunk + this variant's heads), objective and trainer for one run."""
-    variant = cfg.variant(variant_name)
-    data = build_data(cfg, seed)
-    main_key = cfg.main.target
-    _add_shuffled_targets(data, variant, main_key, seed)
-    train = data["train"]
-
-    torch.manual_seed(seed)
-    trunk = build_model(cfg, train)  # built first: identical across variants for this seed
-
-    taps: dict[str, Tap] = {}
-    tasks: list[Task] = []
-    by_source = {t.source: t for t in variant.tasks}
-    trinh_losses: dict[str, Any] = {}  # tap name -> its decoder's loss (auxloss.sequence)
-    for name, tap_cfg in variant.taps.items():
-        if tap_cfg.head.type == "trinh":
-            from auxloss.sequence import trinh_auxiliary
-
-            trinh_taps, trinh_tasks = trinh_auxiliary(trunk, tap_cfg.layer, name=name,
-                                                      **{"seed": seed, **tap_cfg.head.params})
-            taps[name] = trinh_taps[name]
-            trinh_losses[name] = trinh_tasks[0].loss
-            continue
-        task = by_source.get(name)
-        key = _target_key(task, main_key) if task is not None else main_key
-        out = tap_cfg.head.out
-        target = train.tensors.get(key)
-        if out is None:
-            out = _num_classes(train, key) if task is None or task.loss in ("cross_entropy", "ce") else None
-            if out is None:
-                out = int(math.prod(target.shape[1:])) if target is not None and target.dim() > 1 else 1
-                if tap_cfg.head.type == "dense" and target is not None and target.dim() == 4:
-                    out = int(target.shape[1])
-        select = tuple(tap_cfg.select) if isinstance(tap_cfg.select, list) else tap_cfg.select
-        shape = tuple(target.shape[1:]) if target is not None else ()
-        taps[name] = Tap(tap_cfg.layer, _head(tap_cfg.head, out, shape), select=select, detach=tap_cfg.detach)
-    for t in variant.tasks:
-        target: Any = t.target
-        if t.shuffle_target:
-            target = f"{_target_key(t, main_key)}__shuffled"
-        elif t.target is not None and ":" in t.target:
-            target = _target_fn(t.target)
-        weight = schedule_from_config(t.weight) if isinstance(t.weight, dict) else t.weight
-        if t.source in trinh_losses:  # the decoder scores itself against the input sequence
-            tasks.append(Task(t.name, source=t.source, target=target or "input", loss=trinh_losses[t.source],
-                              metric=None, weight=weight))
-            continue
-        loss: Any = _target_fn(t.loss) if ":" in t.loss else t.loss  # a 'module:function' loss
-        tasks.append(Task(t.name, source=t.source, target=target, loss=loss, metric=t.metric, weight=weight))
-
-    example = train.tensors["input"][:1]
-    model: nn.Module = attach(trunk, taps, example_input=example) if taps else trunk
-    objective = Objective(Task("main", target=main_key, loss=cfg.main.loss, metric=cfg.main.metric), tasks)
-    if variant.weighting:
-        from auxloss.weighting.registry import build_weighting  # adaptive and gradient-aware weightings
-
-        objective.set_weighting(build_weighting(variant.weighting, model=model))
-
-    # Every training setting of the config reaches the Trainer whole; only the device may be overridden here.
-    options = cfg.train_for(variant_name).options()
-    trainer = Trainer(options, **({"device": device} if device else {}), log_dir=log_dir, progress=progress)
-    # The loader's own generator fixes the batch order for this seed whatever the model consumed from the global
-    # RNG; the global RNG is then reseeded so dropout starts from the same state in every variant.
-    g = torch.Generator().manual_seed(seed)
-    bs = cfg.data.batch_size
-    from auxloss.train.distributed import is_distributed, rank, world_size
-
-    if is_distributed():
-        # Each rank trains on its shard with batch_size / world_size samples, so the global batch, and with it
-        # the statistics of a gradient-aware weighting, equals a single-process run's.
-        ws = world_size()
-        if bs % ws:
-            raise AuxLossError(f"data.batch_size={bs} is not divisible by the {ws} processes; make it a multiple.")
-        sampler = DistributedSampler(train, num_replicas=ws, rank=rank(), shuffle=True, seed=seed,
-                                     drop_last=True)
-        train_loader = DataLoader(train, batch_size=bs // ws, sampler=sampler, drop_last=len(train) > bs)
-    else:
-        train_loader = DataLoader(train, batch_size=bs, shuffle=True, generator=g, drop_last=len(train) > bs)
-    loaders = {
-        "train": train_loader,
-        "val": DataLoader(data["val"], batch_size=512),
-        "test": DataLoader(data["test"], batch_size=512),
-    }
-    torch.manual_seed(seed + 1)
-    return Built(model=model, objective=objective, trainer=trainer, loaders=loaders, data=data)
+    """Data, model (trunk + this variant's heads), objective and trainer for one run of a config."""
+    return assemble.build_run(experiment_from_config(cfg), variant_name, seed, device=device, log_dir=log_dir,
+                              progress=progress)
 
 
 def final_metric(values: dict[str, float], split: str) -> float:

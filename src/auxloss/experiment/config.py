@@ -8,6 +8,8 @@ and, where the YAML gives it, the file line.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     create_model,
     field_validator,
@@ -26,7 +29,7 @@ from auxloss.errors import AuxLossError
 from auxloss.train.options import TrainOptions, option_specs
 
 __all__ = ["DataConfig", "ExperimentConfig", "HeadConfig", "ModelConfig", "TaskConfig", "TrainConfig",
-           "VariantConfig", "load_config", "parse_config"]
+           "VariantConfig", "config_hash", "load_config", "parse_config"]
 
 
 class _Strict(BaseModel):
@@ -51,6 +54,16 @@ class DataConfig(_Strict):
     #: Seed of the data itself. ``None`` draws a new training subset per seed (the default: seeds then cover
     #: data variability too); an integer keeps one fixed dataset for every seed.
     data_seed: int | None = None
+    #: Batch size of the validation and test loaders (evaluation needs no gradients: larger is faster).
+    eval_batch_size: int = Field(512, ge=1)
+    #: Names of the positions of a tuple batch (``(x, y)`` is ``input``, ``target``); dict batches keep their keys.
+    batch_keys: list[str] = Field(default_factory=lambda: ["input", "target"], min_length=1)
+    #: The batch key holding the model input.
+    input_key: str = "input"
+    #: DataLoader worker processes (0 loads in the training process); workers are seeded from the run's seed.
+    num_workers: int = Field(0, ge=0)
+    pin_memory: bool = False
+    persistent_workers: bool = False
 
 
 class ModelConfig(_Strict):
@@ -96,6 +109,8 @@ class TaskConfig(_Strict):
 
 
 class MainConfig(_Strict):
+    #: The main task's name (in logs, metrics and the report): any plain name.
+    name: str = "main"
     target: str = "target"
     loss: str = "cross_entropy"
     #: The metric variants are compared on: ``auto`` follows the loss (accuracy for cross entropy, mae for l1...).
@@ -105,7 +120,7 @@ class MainConfig(_Strict):
         """The main metric's name and whether higher is better, exactly as the main Task resolves them."""
         from auxloss.tasks import Task
 
-        task = Task("main", target=self.target, loss=self.loss, metric=self.metric)
+        task = Task(self.name, target=self.target, loss=self.loss, metric=self.metric)
         if task.metric_name is None:
             raise AuxLossError(f"main.loss {self.loss!r} has no default metric; set main.metric to one of "
                                "'accuracy', 'binary_accuracy', 'mse', 'mae'.")
@@ -174,12 +189,15 @@ class VariantConfig(_Strict):
                 )
         names = [t.name for t in self.tasks]
         dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes or "main" in names:
-            raise ValueError(f"duplicate task names {dupes or ['main']}: each task needs its own name")
+        if dupes:
+            raise ValueError(f"duplicate task names {dupes}: each task needs its own name")
         return self
 
 
 class ExperimentConfig(_Strict):
+    #: The folder of the YAML file (importable for ``module:function`` names); not part of the experiment.
+    _config_dir: str | None = PrivateAttr(default=None)
+
     name: str = "experiment"
     seeds: int = Field(5, ge=1)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -188,6 +206,9 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     variants: list[VariantConfig] = Field(default_factory=list)
     alpha: float = Field(0.05, gt=0, lt=1)
+    #: Trained weights kept per run: ``best`` (the best-validation epoch's trunk and heads), ``all`` (also the
+    #: last epoch's) or ``none``.
+    keep: Literal["none", "best", "all"] = "best"
 
     @model_validator(mode="after")
     def _unique_variants(self) -> ExperimentConfig:
@@ -225,6 +246,13 @@ class ExperimentConfig(_Strict):
     @property
     def variant_names(self) -> list[str]:
         return ["baseline"] + [v.name for v in self.variants]
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """A fingerprint of everything that changes the runs (not the number of seeds, which only adds runs)."""
+    data = cfg.model_dump(mode="json")
+    data.pop("seeds", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # -- loading with line numbers -------------------------------------------------------------------------------
@@ -345,7 +373,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         data = {}
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
-    return parse_config(data, source=str(path), lines=loader.lines)  # type: ignore[attr-defined]
+    cfg = parse_config(data, source=str(path), lines=loader.lines)  # type: ignore[attr-defined]
+    cfg._config_dir = str(path.resolve().parent)
+    return cfg
 
 
 def _set_dotted(data: Any, key: str, value: Any) -> None:

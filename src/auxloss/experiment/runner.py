@@ -2,16 +2,11 @@
 
 Runs are independent jobs in the SQLite store. Worker processes (``workers``) claim them one at a time, so a
 second command on the same ``--out`` (or a crashed one restarted) never trains a finished run twice.
-
-Checkpoints go to ``OUT/runs/<variant>/seed<k>/checkpoint``, or with ``checkpoint_dir`` (a shared folder or an
-fsspec URL) to ``<checkpoint_dir>/<name>-<config hash>/<variant>/seed<k>``: unique per experiment, config, variant
-and seed, and the same on every machine, so a worker that takes over a dead one's run resumes its checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -27,68 +22,127 @@ import torch
 
 from auxloss.errors import AuxLossError
 from auxloss.experiment import stats
-from auxloss.experiment.config import ExperimentConfig
+from auxloss.experiment.config import ExperimentConfig, config_hash
+from auxloss.experiment.spec import BASELINE, Experiment
 from auxloss.experiment.store import Store, open_store, worker_id
 from auxloss.train.callbacks import Callback
-from auxloss.train.checkpoint import checkpoint_location, join_location, remove_checkpoint
+from auxloss.train.checkpoint import join_location, remove_checkpoint
 
-__all__ = ["aggregate", "run_experiment", "run_one"]
+__all__ = ["aggregate", "config_hash", "run", "run_experiment", "run_one"]
 
 RESULTS_FILE = "results.json"
+EXPERIMENT_FILE = "experiment.json"
 STORE_FILE = "results.sqlite"
 
 
-def config_hash(cfg: ExperimentConfig) -> str:
-    """A fingerprint of everything that changes the runs (not the number of seeds, which only adds runs)."""
-    data = cfg.model_dump(mode="json")
-    data.pop("seeds", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def run_checkpoint_dir(cfg: ExperimentConfig, variant: str, seed: int, out: Path | None,
+def run_checkpoint_dir(exp: Experiment | ExperimentConfig, variant: str, seed: int, out: Path | None,
                        checkpoint_dir: str | Path | None = None) -> Path | str | None:
     """Where (variant, seed) keeps its checkpoints: under ``out``, or under the shared ``checkpoint_dir``.
 
-    Under a shared root the folder names the experiment and its config hash: two experiments (or a config changed
+    Under a shared root the folder names the experiment and its fingerprint: two experiments (or a config changed
     with ``--force``) never resume each other's checkpoints.
     """
     if checkpoint_dir is None:
         return out / "runs" / variant / f"seed{seed}" / "checkpoint" if out is not None else None
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.name)
-    return join_location(checkpoint_dir, f"{name}-{config_hash(cfg)}", variant, f"seed{seed}")
+    exp = as_experiment(exp)
+    return join_location(checkpoint_dir, f"{exp.name}-{exp.identity()}", variant, f"seed{seed}")
 
 
-def run_one(cfg: ExperimentConfig, variant: str, seed: int, *, out: Path | None = None,
+def run_one(exp: Experiment | ExperimentConfig, variant: str, seed: int, *, out: Path | None = None,
             device: str | None = None, progress: bool = False, callbacks: tuple = (),
-            checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
+            store: Store | None = None, checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
     """Train one (variant, seed) and return its result record (with ``history``).
 
+    With a ``store``, the run's pairing is checked against the seed's first run (initial trunk, first batch).
     ``checkpoint_dir``: a shared folder or fsspec URL for the checkpoints (see :func:`run_checkpoint_dir`).
     """
-    from auxloss.experiment.build import build_run
+    from auxloss.experiment.assemble import PairingCheck, build_run
 
+    exp = as_experiment(exp)
     run_dir = out / "runs" / variant / f"seed{seed}" if out is not None else None
-    built = build_run(cfg, variant, seed, device=device, log_dir=str(run_dir) if run_dir else None,
+    built = build_run(exp, variant, seed, device=device, log_dir=str(run_dir) if run_dir else None,
                       progress=progress)
+    assert exp.main is not None
+    if store is not None:
+        keys = (exp.input_key,) + ((exp.main.target,) if isinstance(exp.main.target, str) else ())
+        built.trainer.callbacks.append(PairingCheck(store.set_meta_once, seed, built.init_hash, keys,
+                                                    tuple(exp.batch_keys)))
+    keeper = _Keeper(run_dir / "weights", exp.keep) if run_dir is not None and exp.keep != "none" else None
+    if keeper is not None:
+        built.trainer.callbacks.append(keeper)
     built.trainer.callbacks.extend(callbacks)
     # An interrupted run resumes from its last checkpoint (bit-identically on CPU) instead of starting over.
-    built.trainer.checkpoint_dir = run_checkpoint_dir(cfg, variant, seed, out, checkpoint_dir)
+    built.trainer.checkpoint_dir = run_checkpoint_dir(exp, variant, seed, out, checkpoint_dir)
     fit = built.trainer.fit(built.model, built.objective, built.loaders["train"], built.loaders["val"],
                             built.loaders["test"])
-    split = cfg.train.compare_on
-    return {
+    record = {
         "variant": variant,
         "seed": seed,
         # The report reads the main task's history keys (`val/metric/<name>`) by this name.
         "main_task": built.objective.main.name,
-        "main": fit.main_metric(split),
+        "main": _main_value(fit.best, exp.compare_on, exp.main.name),
         "best_epoch": fit.best_epoch,
         "best": fit.best,
         "seconds": fit.seconds,
         "stopped_early": fit.stopped_early,
         "skipped_steps": fit.skipped_steps,
+        "init_hash": built.init_hash,
         "history": fit.history,
     }
+    if keeper is not None and out is not None and built.trainer.is_main_process:
+        record["weights"] = keeper.save_best(built.model, out)
+    return record
+
+
+def _main_value(best: dict[str, float], split: str, task: str) -> float:
+    key = f"{split}/metric/{task}"
+    if key not in best:
+        raise AuxLossError(f"the run has no {key!r} (the main task's metric on {split!r}); it has {sorted(best)}.")
+    return float(best[key])
+
+
+class _Keeper(Callback):
+    """Keeps what was trained: the best-validation weights (the trainer has loaded them back when fit ends), as
+    the stripped trunk, which loads into the user's own model class with ``strict=True``, and the heads
+    separately; with ``keep="all"`` also the last epoch's. Tensors only (``torch.save`` of a state dict), so the
+    files load with ``torch.load(weights_only=True)``."""
+
+    def __init__(self, folder: Path, keep: str) -> None:
+        self.folder, self.keep = folder, keep
+
+    def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        if self.keep == "all" and record.get("epoch") == trainer.epochs and trainer.is_main_process:
+            self._write(trainer.model, "last")
+
+    def _write(self, model: Any, tag: str) -> dict[str, str]:
+        from auxloss.taps import AuxModel
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        trunk = model.model if isinstance(model, AuxModel) else model
+        paths = {"trunk": self.folder / f"{tag}-trunk.pt"}
+        _save_tensors(trunk.state_dict(), paths["trunk"])
+        if isinstance(model, AuxModel) and len(model.heads):
+            paths["heads"] = self.folder / f"{tag}-heads.pt"
+            _save_tensors(model.heads.state_dict(), paths["heads"])
+        return {k: str(v) for k, v in paths.items()}
+
+    def save_best(self, model: Any, out: Path) -> dict[str, str]:
+        paths = self._write(model, "best")
+        return {k: str(Path(v).relative_to(out)) for k, v in paths.items()}
+
+
+def _save_tensors(state: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def as_experiment(exp: Experiment | ExperimentConfig) -> Experiment:
+    if isinstance(exp, ExperimentConfig):
+        from auxloss.experiment.build import experiment_from_config
+
+        return experiment_from_config(exp)
+    return exp
 
 
 def stale_after() -> float:
@@ -158,29 +212,30 @@ def open_experiment_store(out: str | Path, name: str, url: str | None = None) ->
     return Store(out / STORE_FILE, stale_after=stale_after())
 
 
-def _variant_params(cfg: ExperimentConfig, variant: str, seed: int) -> dict[str, Any]:
+def _variant_params(exp: Experiment, variant: str, seed: int) -> dict[str, Any]:
     """What one run trains with (its MLflow params): the shared settings, the variant's own, its seed."""
-    return {"variant": cfg.variant(variant).model_dump(mode="json"), "seed": seed,
-            "data": cfg.data.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
-            "main": cfg.main.model_dump(mode="json"), "train": cfg.train_for(variant).model_dump(mode="json")}
+    v = exp.variant(variant)
+    config = exp.describe()
+    return {"variant": v.describe() if v is not None else {"name": variant}, "seed": seed,
+            **{k: config[k] for k in ("data", "model", "main") if k in config},
+            "train": {k: repr(val) if callable(val) else val for k, val in exp.train_for(variant).items()}}
 
 
-def _tracker(cfg: ExperimentConfig, store: Store, mlflow: str | None) -> Any:
+def _tracker(exp: Experiment, store: Store, mlflow: str | None) -> Any:
     if not mlflow:
         return None
     from auxloss.integrations.mlflow import MlflowTracker
 
-    return MlflowTracker(mlflow, cfg.name, config_hash(cfg), store)
+    return MlflowTracker(mlflow, exp.name, exp.identity(), store)
 
 
-def _worker_loop(cfg_json: dict[str, Any], out: str, device: str | None, threads: int | None,
+def _worker_loop(exp: Experiment, out: str, device: str | None, threads: int | None,
                  progress: bool, parent: int | None = None, checkpoint_dir: str | None = None,
                  mlflow: str | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
-    cfg = ExperimentConfig.model_validate(cfg_json)
-    store = open_experiment_store(out, cfg.name)
-    tracker = _tracker(cfg, store, mlflow)
+    store = open_experiment_store(out, exp.name)
+    tracker = _tracker(exp, store, mlflow)
     shared = os.environ.get("AUXLOSS_SHARED_STORE") == "1"
     me = worker_id()
     done = 0
@@ -198,10 +253,10 @@ def _worker_loop(cfg_json: dict[str, Any], out: str, device: str | None, threads
         heartbeat = _Heartbeat(store, variant, seed, me, parent)
         callbacks: tuple = (heartbeat,)
         if tracker is not None:
-            callbacks += (tracker.callback(variant, seed, _variant_params(cfg, variant, seed)),)
+            callbacks += (tracker.callback(variant, seed, _variant_params(exp, variant, seed)),)
         try:
-            record = run_one(cfg, variant, seed, out=Path(out), device=device, progress=progress,
-                             callbacks=callbacks, checkpoint_dir=checkpoint_dir)
+            record = run_one(exp, variant, seed, out=Path(out), device=device, progress=progress,
+                             callbacks=callbacks, store=store, checkpoint_dir=checkpoint_dir)
         except _Stop:
             continue  # the MLflow run stays open: the worker that took the run over continues it
         except Exception as exc:
@@ -217,16 +272,16 @@ def _worker_loop(cfg_json: dict[str, Any], out: str, device: str | None, threads
             if tracker is not None:
                 tracker.finish_run(callbacks[-1].run_id, record)
         # The result is stored: the run's checkpoints are no longer needed.
-        remove_checkpoint(run_checkpoint_dir(cfg, variant, seed, Path(out), checkpoint_dir))
+        remove_checkpoint(run_checkpoint_dir(exp, variant, seed, Path(out), checkpoint_dir))
 
 
-def _distributed_loop(cfg: ExperimentConfig, out: Path, device: str | None, checkpoint_dir: str | None = None,
+def _distributed_loop(exp: Experiment, out: Path, device: str | None, checkpoint_dir: str | None = None,
                       mlflow: str | None = None) -> None:
     """Under torchrun: rank 0 claims each run and broadcasts it; every rank trains it together with DDP."""
     from auxloss.train import distributed as D
 
-    store = open_experiment_store(out, cfg.name) if D.rank() == 0 else None
-    tracker = _tracker(cfg, store, mlflow) if store is not None else None
+    store = open_experiment_store(out, exp.name) if D.rank() == 0 else None
+    tracker = _tracker(exp, store, mlflow) if store is not None else None
     me = worker_id()
     while True:
         job = store.claim(me) if store is not None else None
@@ -237,15 +292,15 @@ def _distributed_loop(cfg: ExperimentConfig, out: Path, device: str | None, chec
         if device is None and torch.cuda.is_available():
             device = f"cuda:{torch.cuda.current_device()}"
         # Every rank reads the run's checkpoint on resume; only rank 0 writes it, and the logs (Trainer).
-        callbacks = (tracker.callback(variant, seed, _variant_params(cfg, variant, seed)),) if tracker else ()
-        record = run_one(cfg, variant, seed, out=out, device=device, callbacks=callbacks,
+        callbacks = (tracker.callback(variant, seed, _variant_params(exp, variant, seed)),) if tracker else ()
+        record = run_one(exp, variant, seed, out=out, device=device, callbacks=callbacks, store=store,
                          checkpoint_dir=checkpoint_dir)
         if store is not None:
             history = record.pop("history")
             store.finish(variant, seed, record, history, worker=me)
             if tracker is not None:
                 tracker.finish_run(callbacks[0].run_id, record)
-            remove_checkpoint(run_checkpoint_dir(cfg, variant, seed, out, checkpoint_dir))
+            remove_checkpoint(run_checkpoint_dir(exp, variant, seed, out, checkpoint_dir))
         D.barrier()
 
 
@@ -253,8 +308,15 @@ def _pool_worker(args: tuple) -> int:
     return _worker_loop(*args)
 
 
-def run_experiment(
-    cfg: ExperimentConfig,
+def run_experiment(cfg: ExperimentConfig, out: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """``auxloss run``: the experiment a config describes, through the same runner as :func:`auxloss.compare`."""
+    from auxloss.experiment.build import experiment_from_config
+
+    return run(experiment_from_config(cfg), out, **kwargs)
+
+
+def run(
+    exp: Experiment,
     out: str | Path,
     *,
     workers: int = 1,
@@ -263,19 +325,23 @@ def run_experiment(
     progress: bool = False,
     command: str | None = None,
     store: str | None = None,
+    devices: list[str] | None = None,
     checkpoint_dir: str | Path | None = None,
     mlflow: str | None = None,
 ) -> dict[str, Any]:
     """Train every (variant, seed) not yet finished under ``out``, then write ``results.json`` and the report.
 
     Args:
-        cfg: the validated config.
-        out: output folder; it holds ``results.sqlite``, ``config.yaml`` (resolved), ``runs/`` logs,
-            ``results.json`` and ``report.html``/``report.md``.
-        workers: processes training runs in parallel (each with ``torch`` limited to share the cores).
+        exp: the experiment (from :func:`auxloss.compare` or a YAML config).
+        out: output folder; it holds ``results.sqlite``, ``experiment.json`` (and ``config.yaml`` for a config),
+            ``runs/`` logs and weights, ``results.json`` and ``report.html``/``report.md``.
+        workers: processes training runs in parallel (each with ``torch`` limited to share the cores). The
+            experiment is pickled to them: its factories must be importable functions, not lambdas.
         force: reuse a folder that holds another experiment's results (its runs are discarded).
         store: a ``postgresql://`` URL to keep the runs in a shared database instead of ``out/results.sqlite``, so
             that workers on several machines (each with ``AUXLOSS_SHARED_STORE=1``) split one experiment.
+        devices: one device per worker process (``auxloss.experiment.devices.worker_devices``): each worker is
+            pinned to its own, and ``workers`` is their number.
         checkpoint_dir: a folder on shared storage or an fsspec URL (``s3://bucket/ckpt``) for the runs'
             checkpoints instead of ``out/runs/``, so that a worker on another machine resumes a dead one's run.
         mlflow: an MLflow tracking URI: every run is logged as a nested run of one parent run per experiment,
@@ -285,60 +351,72 @@ def run_experiment(
 
     out = Path(out)
     started = time.perf_counter()
-    if checkpoint_dir is not None:
-        checkpoint_dir = str(checkpoint_location(checkpoint_dir))  # a bad URL fails here, before any training
     if store:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / STORE_URL_FILE, store + "\n")
+    tracker = None
     if D.init_from_env():
         # Under torchrun: only rank 0 touches the store, the logs and the report.
-        tracker = None
         if D.rank() == 0:
-            db = _prepare_store(cfg, out, force)
-            tracker = _start_tracking(cfg, db, out, mlflow, command, store, checkpoint_dir)
+            db = _prepare_store(exp, out, force)
+            tracker = _start_tracking(exp, db, out, mlflow, command, store, checkpoint_dir)
         D.barrier()
-        _distributed_loop(cfg, out, device, checkpoint_dir, mlflow)
+        _distributed_loop(exp, out, device, checkpoint_dir, mlflow)
         D.barrier()
         if D.rank() != 0:
             return {}
-        return _finish(cfg, out, open_experiment_store(out, cfg.name), command, started, tracker)
-    db = _prepare_store(cfg, out, force)
-    tracker = _start_tracking(cfg, db, out, mlflow, command, store, checkpoint_dir)
+        return _finish(exp, out, open_experiment_store(out, exp.name), command, started, tracker)
+    db = _prepare_store(exp, out, force)
+    tracker = _start_tracking(exp, db, out, mlflow, command, store, checkpoint_dir)
     status = db.status()
     todo = status.get("pending", 0)
     if os.environ.get("AUXLOSS_SHARED_STORE") == "1":
         todo += status.get("running", 0)  # other workers' runs: wait, to take over any whose worker dies
+    if devices:
+        workers = len(devices)
     workers = max(1, min(workers, todo)) if todo else 1
-    cfg_json = cfg.model_dump(mode="json")
+    pinned = list(devices[:workers]) if devices else [device] * workers
     if todo and workers == 1:
-        _worker_loop(cfg_json, str(out), device, None, progress, None, checkpoint_dir, mlflow)
+        _worker_loop(exp, str(out), pinned[0], None, progress, None, checkpoint_dir, mlflow)
     elif todo:
+        _check_picklable(exp)
         # Each process gets an equal share of the cores: oversubscribed torch threads spin and slow everyone.
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers) as pool:
-            pool.map(_pool_worker, [(cfg_json, str(out), device, threads, False, os.getpid(), checkpoint_dir,
-                                     mlflow)] * workers)
-    return _finish(cfg, out, db, command, started, tracker)
+            pool.map(_pool_worker, [(exp, str(out), d, threads, False, os.getpid(), checkpoint_dir, mlflow)
+                                    for d in pinned])
+    return _finish(exp, out, db, command, started, tracker)
 
 
-def _start_tracking(cfg: ExperimentConfig, db: Store, out: Path, mlflow: str | None, command: str | None,
+def _check_picklable(exp: Experiment) -> None:
+    import pickle
+
+    try:
+        pickle.dumps(exp)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise AuxLossError(
+            f"workers > 1 sends the experiment to other processes, but it cannot be pickled ({exc}). Define the "
+            "model and data factories as module-level functions (not lambdas or local functions), or use workers=1."
+        ) from None
+
+
+def _start_tracking(exp: Experiment, db: Store, out: Path, mlflow: str | None, command: str | None,
                     store: str | None, checkpoint_dir: str | None) -> Any:
-    tracker = _tracker(cfg, db, mlflow)
+    tracker = _tracker(exp, db, mlflow)
     if tracker is not None:
-        tracker.start_experiment(cfg.model_dump(mode="json"), out, command=command, store=store,
-                                 checkpoint_dir=checkpoint_dir)
+        tracker.start_experiment(exp.describe(), out, command=command, store=store, checkpoint_dir=checkpoint_dir)
     return tracker
 
 
-def _finish(cfg: ExperimentConfig, out: Path, store: Store, command: str | None, started: float,
+def _finish(exp: Experiment, out: Path, store: Store, command: str | None, started: float,
             tracker: Any = None) -> dict[str, Any]:
     from auxloss.experiment.report import build_report
 
     # Several processes may share `out` (AUXLOSS_SHARED_STORE): each aggregates and writes under a lock, so the
     # last one to finish writes the most complete results, and results.json is replaced whole, never torn.
     with _out_lock(out):
-        results = aggregate(cfg, store, command=command, seconds=time.perf_counter() - started)
+        results = aggregate(exp.summary(), store, command=command, seconds=time.perf_counter() - started)
         write_atomic(out / RESULTS_FILE, json.dumps(results, indent=2))
         build_report(out, results, *load_histories(store))
         if tracker is not None:
@@ -376,14 +454,12 @@ def write_atomic(path: Path, text: str) -> None:
                            "writable output folder, then run the same command again (finished runs are kept).") from exc
 
 
-def _prepare_store(cfg: ExperimentConfig, out: Path, force: bool) -> Store:
-    import yaml
-
+def _prepare_store(exp: Experiment, out: Path, force: bool) -> Store:
     store_path = out / STORE_FILE
-    fingerprint = config_hash(cfg)
+    fingerprint = exp.identity()
     shared_db = (out / STORE_URL_FILE).exists()
     if store_path.exists() or shared_db:
-        store = open_experiment_store(out, cfg.name)
+        store = open_experiment_store(out, exp.name)
         previous = store.get_meta("config_hash")
         if previous is not None and previous != fingerprint:
             if not force:
@@ -399,11 +475,17 @@ def _prepare_store(cfg: ExperimentConfig, out: Path, force: bool) -> Store:
                     Path(str(store_path) + suffix).unlink(missing_ok=True)
             # Their logs and checkpoints too: a run of the new config must never resume an old run's checkpoint.
             shutil.rmtree(out / "runs", ignore_errors=True)
-    store = open_experiment_store(out, cfg.name)
+    summary = exp.summary()  # validates the main metric before anything is written
+    store = open_experiment_store(out, exp.name)
     store.set_meta("config_hash", fingerprint)
-    store.set_meta("name", cfg.name)
-    write_atomic(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    runs = [(v, s) for s in range(cfg.seeds) for v in cfg.variant_names]
+    store.set_meta("name", exp.name)
+    store.set_meta("summary", summary)
+    if exp.config is not None:
+        import yaml
+
+        write_atomic(out / "config.yaml", yaml.safe_dump(dict(exp.config), sort_keys=False))
+    write_atomic(out / EXPERIMENT_FILE, json.dumps(summary, indent=2, default=repr))
+    runs = [(v, s) for s in range(exp.seeds) for v in exp.variant_names]
     store.add_runs(runs)
     # This call is the only one working on `out` unless the user started others: any run marked running is
     # an interrupted one, so it is redone. (Concurrent workers on one store use heartbeats instead.)
@@ -422,61 +504,66 @@ def load_histories(store: Store) -> tuple[dict[str, dict[int, list[dict]]], dict
     return histories, best
 
 
-def aggregate(cfg: ExperimentConfig, store: Store, *, command: str | None = None,
+def aggregate(summary: dict[str, Any], store: Store, *, command: str | None = None,
               seconds: float | None = None) -> dict[str, Any]:
-    """``results.json``: per-variant means with CIs, and paired comparisons with the baseline."""
+    """``results.json``: per-variant means with CIs, and paired comparisons with the baseline.
+
+    ``summary`` is :meth:`Experiment.summary` (kept in the store, so a report needs no code of the user's).
+    """
+    if isinstance(summary, ExperimentConfig):  # older callers pass the config
+        summary = as_experiment(summary).summary()
     done = store.runs("done")
     by_variant: dict[str, dict[int, float]] = {}
     extra: dict[str, dict[int, dict]] = {}
-    for run in done:
-        by_variant.setdefault(run["variant"], {})[run["seed"]] = float(run["result"]["main"])
-        extra.setdefault(run["variant"], {})[run["seed"]] = run["result"]
-    metric, higher = cfg.main.resolved_metric()
+    for run_ in done:
+        by_variant.setdefault(run_["variant"], {})[run_["seed"]] = float(run_["result"]["main"])
+        extra.setdefault(run_["variant"], {})[run_["seed"]] = run_["result"]
+    metric, higher, split = summary["metric"], summary["higher_is_better"], summary["compare_on"]
+    names = [v["name"] for v in summary["variants"]]
     variants = []
-    for name in cfg.variant_names:
+    for spec in summary["variants"]:
+        name = spec["name"]
         values = by_variant.get(name, {})
         if not values:
             continue
-        summary = stats.summarize(values)
-        aux_tasks = [t.name for t in cfg.variant(name).tasks]
+        stat = stats.summarize(values)
         aux_final = {}
-        for task in aux_tasks:
-            vals = [r["best"].get(f"{cfg.train.compare_on}/metric/{task}") for r in extra[name].values()]
+        for task in spec["aux_tasks"]:
+            vals = [r["best"].get(f"{split}/metric/{task}") for r in extra[name].values()]
             vals = [v for v in vals if v is not None]
             if vals:
                 aux_final[task] = sum(vals) / len(vals)
         variants.append({
             "name": name,
-            "seeds": summary["seeds"],
-            "main": [values[s] for s in summary["seeds"]],
-            "mean": summary["mean"],
-            "std": summary["std"],
-            "ci95": summary["ci95"],
-            "aux_tasks": aux_tasks,
+            "seeds": stat["seeds"],
+            "main": [values[s] for s in stat["seeds"]],
+            "mean": stat["mean"],
+            "std": stat["std"],
+            "ci95": stat["ci95"],
+            "aux_tasks": list(spec["aux_tasks"]),
             "aux_metrics": aux_final,
-            "best_epochs": [extra[name][s]["best_epoch"] for s in summary["seeds"]],
-            "seconds": sum(extra[name][s]["seconds"] for s in summary["seeds"]),
+            "best_epochs": [extra[name][s]["best_epoch"] for s in stat["seeds"]],
+            "seconds": sum(extra[name][s]["seconds"] for s in stat["seeds"]),
+            "weights": {str(s): extra[name][s]["weights"] for s in stat["seeds"] if "weights" in extra[name][s]},
         })
     comparisons = []
-    baseline = by_variant.get("baseline", {})
-    others = {v: by_variant[v] for v in cfg.variant_names[1:] if v in by_variant}
+    baseline = by_variant.get(BASELINE, {})
+    others = {v: by_variant[v] for v in names[1:] if v in by_variant}
     if baseline and others:
         comparisons = [c.to_dict() for c in stats.compare(baseline, others, higher_is_better=higher,
-                                                          alpha=cfg.alpha)]
+                                                          alpha=summary["alpha"])]
     status = store.status()
-    # Runs stored before records carried it lack the name; the report then falls back to the old fixed name.
-    main_task = next((r["result"]["main_task"] for r in done if r["result"].get("main_task")), None)
     return {
-        "name": cfg.name,
-        **({"main_task": main_task} if main_task else {}),
+        "name": summary["name"],
+        "main_task": summary.get("main_task", "main"),
         "metric": metric,
         "higher_is_better": higher,
-        "baseline": "baseline",
-        "split": cfg.train.compare_on,
+        "baseline": BASELINE,
+        "split": split,
         "variants": variants,
         "comparisons": comparisons,
         "runs": {"done": status.get("done", 0), "failed": status.get("failed", 0),
                  "pending": status.get("pending", 0) + status.get("running", 0)},
-        "config": {**cfg.model_dump(mode="json"), **({"command": command} if command else {})},
+        "config": {**summary["config"], **({"command": command} if command else {})},
         "timing": {"total_seconds": seconds},
     }

@@ -191,6 +191,7 @@ def build_splits(name: str, request: DataRequest) -> dict[str, DictDataset]:
         raise AuxLossError(
             f"unknown data.name {name!r}; "
             + (f"use {hint[0]!r}, the closest built-in name (all: {listed})." if hint else f"use {listed}.")
+            + " For your own data, name your function: 'package.module:function'."
         )
     spec = DATASETS[name]
     unknown = sorted(set(request.params) - set(spec.options))
