@@ -212,6 +212,9 @@ ROWS = {
            r"positive finite number"),
     "T5": (lambda e: api(lambda: _other_models_checkpoint(e["tmp"])), r"does not fit this model/objective",
            r"use another output folder, or delete the checkpoint"),
+    "T6": (lambda e: api(lambda: _planted_checkpoint(e["tmp"])),
+           r"checkpoint .*last\.pt' holds objects other than tensors and plain data .*GLOBAL .*system",
+           r"delete the checkpoint folder"),
     # weights
     "W1": (lambda e: api(lambda: al.Task("a", weight=-0.3)),
            r"task 'a': Constant: value must be finite and >= 0, got -0\.3", r"Pass e\.g\. value=0\.1"),
@@ -249,6 +252,27 @@ def _other_models_checkpoint(tmp):
     fit(model, al.Objective(), x, y, checkpoint_dir=tmp / "ckpt")
     other = al.attach(nn.Sequential(nn.Flatten(), nn.Linear(768, 3)), {})
     fit(other, al.Objective(), x, y, checkpoint_dir=tmp / "ckpt")
+
+
+class _Planted:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo planted",))
+
+
+def _planted_checkpoint(tmp):
+    import hashlib
+    import io
+
+    from auxloss.train.checkpoint import MAGIC
+
+    buffer = io.BytesIO()
+    torch.save({"model": _Planted()}, buffer)
+    payload = buffer.getvalue()
+    (tmp / "ckpt").mkdir()
+    (tmp / "ckpt" / "last.pt").write_bytes(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    fit(tiny_model(), al.Objective(), torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,)), checkpoint_dir=tmp / "ckpt")
 
 
 def _binary_config(e):
