@@ -243,6 +243,8 @@ ROWS = {
     "O6": (lambda e: _full_disk_logs(e), r"No space left on device \(.*epochs\.jsonl\)", r"Free some disk space"),
     "O7": (lambda e: cli(e, None, "report", str(e["tmp"])), r"holds no auxloss results",
            r"give the --out folder of an `auxloss run`"),
+    "O8": (lambda e: _postgres_folder(e), r"are kept in a PostgreSQL database \('postgresql://u@db\.example/x'",
+           r"pass it with --store URL"),
 }
 
 
@@ -273,6 +275,14 @@ def _planted_checkpoint(tmp):
     (tmp / "ckpt").mkdir()
     (tmp / "ckpt" / "last.pt").write_bytes(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
     fit(tiny_model(), al.Objective(), torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,)), checkpoint_dir=tmp / "ckpt")
+
+
+def _postgres_folder(e):
+    out = e["tmp"] / "pg"
+    out.mkdir()
+    (out / "config.yaml").write_text("name: catalogue\n")
+    (out / "store_url.txt").write_text("postgresql://u@db.example/x\n")
+    return cli(e, None, "report", str(out))
 
 
 def _binary_config(e):

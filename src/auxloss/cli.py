@@ -99,7 +99,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.out is None:
         args.out = f"runs/{cfg.name}"
-    return _run_config(cfg, args, "auxloss run " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+    from auxloss.experiment.redact import redact_argv
+
+    # The command is recorded (results.json, the report): any password in a URL argument is left out of it.
+    return _run_config(cfg, args, "auxloss run " + " ".join(shlex.quote(a) for a in redact_argv(sys.argv[2:])))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -122,7 +125,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     import yaml
 
     cfg = parse_config(yaml.safe_load((out / "config.yaml").read_text()), source=str(out / "config.yaml"))
-    store = open_experiment_store(out, cfg.name)
+    store = open_experiment_store(out, cfg.name, args.store)
     results = aggregate(cfg, store, command=previous.get("config", {}).get("command"),
                         seconds=previous.get("timing", {}).get("total_seconds"))
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
@@ -231,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild the report of a finished output folder",
                        description="Recompute results.json and rebuild report.html/report.md from DIR's store.")
     p.add_argument("dir", help="an output folder of `auxloss run` or `auxloss demo`")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="the PostgreSQL database that holds DIR's runs (the folder's store_url.txt names it; a URL "
+                        "without a password reads it from PGPASSWORD or ~/.pgpass)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("layers", help="list a model's tappable layers with their output shapes",

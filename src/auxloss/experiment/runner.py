@@ -24,6 +24,7 @@ import torch
 from auxloss.errors import AuxLossError
 from auxloss.experiment import stats
 from auxloss.experiment.config import ExperimentConfig
+from auxloss.experiment.redact import redact_command, without_password
 from auxloss.experiment.store import Store, open_store, worker_id
 from auxloss.train.callbacks import Callback
 
@@ -124,22 +125,29 @@ STORE_URL_FILE = "store_url.txt"
 
 
 def open_experiment_store(out: str | Path, name: str, url: str | None = None) -> Store:
-    """The store of the experiment under ``out``: SQLite in the folder, or the database whose URL was given to
-    ``run_experiment(store=...)`` (remembered in ``out/store_url.txt`` so that ``auxloss report`` finds it)."""
+    """The store of the experiment under ``out``: SQLite in the folder, or the database at ``url``.
+
+    A folder whose runs are in a database (``run_experiment(store=...)``) names it in ``out/store_url.txt``, without
+    its password. That file is never connected to by itself: a folder made by someone else could name any server.
+    The caller passes the URL (``--store``), and its password comes with it, or from ``PGPASSWORD``/``~/.pgpass``.
+    """
     out = Path(out)
-    if url is None and (out / STORE_URL_FILE).exists():
-        url = (out / STORE_URL_FILE).read_text().strip()
     if url:
         return open_store(url, namespace=name, stale_after=stale_after())
+    if (out / STORE_URL_FILE).exists():
+        recorded = (out / STORE_URL_FILE).read_text(errors="replace").strip()
+        raise AuxLossError(f"the runs of {str(out)!r} are kept in a PostgreSQL database ({recorded!r}, from "
+                           f"{STORE_URL_FILE}); pass it with --store URL (the password in the URL, PGPASSWORD or "
+                           "~/.pgpass). auxloss does not connect to a URL read from a folder by itself.")
     return Store(out / STORE_FILE, stale_after=stale_after())
 
 
 def _worker_loop(cfg_json: dict[str, Any], out: str, device: str | None, threads: int | None,
-                 progress: bool, parent: int | None = None) -> int:
+                 progress: bool, parent: int | None = None, url: str | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     cfg = ExperimentConfig.model_validate(cfg_json)
-    store = open_experiment_store(out, cfg.name)
+    store = open_experiment_store(out, cfg.name, url)
     shared = os.environ.get("AUXLOSS_SHARED_STORE") == "1"
     me = worker_id()
     done = 0
@@ -173,11 +181,11 @@ def _worker_loop(cfg_json: dict[str, Any], out: str, device: str | None, threads
         shutil.rmtree(Path(out) / "runs" / variant / f"seed{seed}" / "checkpoint", ignore_errors=True)
 
 
-def _distributed_loop(cfg: ExperimentConfig, out: Path, device: str | None) -> None:
+def _distributed_loop(cfg: ExperimentConfig, out: Path, device: str | None, url: str | None = None) -> None:
     """Under torchrun: rank 0 claims each run and broadcasts it; every rank trains it together with DDP."""
     from auxloss.train import distributed as D
 
-    store = open_experiment_store(out, cfg.name) if D.rank() == 0 else None
+    store = open_experiment_store(out, cfg.name, url) if D.rank() == 0 else None
     me = worker_id()
     while True:
         job = store.claim(me) if store is not None else None
@@ -228,18 +236,20 @@ def run_experiment(
     started = time.perf_counter()
     if store:
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / STORE_URL_FILE, store + "\n")
+        # Where the runs are, for the user and `auxloss report --store`: without the password, readable by the
+        # owner only (the host, user and database name are still worth keeping private).
+        write_atomic(out / STORE_URL_FILE, without_password(store) + "\n", mode=0o600)
     if D.init_from_env():
         # Under torchrun: only rank 0 touches the store, the logs and the report.
         if D.rank() == 0:
-            _prepare_store(cfg, out, force)
+            _prepare_store(cfg, out, force, store)
         D.barrier()
-        _distributed_loop(cfg, out, device)
+        _distributed_loop(cfg, out, device, store)
         D.barrier()
         if D.rank() != 0:
             return {}
-        return _finish(cfg, out, open_experiment_store(out, cfg.name), command, started)
-    db = _prepare_store(cfg, out, force)
+        return _finish(cfg, out, open_experiment_store(out, cfg.name, store), command, started)
+    db = _prepare_store(cfg, out, force, store)
     status = db.status()
     todo = status.get("pending", 0)
     if os.environ.get("AUXLOSS_SHARED_STORE") == "1":
@@ -247,13 +257,13 @@ def run_experiment(
     workers = max(1, min(workers, todo)) if todo else 1
     cfg_json = cfg.model_dump(mode="json")
     if todo and workers == 1:
-        _worker_loop(cfg_json, str(out), device, None, progress)
+        _worker_loop(cfg_json, str(out), device, None, progress, None, store)
     elif todo:
         # Each process gets an equal share of the cores: oversubscribed torch threads spin and slow everyone.
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers) as pool:
-            pool.map(_pool_worker, [(cfg_json, str(out), device, threads, False, os.getpid())] * workers)
+            pool.map(_pool_worker, [(cfg_json, str(out), device, threads, False, os.getpid(), store)] * workers)
     return _finish(cfg, out, db, command, started)
 
 
@@ -284,10 +294,16 @@ def _out_lock(out: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
+def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file.
+
+    ``mode`` sets the file's permissions before any byte is written (``0o600``: the owner's eyes only)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        if mode is not None:
+            tmp.unlink(missing_ok=True)  # os.open's mode applies only to a file it creates
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+            os.chmod(tmp, mode)  # the umask may have removed bits; it can only have removed them
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
@@ -299,14 +315,14 @@ def write_atomic(path: Path, text: str) -> None:
                            "writable output folder, then run the same command again (finished runs are kept).") from exc
 
 
-def _prepare_store(cfg: ExperimentConfig, out: Path, force: bool) -> Store:
+def _prepare_store(cfg: ExperimentConfig, out: Path, force: bool, url: str | None = None) -> Store:
     import yaml
 
     store_path = out / STORE_FILE
     fingerprint = config_hash(cfg)
-    shared_db = (out / STORE_URL_FILE).exists()
+    shared_db = bool(url)
     if store_path.exists() or shared_db:
-        store = open_experiment_store(out, cfg.name)
+        store = open_experiment_store(out, cfg.name, url)
         previous = store.get_meta("config_hash")
         if previous is not None and previous != fingerprint:
             if not force:
@@ -322,7 +338,7 @@ def _prepare_store(cfg: ExperimentConfig, out: Path, force: bool) -> Store:
                     Path(str(store_path) + suffix).unlink(missing_ok=True)
             # Their logs and checkpoints too: a run of the new config must never resume an old run's checkpoint.
             shutil.rmtree(out / "runs", ignore_errors=True)
-    store = open_experiment_store(out, cfg.name)
+    store = open_experiment_store(out, cfg.name, url)
     store.set_meta("config_hash", fingerprint)
     store.set_meta("name", cfg.name)
     write_atomic(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -397,6 +413,7 @@ def aggregate(cfg: ExperimentConfig, store: Store, *, command: str | None = None
         "comparisons": comparisons,
         "runs": {"done": status.get("done", 0), "failed": status.get("failed", 0),
                  "pending": status.get("pending", 0) + status.get("running", 0)},
-        "config": {**cfg.model_dump(mode="json"), **({"command": command} if command else {})},
+        # The command may hold a database URL: recorded without its password (results.json, the report).
+        "config": {**cfg.model_dump(mode="json"), **({"command": redact_command(command)} if command else {})},
         "timing": {"total_seconds": seconds},
     }
