@@ -143,6 +143,9 @@ ROWS = {
             r"Did you mean 'dwa'"),
     "C11": (lambda e: _binary_config(e), r"c\.yaml: not a text file \(byte 0 is not UTF-8\)",
             r"give a YAML config file, saved as UTF-8"),
+    "C12": (lambda e: cli(e, GOOD.replace("name: catalogue", "name: ../../X")),
+            r"experiment name '\.\./\.\./X' cannot name a folder: it holds a path separator",
+            r"use letters, digits, '-', '_' and single dots"),
     # model
     "M1": (lambda e: api(lambda: tiny_model(a=al.Tap("blok1", al.LinearHead(3)))),
            r"no layer named 'blok1'.*Closest names: \['block1'", r"list_layers"),
@@ -243,6 +246,10 @@ ROWS = {
     "O6": (lambda e: _full_disk_logs(e), r"No space left on device \(.*epochs\.jsonl\)", r"Free some disk space"),
     "O7": (lambda e: cli(e, None, "report", str(e["tmp"])), r"holds no auxloss results",
            r"give the --out folder of an `auxloss run`"),
+    "O9": (lambda e: _folder_without_config(e), r"has a results store but no config\.yaml",
+           r"Give the --out folder of an `auxloss run`"),
+    "O10": (lambda e: _foreign_sqlite(e), r"is an SQLite file but not an auxloss results store \(missing",
+            r"not another program's database"),
     "O8": (lambda e: _postgres_folder(e), r"are kept in a PostgreSQL database \('postgresql://u@db\.example/x'",
            r"pass it with --store URL"),
 }
@@ -275,6 +282,22 @@ def _planted_checkpoint(tmp):
     (tmp / "ckpt").mkdir()
     (tmp / "ckpt" / "last.pt").write_bytes(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
     fit(tiny_model(), al.Objective(), torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,)), checkpoint_dir=tmp / "ckpt")
+
+
+def _folder_without_config(e):
+    out = e["tmp"] / "partial"
+    Store(out / "results.sqlite")
+    return cli(e, None, "report", str(out))
+
+
+def _foreign_sqlite(e):
+    out = e["tmp"] / "foreign"
+    out.mkdir()
+    (out / "config.yaml").write_text("name: catalogue\n")
+    con = sqlite3.connect(out / "results.sqlite")
+    con.execute("CREATE TABLE runs (id INTEGER)")
+    con.close()
+    return cli(e, None, "report", str(out), "--out", str(e["tmp"] / "rep"))
 
 
 def _postgres_folder(e):

@@ -106,30 +106,55 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from auxloss.experiment.config import parse_config
+    from auxloss.experiment.config import load_config
     from auxloss.experiment.report import build_report
     from auxloss.experiment.runner import (
         RESULTS_FILE,
         STORE_FILE,
         STORE_URL_FILE,
         aggregate,
+        config_hash,
         load_histories,
         open_experiment_store,
+        write_atomic,
     )
+    from auxloss.experiment.store import Store
 
+    # The folder may be someone else's: its store is only read (SQLite mode=ro), a database URL it names is never
+    # connected to unless passed with --store, and the report can go to another folder (--out) when it is read-only.
     out = Path(args.dir)
     if not (out / STORE_FILE).exists() and not (out / STORE_URL_FILE).exists():
         raise AuxLossError(f"{str(out)!r} holds no auxloss results ({STORE_FILE} is missing); give the --out folder "
                            "of an `auxloss run` or `auxloss demo`.")
-    previous = json.loads((out / RESULTS_FILE).read_text()) if (out / RESULTS_FILE).exists() else {}
-    import yaml
-
-    cfg = parse_config(yaml.safe_load((out / "config.yaml").read_text()), source=str(out / "config.yaml"))
-    store = open_experiment_store(out, cfg.name, args.store)
-    results = aggregate(cfg, store, command=previous.get("config", {}).get("command"),
-                        seconds=previous.get("timing", {}).get("total_seconds"))
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-    path = build_report(out, results, *load_histories(store))
+    if not (out / "config.yaml").is_file():
+        raise AuxLossError(f"{str(out)!r} has a results store but no config.yaml: it is not (or no longer) a complete "
+                           "auxloss output folder. Give the --out folder of an `auxloss run`, or run its config "
+                           "again with that --out to rewrite config.yaml.")
+    dest = Path(args.out) if args.out else out
+    if args.out is None and not os.access(out, os.W_OK):
+        raise AuxLossError(f"{str(out)!r} is read-only; pass --out FOLDER to write the report somewhere else.")
+    cfg = load_config(out / "config.yaml")
+    if args.store:
+        store = open_experiment_store(out, cfg.name, args.store)
+    elif (out / STORE_URL_FILE).exists():
+        store = open_experiment_store(out, cfg.name)  # raises: the URL must come from the user
+    else:
+        store = Store(out / STORE_FILE, stale_after=1.0, readonly=True)
+    name, fingerprint = store.get_meta("name"), store.get_meta("config_hash")
+    if (name is not None and name != cfg.name) or (fingerprint is not None and fingerprint != config_hash(cfg)):
+        raise AuxLossError(f"the results store of {str(out)!r} holds the runs of another experiment ({name!r}, "
+                           f"config {fingerprint}) than its config.yaml ({cfg.name!r}, config {config_hash(cfg)}); "
+                           "the folder was mixed up by hand. Give the --out folder of a single `auxloss run`.")
+    try:
+        previous = json.loads((out / RESULTS_FILE).read_text()) if (out / RESULTS_FILE).exists() else {}
+    except (ValueError, OSError):
+        previous = {}  # only the command and the timing are taken from it: recomputed without them
+    previous = previous if isinstance(previous, dict) else {}
+    results = aggregate(cfg, store, command=(previous.get("config") or {}).get("command"),
+                        seconds=(previous.get("timing") or {}).get("total_seconds"))
+    dest.mkdir(parents=True, exist_ok=True)
+    write_atomic(dest / RESULTS_FILE, json.dumps(results, indent=2))
+    path = build_report(dest, results, *load_histories(store))
     print(f"Report: {path.resolve()}")
     return 0
 
@@ -237,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, metavar="URL",
                    help="the PostgreSQL database that holds DIR's runs (the folder's store_url.txt names it; a URL "
                         "without a password reads it from PGPASSWORD or ~/.pgpass)")
+    p.add_argument("--out", default=None, metavar="FOLDER",
+                   help="write results.json and the report there instead of DIR (for a read-only DIR)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("layers", help="list a model's tappable layers with their output shapes",

@@ -121,3 +121,142 @@ def test_no_output_file_holds_the_postgres_password(tmp_path, capsys, monkeypatc
     monkeypatch.setenv("PGPASSWORD", password)
     assert main(["report", str(out), "--store", without_password(PG_URL)]) == 0
     assert files_holding(out, password) == []
+
+
+# -- config names become folder names ------------------------------------------------------------------------------
+@pytest.mark.parametrize("where, name", [
+    ("experiment", "../../X"), ("experiment", "a/b"), ("experiment", "  "), ("experiment", "..\\x"),
+    ("variant", "../v"), ("variant", ".."), ("task", "t/../../u"), ("task", ""),
+])
+def test_names_that_are_not_plain_folder_names_are_refused_at_load(where, name):
+    data = yaml.safe_load(TINY.format(name="ok"))
+    if where == "experiment":
+        data["name"] = name
+    elif where == "variant":
+        data["variants"][0]["name"] = name
+    else:
+        data["variants"][0]["tasks"][0]["name"] = name
+    with pytest.raises(AuxLossError, match=f"{where} name .* cannot name a folder"):
+        parse_config(data)
+
+
+@pytest.mark.parametrize("name", ["exp-1", "Team.Exp_2", "ünïcode", "a.b.c"])
+def test_plain_names_are_accepted(name):
+    assert tiny(name).name == name
+
+
+# -- PostgreSQL schemas --------------------------------------------------------------------------------------------
+def test_schema_names_are_collision_free_and_fit_postgres_limit():
+    from auxloss.experiment.store import schema_name
+
+    long_a, long_b = "é" * 40 + "a", "é" * 40 + "b"  # 81 UTF-8 bytes each, equal in their first 80
+    names = ["Team-Exp", "team.exp", "team_exp", "TEAM EXP", long_a, long_b, "x" * 200, "x" * 201]
+    schemas = [schema_name(n) for n in names]
+    assert len(set(schemas)) == len(names)
+    for name, schema in zip(names, schemas):
+        assert schema.isascii() and len(schema.encode()) <= 63, schema
+        assert schema.startswith("auxloss_")
+    assert schema_name("Team-Exp").startswith("auxloss_team_exp_")  # still readable in psql's \dn
+    assert schema_name("Team-Exp") == schema_name("Team-Exp")  # stable: every worker finds the same schema
+
+
+@pytest.mark.skipif(not PG_URL, reason="set AUXLOSS_TEST_POSTGRES_URL to a PostgreSQL database to run")
+def test_force_on_one_experiment_never_clears_a_look_alike(tmp_path, monkeypatch):
+    from auxloss.experiment.store import open_store
+
+    tag = uuid.uuid4().hex[:6]
+    a, b = f"Team-Exp-{tag}", f"team.exp-{tag}"  # one schema each since the hash; the same before
+    run_experiment(tiny(a), tmp_path / "a", store=PG_URL)
+    changed = tiny(b).model_copy(update={"alpha": 0.1})
+    run_experiment(tiny(b), tmp_path / "b", store=PG_URL)
+    run_experiment(changed, tmp_path / "b", store=PG_URL, force=True)  # clears b's runs, and only b's
+    assert len(open_store(PG_URL, namespace=a).runs("done")) == 2
+    # Had two names met in one schema anyway, the recorded owner stops the second before it touches anything.
+    monkeypatch.setattr("auxloss.experiment.store.schema_name", lambda name: f"auxloss_clash_{tag}")
+    open_store(PG_URL, namespace=a)
+    with pytest.raises(AuxLossError, match=f"holds the runs of experiment '{a}', not '{b}'; it is left untouched"):
+        open_store(PG_URL, namespace=b)
+
+
+# -- `auxloss report` on a folder someone else made ----------------------------------------------------------------
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "out"
+    run_experiment(tiny(), out)
+    return out
+
+
+def test_report_reads_a_read_only_folder_without_changing_a_byte(finished, tmp_path, monkeypatch):
+    before = snapshot(finished)
+    assert not any(name.endswith(("-wal", "-shm")) for name in before)
+    # A cleanly closed WAL database on a read-only folder: SQLite cannot create its -shm file there. Refused here
+    # as the read-only mount would (root writes anywhere, so chmod alone would not show it).
+    import sqlite3
+
+    real = sqlite3.connect
+
+    def read_only_folder(target, *args, **kwargs):
+        if kwargs.get("uri") and "immutable=1" not in str(target):
+            raise sqlite3.OperationalError("unable to open database file")
+        assert kwargs.get("uri") and "mode=ro" in str(target), "a report must never open the store for writing"
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr("auxloss.experiment.store.sqlite3.connect", read_only_folder)
+    finished.chmod(0o555)
+    try:
+        assert main(["report", str(finished), "--out", str(tmp_path / "rep")]) == 0
+    finally:
+        finished.chmod(0o755)
+    assert snapshot(finished) == before
+    assert (tmp_path / "rep" / "report.html").exists()
+    import json
+
+    results = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert results == {**json.loads((finished / "results.json").read_text()), "timing": results["timing"]}
+
+
+def test_report_without_out_writes_into_the_folder_but_never_into_its_store(finished, capsys):
+    store = finished / "results.sqlite"
+    before = (store.read_bytes(), store.stat().st_mtime_ns)
+    assert main(["report", str(finished)]) == 0
+    assert (store.read_bytes(), store.stat().st_mtime_ns) == before
+    # A reader of a WAL database may leave SQLite's empty companion files; it never writes a page to them.
+    wal = finished / "results.sqlite-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+
+
+def test_report_refuses_a_foreign_sqlite_file_and_leaves_it_alone(tmp_path, capsys):
+    import sqlite3
+
+    out = tmp_path / "foreign"
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump(tiny().model_dump(mode="json")))
+    con = sqlite3.connect(out / "results.sqlite")
+    con.execute("CREATE TABLE runs (id INTEGER, name TEXT)")
+    con.commit()
+    con.close()
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert "is an SQLite file but not an auxloss results store" in err and "Traceback" not in err
+    assert snapshot(out) == before  # no meta table added, journal mode unchanged
+    con = sqlite3.connect(f"file:{out / 'results.sqlite'}?mode=ro", uri=True)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    con.close()
+
+
+def test_report_refuses_a_store_whose_runs_belong_to_another_config(finished, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "mixed"
+    shutil.copytree(finished, out)
+    (out / "config.yaml").write_text(yaml.safe_dump(tiny("another").model_dump(mode="json")))
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2
+    assert "holds the runs of another experiment ('sec'" in capsys.readouterr().err

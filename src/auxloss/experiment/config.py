@@ -24,6 +24,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def check_name(kind: str, name: str) -> str:
+    """``name`` if it can safely become a folder name (experiments, variants and tasks name folders and files).
+
+    Refused: blank names, path separators, ``..`` (``../../X`` would write, and with ``--force`` delete, outside the
+    output folder), and control characters."""
+    problem = None
+    if not name.strip():
+        problem = "it is blank"
+    elif name != name.strip():
+        problem = "it starts or ends with a blank"
+    elif "/" in name or "\\" in name:
+        problem = "it holds a path separator ('/' or '\\')"
+    elif ".." in name or name == ".":
+        problem = "it holds '..' (or is '.')"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "it holds a control character"
+    if problem:
+        raise ValueError(f"{kind} name {name!r} cannot name a folder: {problem}; use letters, digits, '-', '_' and "
+                         "single dots")
+    return name
+
+
 class DataConfig(_Strict):
     """Which dataset, how big each split is, and the batch size.
 
@@ -85,6 +107,11 @@ class TaskConfig(_Strict):
     #: input (a harmful task, for safety checks).
     shuffle_target: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        return check_name("task", v)
+
 
 class MainConfig(_Strict):
     target: str = "target"
@@ -134,7 +161,8 @@ class VariantConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not v or "/" in v or v == "baseline":
+        check_name("variant", v)
+        if v == "baseline":
             raise ValueError("a variant name must be non-empty, without '/', and not 'baseline' (added for you)")
         return v
 
@@ -162,6 +190,11 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     variants: list[VariantConfig] = Field(default_factory=list)
     alpha: float = Field(0.05, gt=0, lt=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        return check_name("experiment", v)
 
     @model_validator(mode="after")
     def _unique_variants(self) -> ExperimentConfig:
