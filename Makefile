@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/auxloss demo
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -m "not slow" -q
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
