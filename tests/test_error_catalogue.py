@@ -146,6 +146,21 @@ ROWS = {
     "C12": (lambda e: cli(e, GOOD.replace("name: catalogue", "name: ../../X")),
             r"experiment name '\.\./\.\./X' cannot name a folder: it holds a path separator",
             r"use letters, digits, '-', '_' and single dots"),
+    "C13": (lambda e: cli(e, GOOD.replace("weight: 0.3", "weight: .inf")),
+            r"c\.yaml:\d+: variants\.0\.tasks\.0: task 'aux1': Constant: value must be finite and >= 0, got inf",
+            r"Pass e\.g\. value=0\.1"),
+    "C14": (lambda e: cli(e, GOOD.replace("lr: 0.01", "lr: inf")), r"c\.yaml:5: train\.lr: Input should be a finite "
+            r"number \(got 'inf'\)", r"Fix that key"),
+    "C15": (lambda e: cli(e, GOOD, "--device", "gpu"), r"unknown device 'gpu'", r"use 'auto', 'cpu', 'cuda'"),
+    "C16": (lambda e: _cuda_on_cpu_torch(e), r"device 'cuda': this torch \(.*\) is a CPU-only build",
+            r"use --device cpu \(or 'auto'\), or install a CUDA build"),
+    "C17": (lambda e: cli(e, GOOD + "train: {epochs: 2}\n"),
+            r"c\.yaml:10: duplicate key 'train' at the same level: first on line 5, again on line 10",
+            r"Merge the two into one"),
+    "C18": (lambda e: cli(e, GOOD + "  - name: headless\n    taps: {x: {layer: block1}}\n"),
+            r"variant 'headless' has taps \['x'\] but no task", r"Add a task reading each tap, or remove the variant"),
+    "C19": (lambda e: cli(e, GOOD, "--seeds", "0"), r"seeds: Input should be greater than or equal to 1 \(got 0\)",
+            r"Fix that key"),
     # model
     "M1": (lambda e: api(lambda: tiny_model(a=al.Tap("blok1", al.LinearHead(3)))),
            r"no layer named 'blok1'.*Closest names: \['block1'", r"list_layers"),
@@ -250,6 +265,8 @@ ROWS = {
            r"Give the --out folder of an `auxloss run`"),
     "O10": (lambda e: _foreign_sqlite(e), r"is an SQLite file but not an auxloss results store \(missing",
             r"not another program's database"),
+    "O11": (lambda e: _second_run_on_one_folder(e), r"another `auxloss run` is working on",
+            r"wait for it to finish .*AUXLOSS_SHARED_STORE=1"),
     "O8": (lambda e: _postgres_folder(e), r"are kept in a PostgreSQL database \('postgresql://u@db\.example/x'",
            r"pass it with --store URL"),
 }
@@ -282,6 +299,33 @@ def _planted_checkpoint(tmp):
     (tmp / "ckpt").mkdir()
     (tmp / "ckpt" / "last.pt").write_bytes(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
     fit(tiny_model(), al.Objective(), torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,)), checkpoint_dir=tmp / "ckpt")
+
+
+def _cuda_on_cpu_torch(e):
+    e["monkeypatch"].setattr(torch.version, "cuda", None)  # the same message on a machine with a CUDA build
+    e["monkeypatch"].setattr(torch.version, "hip", None, raising=False)
+    return cli(e, GOOD, "--device", "cuda")
+
+
+def _second_run_on_one_folder(e):
+    import fcntl
+
+    out = e["tmp"] / "out"
+    out.mkdir()
+    with open(out / ".run.lock", "a") as held:  # what a first `auxloss run` on this folder holds while it works
+        fcntl.flock(held, fcntl.LOCK_EX)
+        other = __import__("subprocess").run(  # flock locks are per open file: the second command is another process
+            [__import__("sys").executable, "-m", "auxloss", "run", str(_write(e, GOOD)), "--out", str(out),
+             "--workers", "1"], capture_output=True, text=True, timeout=300,
+            env={**__import__("os").environ, "PYTHONPATH": str(Path(al.__file__).parents[1])}, check=False)
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr
+    assert not (out / "results.sqlite").exists() and not (out / "config.yaml").exists()  # nothing touched
+    return other.stderr.strip()
+
+
+def _write(e, text):
+    (e["tmp"] / "c.yaml").write_text(text)
+    return e["tmp"] / "c.yaml"
 
 
 def _folder_without_config(e):

@@ -50,7 +50,10 @@ def _print_results(results: dict[str, Any], out: Path, seconds: float) -> None:
 
 def _run_config(cfg: Any, args: argparse.Namespace, command: str) -> int:
     from auxloss.experiment.runner import run_experiment
+    from auxloss.train.trainer import resolve_device
 
+    for device in {args.device or cfg.train.device, *(cfg.train_for(v).device for v in cfg.variant_names[1:])}:
+        resolve_device(device)  # a device that does not exist stops here, before the output folder is touched
     out = Path(args.out)
     started = time.perf_counter()
     if int(os.environ.get("RANK", "0")) == 0:
@@ -58,7 +61,7 @@ def _run_config(cfg: Any, args: argparse.Namespace, command: str) -> int:
               f"({args.workers} worker{'s' if args.workers > 1 else ''})", flush=True)
     results = run_experiment(cfg, out, workers=args.workers, device=args.device, force=args.force,
                              command=command, progress=args.workers == 1 and sys.stderr.isatty(),
-                             store=getattr(args, "store", None))
+                             store=getattr(args, "store", None), rerun_stale=getattr(args, "rerun_stale", False))
     if not results:  # a torchrun rank other than 0: rank 0 prints
         return 0
     _print_results(results, out, time.perf_counter() - started)
@@ -93,7 +96,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from auxloss.experiment.config import load_config
 
-    overrides = {"seeds": args.seeds} if args.seeds else {}
+    # `is not None`: --seeds 0 must reach the validation (and be refused), not fall back on the config's seeds.
+    overrides = {"seeds": args.seeds} if args.seeds is not None else {}
     if args.compile:
         overrides["train.compile"] = True
     cfg = load_config(args.config, overrides)
@@ -154,7 +158,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                         seconds=(previous.get("timing") or {}).get("total_seconds"))
     dest.mkdir(parents=True, exist_ok=True)
     write_atomic(dest / RESULTS_FILE, json.dumps(results, indent=2))
-    path = build_report(dest, results, *load_histories(store))
+    path = build_report(dest, results, *load_histories(store, cfg.seeds))
     print(f"Report: {path.resolve()}")
     return 0
 
@@ -232,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="torch device (default: CUDA when available, else CPU)")
         p.add_argument("--force", action="store_true",
                        help="reuse an output folder that holds another experiment's results (discarding them)")
+        p.add_argument("--rerun-stale", action="store_true",
+                       help="train again the finished runs that another auxloss or torch version trained")
         p.add_argument("--store", default=None, metavar="URL",
                        help="keep the runs in a PostgreSQL database (postgresql://user@host/db) shared by workers "
                             "on several machines (set AUXLOSS_SHARED_STORE=1 on each), instead of "

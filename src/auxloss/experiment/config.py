@@ -112,6 +112,18 @@ class TaskConfig(_Strict):
     def _name_ok(cls, v: str) -> str:
         return check_name("task", v)
 
+    @model_validator(mode="after")
+    def _weight_ok(self) -> TaskConfig:
+        # Built once here, so an infinite, negative or misspelt weight stops the config at load, not after runs
+        # have started (the build makes the same schedule again for each run).
+        from auxloss.schedules import Constant, from_config
+
+        try:
+            from_config(self.weight) if isinstance(self.weight, dict) else Constant(float(self.weight))
+        except (AuxLossError, TypeError) as exc:
+            raise ValueError(f"task {self.name!r}: {str(exc).rstrip('.')}") from None
+        return self
+
 
 class MainConfig(_Strict):
     target: str = "target"
@@ -133,10 +145,10 @@ class MainConfig(_Strict):
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     lr_schedule: Literal["cosine", "step"] | None = None
-    grad_clip: float | None = Field(None, gt=0)
+    grad_clip: float | None = Field(None, gt=0, allow_inf_nan=False)
     accumulate: int = Field(1, ge=1)
     amp: Literal[False, "bf16", "fp16"] = False
     compile: bool = False
@@ -168,6 +180,11 @@ class VariantConfig(_Strict):
 
     @model_validator(mode="after")
     def _sources_exist(self) -> VariantConfig:
+        if self.taps and not self.tasks:
+            raise ValueError(
+                f"variant {self.name!r} has taps {sorted(self.taps)} but no task: its heads get no loss, so it would "
+                "be compared with the baseline as if it were an auxiliary variant. Add a task reading each tap, or "
+                "remove the variant")
         for task in self.tasks:
             if task.source != "main" and task.source not in self.taps:
                 raise ValueError(
@@ -239,12 +256,22 @@ class _LineLoader(yaml.SafeLoader):
     """A YAML loader that remembers the line of every mapping key, for error messages."""
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False) -> dict[str, Any]:
     mapping = loader.construct_mapping(node, deep=deep)
     lines = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
-        lines[key] = key_node.start_mark.line + 1
+        line = key_node.start_mark.line + 1
+        if key in lines:  # YAML keeps the last silently: a second `train:` would replace the first
+            raise _DuplicateKey(f"duplicate key {key!r} at the same level: first on line {lines[key]}, again on line "
+                                f"{line}", key_node.start_mark)
+        lines[key] = line
     loader.lines[id(mapping)] = lines  # type: ignore[attr-defined]
     return mapping
 
@@ -339,6 +366,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         loader = _LineLoader(text)  # the reader rejects control characters here already
         loader.lines = {}  # type: ignore[attr-defined]
         data = loader.get_single_data()
+    except _DuplicateKey as exc:
+        raise AuxLossError(f"{path}:{exc.problem_mark.line + 1}: {exc.problem}. Merge the two into one (the second "
+                           "would silently replace the first).") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

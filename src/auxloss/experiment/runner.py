@@ -64,8 +64,28 @@ def run_one(cfg: ExperimentConfig, variant: str, seed: int, *, out: Path | None 
         "seconds": fit.seconds,
         "stopped_early": fit.stopped_early,
         "skipped_steps": fit.skipped_steps,
+        # What else decides the numbers: the code's versions (a rerun with other ones is flagged, see
+        # _check_versions) and the CPU threads torch used (fixed per run, whatever --workers is).
+        "versions": current_versions(),
+        "threads": torch.get_num_threads(),
         "history": fit.history,
     }
+
+
+def current_versions() -> dict[str, str]:
+    from auxloss import __version__
+
+    return {"auxloss": __version__, "torch": torch.__version__}
+
+
+def run_threads() -> int:
+    """CPU threads of every run (``AUXLOSS_THREADS``, default 1). The same for every worker count: torch's float
+    reductions split their work by thread, so the thread count changes a run's last bits, then its numbers."""
+    raw = os.environ.get("AUXLOSS_THREADS", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise AuxLossError(f"AUXLOSS_THREADS must be a positive whole number of threads, got {raw!r}; unset it for "
+                           "the default of 1.")
+    return int(raw)
 
 
 def stale_after() -> float:
@@ -144,8 +164,16 @@ def open_experiment_store(out: str | Path, name: str, url: str | None = None) ->
 
 def _worker_loop(cfg_json: dict[str, Any], out: str, device: str | None, threads: int | None,
                  progress: bool, parent: int | None = None, url: str | None = None) -> int:
-    if threads:
-        torch.set_num_threads(threads)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or run_threads())
+    try:
+        return _claim_and_train(cfg_json, out, device, progress, parent, url)
+    finally:
+        torch.set_num_threads(previous_threads)  # when run in the caller's process (one worker)
+
+
+def _claim_and_train(cfg_json: dict[str, Any], out: str, device: str | None, progress: bool, parent: int | None,
+                     url: str | None) -> int:
     cfg = ExperimentConfig.model_validate(cfg_json)
     store = open_experiment_store(out, cfg.name, url)
     shared = os.environ.get("AUXLOSS_SHARED_STORE") == "1"
@@ -218,6 +246,7 @@ def run_experiment(
     progress: bool = False,
     command: str | None = None,
     store: str | None = None,
+    rerun_stale: bool = False,
 ) -> dict[str, Any]:
     """Train every (variant, seed) not yet finished under ``out``, then write ``results.json`` and the report.
 
@@ -225,10 +254,13 @@ def run_experiment(
         cfg: the validated config.
         out: output folder; it holds ``results.sqlite``, ``config.yaml`` (resolved), ``runs/`` logs,
             ``results.json`` and ``report.html``/``report.md``.
-        workers: processes training runs in parallel (each with ``torch`` limited to share the cores).
+        workers: processes training runs in parallel; each run uses ``AUXLOSS_THREADS`` CPU threads (default 1)
+            whatever their number, so the numbers do not depend on it.
         force: reuse a folder that holds another experiment's results (its runs are discarded).
         store: a ``postgresql://`` URL to keep the runs in a shared database instead of ``out/results.sqlite``, so
             that workers on several machines (each with ``AUXLOSS_SHARED_STORE=1``) split one experiment.
+        rerun_stale: train again the finished runs that other auxloss or torch versions trained (otherwise they
+            are kept, with a warning).
     """
     from auxloss.train import distributed as D
 
@@ -249,7 +281,78 @@ def run_experiment(
         if D.rank() != 0:
             return {}
         return _finish(cfg, out, open_experiment_store(out, cfg.name, store), command, started)
+    if os.environ.get("AUXLOSS_SHARED_STORE") == "1":
+        return _run_local(cfg, out, workers, device, force, progress, command, store, rerun_stale, started)
+    with _single_command(out):
+        return _run_local(cfg, out, workers, device, force, progress, command, store, rerun_stale, started)
+
+
+@contextlib.contextmanager
+def _single_command(out: Path) -> Iterator[None]:
+    """One `auxloss run` per output folder at a time (unless AUXLOSS_SHARED_STORE=1): a second one would reclaim
+    the first one's runs as interrupted and train them twice, writing their epochs twice."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no POSIX locks (Windows)
+        yield
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / ".run.lock", "a")
+    except OSError as exc:
+        raise AuxLossError(f"cannot use the output folder {str(out)!r}: {exc.strerror or exc}. Choose a writable "
+                           "--out folder.") from exc
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise AuxLossError(f"another `auxloss run` is working on {str(out)!r}; wait for it to finish (then run "
+                               "again to pick up anything left), use another --out folder, or start every process "
+                               "with AUXLOSS_SHARED_STORE=1 to share the runs between them.") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_local(cfg: ExperimentConfig, out: Path, workers: int, device: str | None, force: bool, progress: bool,
+               command: str | None, store: str | None, rerun_stale: bool, started: float) -> dict[str, Any]:
+    # Nothing claims the folder before the first run has started: a config error met while building the first
+    # run (an unknown dataset, a wrong layer name) removes what this call created, so the corrected config needs
+    # no --force.
+    fresh = not store and not (out / STORE_FILE).exists() and not (out / "config.yaml").exists()
     db = _prepare_store(cfg, out, force, store)
+    _check_versions(db, rerun_stale)
+    try:
+        return _train_all(cfg, out, workers, device, progress, command, store, db, started)
+    except AuxLossError:
+        if fresh and not db.runs("done"):
+            for name in (STORE_FILE, STORE_FILE + "-wal", STORE_FILE + "-shm", "config.yaml"):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "runs", ignore_errors=True)
+        raise
+
+
+def _check_versions(store: Store, rerun: bool) -> None:
+    """Finished runs trained by other auxloss/torch versions: kept with a warning, or (``rerun``) redone."""
+    import sys
+
+    now = current_versions()
+    stale = [(r["variant"], r["seed"], (r["result"] or {}).get("versions")) for r in store.runs("done")
+             if (r["result"] or {}).get("versions") != now]
+    if not stale:
+        return
+    if rerun:
+        store.reset_runs([(v, s) for v, s, _ in stale])
+        return
+    seen = sorted({json.dumps(v, sort_keys=True) if v else "unrecorded versions" for _, _, v in stale})
+    print(f"auxloss: warning: {len(stale)} finished run(s) under this folder were trained with {', '.join(seen)}, "
+          f"not {json.dumps(now, sort_keys=True)}; they are kept as they are. Pass --rerun-stale to train them "
+          "again with this version.", file=sys.stderr, flush=True)
+
+
+def _train_all(cfg: ExperimentConfig, out: Path, workers: int, device: str | None, progress: bool,
+               command: str | None, store: str | None, db: Store, started: float) -> dict[str, Any]:
     status = db.status()
     todo = status.get("pending", 0)
     if os.environ.get("AUXLOSS_SHARED_STORE") == "1":
@@ -259,8 +362,7 @@ def run_experiment(
     if todo and workers == 1:
         _worker_loop(cfg_json, str(out), device, None, progress, None, store)
     elif todo:
-        # Each process gets an equal share of the cores: oversubscribed torch threads spin and slow everyone.
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = run_threads()  # the same as with one worker, so that the numbers are the same
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers) as pool:
             pool.map(_pool_worker, [(cfg_json, str(out), device, threads, False, os.getpid(), store)] * workers)
@@ -275,7 +377,7 @@ def _finish(cfg: ExperimentConfig, out: Path, store: Store, command: str | None,
     with _out_lock(out):
         results = aggregate(cfg, store, command=command, seconds=time.perf_counter() - started)
         write_atomic(out / RESULTS_FILE, json.dumps(results, indent=2))
-        build_report(out, results, *load_histories(store))
+        build_report(out, results, *load_histories(store, cfg.seeds))
     return results
 
 
@@ -352,10 +454,17 @@ def _prepare_store(cfg: ExperimentConfig, out: Path, force: bool, url: str | Non
     return store
 
 
-def load_histories(store: Store) -> tuple[dict[str, dict[int, list[dict]]], dict[str, dict[int, int]]]:
+def _asked(runs: list[dict[str, Any]], seeds: int | None) -> list[dict[str, Any]]:
+    """The runs of the seeds asked for (``0..seeds-1``): a folder may hold more seeds from an earlier command, and
+    a report on ``--seeds 1`` must not mix them in."""
+    return runs if seeds is None else [r for r in runs if r["seed"] < seeds]
+
+
+def load_histories(store: Store, seeds: int | None = None
+                   ) -> tuple[dict[str, dict[int, list[dict]]], dict[str, dict[int, int]]]:
     histories: dict[str, dict[int, list[dict]]] = {}
     best: dict[str, dict[int, int]] = {}
-    for run in store.runs("done"):
+    for run in _asked(store.runs("done"), seeds):
         histories.setdefault(run["variant"], {})[run["seed"]] = run["history"]
         best.setdefault(run["variant"], {})[run["seed"]] = run["result"]["best_epoch"]
     return histories, best
@@ -363,8 +472,9 @@ def load_histories(store: Store) -> tuple[dict[str, dict[int, list[dict]]], dict
 
 def aggregate(cfg: ExperimentConfig, store: Store, *, command: str | None = None,
               seconds: float | None = None) -> dict[str, Any]:
-    """``results.json``: per-variant means with CIs, and paired comparisons with the baseline."""
-    done = store.runs("done")
+    """``results.json``: per-variant means with CIs, and paired comparisons with the baseline (on the config's
+    seeds only, whatever else the store holds)."""
+    done = _asked(store.runs("done"), cfg.seeds)
     by_variant: dict[str, dict[int, float]] = {}
     extra: dict[str, dict[int, dict]] = {}
     for run in done:
@@ -402,7 +512,10 @@ def aggregate(cfg: ExperimentConfig, store: Store, *, command: str | None = None
     if baseline and others:
         comparisons = [c.to_dict() for c in stats.compare(baseline, others, higher_is_better=higher,
                                                           alpha=cfg.alpha)]
-    status = store.status()
+    status: dict[str, int] = {}
+    for run in _asked(store.runs(None), cfg.seeds):
+        if run["variant"] in cfg.variant_names:
+            status[run["status"]] = status.get(run["status"], 0) + 1
     return {
         "name": cfg.name,
         "metric": metric,

@@ -224,6 +224,12 @@ class Store:
             fault_point("store-finish")  # tests: a kill here must leave the run unfinished, not half-written
         return True
 
+    def reset_runs(self, runs: list[tuple[str, int]]) -> None:
+        """Mark finished runs pending again, their results forgotten (``--rerun-stale``)."""
+        with self._transaction() as con:
+            con.executemany("UPDATE runs SET status='pending', worker=NULL, result=NULL, history=NULL, error=NULL "
+                            "WHERE variant=? AND seed=?", runs)
+
     def fail(self, variant: str, seed: int, error: str) -> None:
         with self._transaction() as con:
             con.execute("UPDATE runs SET status='failed', error=? WHERE variant=? AND seed=?", (error, variant, seed))

@@ -33,6 +33,31 @@ from auxloss.weighting.base import GradientWeighting
 __all__ = ["FitResult", "Trainer", "move_to"]
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device (``"auto"``/``None``: CUDA when available, else CPU), checked to exist here.
+
+    A misspelt name (``gpu``) or a CUDA device on a CPU-only torch is an error naming the fix, before any run
+    starts, instead of torch's traceback from the first tensor moved there."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise AuxLossError(f"unknown device {device!r} ({str(exc).splitlines()[0]}); use 'auto', 'cpu', 'cuda', "
+                           "'cuda:N' or 'mps'.") from None
+    if resolved.type == "cuda":
+        if torch.version.cuda is None and not getattr(torch.version, "hip", None):
+            raise AuxLossError(f"device {device!r}: this torch ({torch.__version__}) is a CPU-only build; use "
+                               "--device cpu (or 'auto'), or install a CUDA build of torch.")
+        count = torch.cuda.device_count()
+        if count == 0 or (resolved.index is not None and resolved.index >= count):
+            raise AuxLossError(f"device {device!r}: {count} CUDA device(s) visible; use --device cpu or 'auto', or "
+                               f"one of cuda:0..cuda:{max(count - 1, 0)}.")
+    elif resolved.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise AuxLossError(f"device {device!r}: MPS is not available here; use --device cpu or 'auto'.")
+    return resolved
+
+
 def move_to(batch: Any, device: torch.device | str) -> Any:
     """Move every tensor in a (nested) batch to ``device``."""
     if isinstance(batch, Tensor):
@@ -146,8 +171,7 @@ class Trainer:
         self.amp = "bf16" if amp is True else amp
         self.compile = compile
         self.patience = patience
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else \
-            torch.device(device)
+        self.device = resolve_device(device)
         self.callbacks = list(callbacks)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.log_every = max(1, int(log_every))
