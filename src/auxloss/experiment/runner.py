@@ -321,6 +321,8 @@ def _run_local(cfg: ExperimentConfig, out: Path, workers: int, device: str | Non
     # run (an unknown dataset, a wrong layer name) removes what this call created, so the corrected config needs
     # no --force.
     fresh = not store and not (out / STORE_FILE).exists() and not (out / "config.yaml").exists()
+    if fresh:
+        _preflight(cfg)
     db = _prepare_store(cfg, out, force, store)
     _check_versions(db, rerun_stale)
     try:
@@ -331,6 +333,23 @@ def _run_local(cfg: ExperimentConfig, out: Path, workers: int, device: str | Non
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / "runs", ignore_errors=True)
         raise
+
+
+def _preflight(cfg: ExperimentConfig) -> None:
+    """Build every variant once (seed 0, on CPU, no logs) before a new folder is claimed: a config error found
+    while building (a dataset, a model or a layer name) stops here, with nothing written."""
+    import random
+
+    import numpy as np
+
+    from auxloss.experiment.build import build_run
+
+    state = (random.getstate(), np.random.get_state())
+    with torch.random.fork_rng(devices=[]):  # the caller's random streams are left as they were
+        for name in cfg.variant_names:
+            build_run(cfg, name, 0, device="cpu")
+    random.setstate(state[0])
+    np.random.set_state(state[1])
 
 
 def _check_versions(store: Store, rerun: bool) -> None:
