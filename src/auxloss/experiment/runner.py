@@ -298,7 +298,7 @@ def _single_command(out: Path) -> Iterator[None]:
         return
     try:
         out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / ".run.lock", "a")
+        handle = open(out / ".run.lock", "a")  # noqa: SIM115 - held open by the `with` below, for the whole run
     except OSError as exc:
         raise AuxLossError(f"cannot use the output folder {str(out)!r}: {exc.strerror or exc}. Choose a writable "
                            "--out folder.") from exc
