@@ -161,6 +161,9 @@ ROWS = {
             r"variant 'headless' has taps \['x'\] but no task", r"Add a task reading each tap, or remove the variant"),
     "C19": (lambda e: cli(e, GOOD, "--seeds", "0"), r"seeds: Input should be greater than or equal to 1 \(got 0\)",
             r"Fix that key"),
+    "C20": (lambda e: cli(e, GOOD.replace("weight: 0.3", "weight: {type: curriculum, value: 0.3, start: 1000}")),
+            r"task 'aux1' never gets a nonzero weight in this run: .* 0 at every one of the run's 2 optimizer steps",
+            r"Make it start earlier \(before step 2\), or train for more epochs"),
     # model
     "M1": (lambda e: api(lambda: tiny_model(a=al.Tap("blok1", al.LinearHead(3)))),
            r"no layer named 'blok1'.*Closest names: \['block1'", r"list_layers"),
@@ -178,6 +181,10 @@ ROWS = {
            r"cross entropy needs integer class labels", r"use loss='mse'.*or cast it with \.long\(\)"),
     "M5": (lambda e: cli(e, GOOD.replace("layer: block1", "layer: block9")), r"no layer named 'block9'",
            r"Closest names|list_layers"),
+    "M6": (lambda e: _trinh_behind_a_projection(),
+           r"the Trinh task's target has 3 features per step but the tapped RNN reads 8: a layer in front of the "
+           r"RNN \(an input projection", r"Tap an RNN that reads the batch's sequence directly, or give the task a "
+           r"target function"),
     # data
     "D1": (lambda e: objective_error(
                tiny_model(a=al.Tap("block1", al.LinearHead(3))),
@@ -326,6 +333,30 @@ def _second_run_on_one_folder(e):
 def _write(e, text):
     (e["tmp"] / "c.yaml").write_text(text)
     return e["tmp"] / "c.yaml"
+
+
+class _ProjectedLSTM(nn.Module):
+    """An LSTM tagger whose inputs (3 features) are projected to 8 before the LSTM reads them."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 8)
+        self.rnn = nn.LSTM(8, 12, batch_first=True)
+        self.out = nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.out(self.rnn(self.proj(x))[0][:, -1])
+
+
+def _trinh_behind_a_projection():
+    from auxloss.sequence import trinh_auxiliary
+
+    torch.manual_seed(0)
+    net = _ProjectedLSTM()
+    taps, tasks = trinh_auxiliary(net, "rnn", segment=3)
+    model = al.attach(net, taps, example_input=torch.zeros(1, 9, 3))
+    x = torch.randn(4, 9, 3)  # the batch's "input" is exactly what the model reads: the target key is right
+    return objective_error(model, al.Objective(aux=tasks), {"input": x, "target": torch.randint(0, 2, (4,))})
 
 
 def _folder_without_config(e):

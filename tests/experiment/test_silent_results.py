@@ -101,3 +101,27 @@ def test_an_early_build_error_leaves_no_claim_on_the_folder(tmp_path):
     fixed = cfg(seeds=1)
     assert run_experiment(fixed, out)["runs"]["done"] == 2  # no --force needed
     assert json.loads((out / "results.json").read_text())["name"] == "silent"
+
+
+def test_printed_intervals_stay_within_the_metrics_range():
+    import math
+
+    from scipy import stats as st
+
+    from auxloss.experiment.report import format_table
+
+    values = [0.70, 0.99, 0.93]  # accuracy: a wide spread near the top
+    mean = sum(values) / 3
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+    half = st.t.ppf(0.975, 2) * sd / math.sqrt(3)
+    assert mean + half > 1.0  # the raw t-interval leaves [0, 1]
+    results = {"name": "clip", "metric": "accuracy", "higher_is_better": True, "baseline": "baseline",
+               "split": "test", "comparisons": [],
+               "variants": [{"name": "baseline", "seeds": [0, 1, 2], "main": values, "mean": mean,
+                             "ci95": [mean - half, mean + half]}]}
+    table = format_table(results)
+    row = next(line for line in table.splitlines() if line.startswith("baseline"))
+    assert f"[{100 * (mean - half):.1f}, 100.0]" in row
+    assert "95% CIs cut to the range accuracy can take" in table
+    results["variants"][0]["ci95"] = [mean - 0.01, mean + 0.01]
+    assert "cut to the range" not in format_table(results)  # inside the range: untouched, no note

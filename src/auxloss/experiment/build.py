@@ -282,8 +282,22 @@ def build_run(cfg: ExperimentConfig, variant_name: str, seed: int, *, device: st
         "val": DataLoader(data["val"], batch_size=512),
         "test": DataLoader(data["test"], batch_size=512),
     }
+    _check_weights_ever_on(objective, tcfg.epochs, math.ceil(len(train_loader) / tcfg.accumulate))
     torch.manual_seed(seed + 1)
     return Built(model=model, objective=objective, trainer=trainer, loaders=loaders, data=data)
+
+
+def _check_weights_ever_on(objective: Objective, epochs: int, steps_per_epoch: int) -> None:
+    """Refuse a task whose weight is 0 at every optimizer step of the run (a curriculum starting after the last
+    step): it would train nothing and be reported as "no detectable effect", a verdict about nothing."""
+    total = epochs * steps_per_epoch
+    for task in objective.aux_tasks:
+        if any(task.schedule.value(step=t, epoch=t // steps_per_epoch) > 0 for t in range(total)):
+            continue
+        raise AuxLossError(
+            f"task {task.name!r} never gets a nonzero weight in this run: its weight {task.schedule!r} is 0 at every "
+            f"one of the run's {total} optimizer steps ({epochs} epochs x {steps_per_epoch} steps, epochs "
+            f"0..{epochs - 1}). Make it start earlier (before step {total}), or train for more epochs.")
 
 
 def final_metric(values: dict[str, float], split: str) -> float:

@@ -33,6 +33,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy import stats as _st
 
+from auxloss.experiment.stats import clip_interval, metric_bounds
+
 __all__ = ["build_report", "format_table", "summary_sentences"]
 
 #: Fewer paired seeds than this and a paired t-test can only flag enormous, perfectly consistent effects;
@@ -478,9 +480,13 @@ def format_table(results: Mapping[str, Any]) -> str:
     header = ["variant", "mean", "95% CI", "delta vs base", "p (Holm)", "verdict"]
     rows: list[list[str]] = []
     few = False
+    clipped_any = False
     for name in ctx.order:
         v = ctx.variants.get(name, {})
         _, _, mean, ci = _variant_summary(v)
+        if None not in _pair(ci):  # shown within the metric's range, with a note (issue 14)
+            ci, clipped = clip_interval(_pair(ci), metric_bounds(fmt.metric))
+            clipped_any |= clipped
         c = ctx.comparisons.get(name)
         if name == ctx.baseline:
             rows.append([name, fmt.value(mean), fmt.ci(ci), "(baseline)", "", ""])
@@ -523,6 +529,8 @@ def format_table(results: Mapping[str, Any]) -> str:
         lines.append(
             f"* fewer than {MIN_SEEDS} paired seeds: too few for a reliable verdict (treat with caution)"
         )
+    if clipped_any:
+        lines.append(f"95% CIs cut to the range {fmt.metric} can take (a t-interval near a bound reaches past it)")
     return "\n".join(lines)
 
 
