@@ -42,7 +42,7 @@ demo: $(STAMP)
 	$(VENV)/bin/auxloss demo
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not integration" -q
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -m "not slow and not integration" -q
 
 # The tests marked `integration` against the real libraries (tests/integration_real/); none of them may skip there.
 test-integration: $(INTEG_STAMP)

@@ -169,6 +169,27 @@ ROWS = {
             r"Did you mean 'dwa'"),
     "C11": (lambda e: _binary_config(e), r"c\.yaml: not a text file \(byte 0 is not UTF-8\)",
             r"give a YAML config file, saved as UTF-8"),
+    "C12": (lambda e: cli(e, GOOD.replace("name: catalogue", "name: ../../X")),
+            r"experiment name '\.\./\.\./X' cannot name a folder: it holds a path separator",
+            r"use letters, digits, '-', '_' and single dots"),
+    "C13": (lambda e: cli(e, GOOD.replace("weight: 0.3", "weight: .inf")),
+            r"c\.yaml:\d+: variants\.0\.tasks\.0: task 'aux1': Constant: value must be finite and >= 0, got inf",
+            r"Pass e\.g\. value=0\.1"),
+    "C14": (lambda e: cli(e, GOOD.replace("lr: 0.01", "lr: inf")),
+            r"c\.yaml:5: train\.lr: Input should be a finite number \(got 'inf'\)", r"Fix that key"),
+    "C15": (lambda e: cli(e, GOOD, "--device", "gpu"), r"unknown device 'gpu'", r"use 'auto', 'cpu', 'cuda'"),
+    "C16": (lambda e: _cuda_on_cpu_torch(e), r"device 'cuda': this torch \(.*\) is a CPU-only build",
+            r"use --device cpu \(or 'auto'\), or install a CUDA build"),
+    "C17": (lambda e: cli(e, GOOD + "train: {epochs: 2}\n"),
+            r"c\.yaml:10: duplicate key 'train' at the same level: first on line 5, again on line 10",
+            r"Merge the two into one"),
+    "C18": (lambda e: cli(e, GOOD + "  - name: headless\n    taps: {x: {layer: block1}}\n"),
+            r"variant 'headless' has taps \['x'\] but no task", r"Add a task reading each tap, or remove the variant"),
+    "C19": (lambda e: cli(e, GOOD, "--seeds", "0"), r"seeds: Input should be greater than or equal to 1 \(got 0\)",
+            r"Fix that key"),
+    "C20": (lambda e: cli(e, GOOD.replace("weight: 0.3", "weight: {type: curriculum, value: 0.3, start: 1000}")),
+            r"task 'aux1' never gets a nonzero weight in this run: .* 0 at every one of the run's 2 optimizer steps",
+            r"Make it start earlier \(before step 2\), or train for more epochs"),
     # model
     "M1": (lambda e: api(lambda: tiny_model(a=al.Tap("blok1", al.LinearHead(3)))),
            r"no layer named 'blok1'.*Closest names: \['block1'", r"list_layers"),
@@ -194,6 +215,9 @@ ROWS = {
            r"Attach first, then compile: model = torch.compile\(auxloss.attach\(net, taps\)\)"),
     "M8": (lambda e: api(lambda: al.Task("main", metric="mse", higher_is_better=True)),
            r"metric 'mse' is lower is better, but higher_is_better=True was given", r"drop higher_is_better"),
+    "M9": (lambda e: _trinh_behind_a_projection(),
+           r"the Trinh task's target has 3 features per step but the tapped RNN reads 8: .*input projection",
+           r"Tap an RNN that reads the batch's sequence directly, or give the task a target function"),
     # data
     "D1": (lambda e: objective_error(
                tiny_model(a=al.Tap("block1", al.LinearHead(3))),
@@ -249,6 +273,9 @@ ROWS = {
     "T6": (lambda e: api(lambda: _total_backward_with_gating()),
            r"CosineGating is gradient-aware.*report\.total\.backward\(\) cannot do",
            r"Call objective\.backward\(report\) instead"),
+    "T7": (lambda e: api(lambda: _planted_checkpoint(e["tmp"])),
+           r"checkpoint .*last\.pt' holds objects other than tensors and plain data .*GLOBAL .*system",
+           r"delete the checkpoint folder"),
     # weights
     "W1": (lambda e: api(lambda: al.Task("a", weight=-0.3)),
            r"task 'a': Constant: value must be finite and >= 0, got -0\.3", r"Pass e\.g\. value=0\.1"),
@@ -277,6 +304,14 @@ ROWS = {
     "O6": (lambda e: _full_disk_logs(e), r"No space left on device \(.*epochs\.jsonl\)", r"Free some disk space"),
     "O7": (lambda e: cli(e, None, "report", str(e["tmp"])), r"holds no auxloss results",
            r"give the --out folder of an `auxloss run`"),
+    "O9": (lambda e: _folder_without_config(e), r"has a results store but no config\.yaml",
+           r"Give the --out folder of an `auxloss run`"),
+    "O10": (lambda e: _foreign_sqlite(e), r"is an SQLite file but not an auxloss results store \(missing",
+            r"not another program's database"),
+    "O11": (lambda e: _second_run_on_one_folder(e), r"another `auxloss run` is working on",
+            r"wait for it to finish .*AUXLOSS_SHARED_STORE=1"),
+    "O8": (lambda e: _postgres_folder(e), r"are kept in a PostgreSQL database \('postgresql://u@db\.example/x'",
+           r"pass it with --store URL"),
 }
 
 
@@ -286,6 +321,102 @@ def _other_models_checkpoint(tmp):
     fit(model, al.Objective(), x, y, checkpoint_dir=tmp / "ckpt")
     other = al.attach(nn.Sequential(nn.Flatten(), nn.Linear(768, 3)), {})
     fit(other, al.Objective(), x, y, checkpoint_dir=tmp / "ckpt")
+
+
+class _Planted:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo planted",))
+
+
+def _planted_checkpoint(tmp):
+    import hashlib
+    import io
+
+    from auxloss.train.checkpoint import MAGIC
+
+    buffer = io.BytesIO()
+    torch.save({"model": _Planted()}, buffer)
+    payload = buffer.getvalue()
+    (tmp / "ckpt").mkdir()
+    (tmp / "ckpt" / "last.pt").write_bytes(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    fit(tiny_model(), al.Objective(), torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,)), checkpoint_dir=tmp / "ckpt")
+
+
+def _cuda_on_cpu_torch(e):
+    e["monkeypatch"].setattr(torch.version, "cuda", None)  # the same message on a machine with a CUDA build
+    e["monkeypatch"].setattr(torch.version, "hip", None, raising=False)
+    return cli(e, GOOD, "--device", "cuda")
+
+
+def _second_run_on_one_folder(e):
+    import fcntl
+
+    out = e["tmp"] / "out"
+    out.mkdir()
+    with open(out / ".run.lock", "a") as held:  # what a first `auxloss run` on this folder holds while it works
+        fcntl.flock(held, fcntl.LOCK_EX)
+        other = __import__("subprocess").run(  # flock locks are per open file: the second command is another process
+            [__import__("sys").executable, "-m", "auxloss", "run", str(_write(e, GOOD)), "--out", str(out),
+             "--workers", "1"], capture_output=True, text=True, timeout=300,
+            env={**__import__("os").environ, "PYTHONPATH": str(Path(al.__file__).parents[1])}, check=False)
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr
+    assert not (out / "results.sqlite").exists() and not (out / "config.yaml").exists()  # nothing touched
+    return other.stderr.strip()
+
+
+def _write(e, text):
+    (e["tmp"] / "c.yaml").write_text(text)
+    return e["tmp"] / "c.yaml"
+
+
+class _ProjectedLSTM(nn.Module):
+    """An LSTM tagger whose inputs (3 features) are projected to 8 before the LSTM reads them."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 8)
+        self.rnn = nn.LSTM(8, 12, batch_first=True)
+        self.out = nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.out(self.rnn(self.proj(x))[0][:, -1])
+
+
+def _trinh_behind_a_projection():
+    from auxloss.sequence import trinh_auxiliary
+
+    torch.manual_seed(0)
+    net = _ProjectedLSTM()
+    taps, tasks = trinh_auxiliary(net, "rnn", segment=3)
+    model = al.attach(net, taps, example_input=torch.zeros(1, 9, 3))
+    x = torch.randn(4, 9, 3)  # the batch's "input" is exactly what the model reads: the target key is right
+    return objective_error(model, al.Objective(aux=tasks), {"input": x, "target": torch.randint(0, 2, (4,))})
+
+
+def _folder_without_config(e):
+    out = e["tmp"] / "partial"
+    Store(out / "results.sqlite")
+    return cli(e, None, "report", str(out))
+
+
+def _foreign_sqlite(e):
+    out = e["tmp"] / "foreign"
+    out.mkdir()
+    (out / "config.yaml").write_text("name: catalogue\n")
+    con = sqlite3.connect(out / "results.sqlite")
+    con.execute("CREATE TABLE runs (id INTEGER)")
+    con.close()
+    return cli(e, None, "report", str(out), "--out", str(e["tmp"] / "rep"))
+
+
+def _postgres_folder(e):
+    out = e["tmp"] / "pg"
+    out.mkdir()
+    (out / "config.yaml").write_text("name: catalogue\n")
+    (out / "store_url.txt").write_text("postgresql://u@db.example/x\n")
+    return cli(e, None, "report", str(out))
 
 
 def _binary_config(e):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import warnings
 
 import pytest
@@ -29,7 +30,8 @@ from auxloss.experiment.config import ExperimentConfig, load_config, parse_confi
 
 FAST = settings(max_examples=50, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-SLOW = settings(max_examples=3000, deadline=None,
+# derandomize=False whatever the profile (tests/conftest.py): the slow fuzz exists to find new cases each run.
+SLOW = settings(max_examples=3000, deadline=None, derandomize=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -428,3 +430,11 @@ def test_metabalance_after_its_moving_average_decayed_to_almost_zero_writes_no_n
         objective.backward(_report(objective, losses))
         assert bool(torch.isfinite(W.grad).all()), W.grad
         objective.advance()
+
+
+def test_hypothesis_profiles_derandomize_ci_but_not_the_slow_fuzz():
+    # tests/conftest.py: CI (CI=true) and `make test` (HYPOTHESIS_PROFILE=ci) replay the same cases every run.
+    profile = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI", "").lower() == "true" else "dev")
+    assert settings.default.derandomize is (profile == "ci")
+    assert settings.get_profile("ci").derandomize is True
+    assert SLOW.derandomize is False and FAST.derandomize is True

@@ -50,7 +50,10 @@ def _print_results(results: dict[str, Any], out: Path, seconds: float) -> None:
 
 def _run_config(cfg: Any, args: argparse.Namespace, command: str) -> int:
     from auxloss.experiment.runner import run_experiment
+    from auxloss.train.trainer import resolve_device
 
+    for device in {args.device or cfg.train.device, *(cfg.train_for(v).device for v in cfg.variant_names[1:])}:
+        resolve_device(device)  # a device that does not exist stops here, before the output folder is touched
     out = Path(args.out)
     started = time.perf_counter()
     if int(os.environ.get("RANK", "0")) == 0:
@@ -68,7 +71,8 @@ def _run_config(cfg: Any, args: argparse.Namespace, command: str) -> int:
     results = run_experiment(cfg, out, workers=args.workers, device=args.device, force=args.force,
                              command=command, progress=args.workers == 1 and sys.stderr.isatty(),
                              store=getattr(args, "store", None), devices=devices,
-                             checkpoint_dir=getattr(args, "checkpoint_dir", None), mlflow=getattr(args, "mlflow", None))
+                             checkpoint_dir=getattr(args, "checkpoint_dir", None), mlflow=getattr(args, "mlflow", None),
+                             rerun_stale=getattr(args, "rerun_stale", False))
     if not results:  # a torchrun rank other than 0: rank 0 prints
         return 0
     _print_results(results, out, time.perf_counter() - started)
@@ -103,50 +107,82 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from auxloss.experiment.config import load_config
 
-    overrides = {"seeds": args.seeds} if args.seeds else {}
+    # `is not None`: --seeds 0 must reach the validation (and be refused), not fall back on the config's seeds.
+    overrides = {"seeds": args.seeds} if args.seeds is not None else {}
     if args.compile:
         overrides["train.compile"] = True
     cfg = load_config(args.config, overrides)
     if args.out is None:
         args.out = f"runs/{cfg.name}"
-    return _run_config(cfg, args, "auxloss run " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+    from auxloss.experiment.redact import redact_argv
+
+    # The command is recorded (results.json, the report): any password in a URL argument is left out of it.
+    return _run_config(cfg, args, "auxloss run " + " ".join(shlex.quote(a) for a in redact_argv(sys.argv[2:])))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from auxloss.experiment.config import parse_config
+    from auxloss.experiment.config import load_config
     from auxloss.experiment.report import build_report
     from auxloss.experiment.runner import (
+        EXPERIMENT_FILE,
         RESULTS_FILE,
         STORE_FILE,
         STORE_URL_FILE,
         aggregate,
         load_histories,
         open_experiment_store,
+        write_atomic,
     )
+    from auxloss.experiment.store import Store
 
+    # The folder may be someone else's: its store is only read (SQLite mode=ro), a database URL it names is never
+    # connected to unless passed with --store, and the report can go to another folder (--out) when it is read-only.
     out = Path(args.dir)
     if not (out / STORE_FILE).exists() and not (out / STORE_URL_FILE).exists():
         raise AuxLossError(f"{str(out)!r} holds no auxloss results ({STORE_FILE} is missing); give the --out folder "
                            "of an `auxloss run` or `auxloss demo`.")
-    previous = json.loads((out / RESULTS_FILE).read_text()) if (out / RESULTS_FILE).exists() else {}
-    import yaml
-
-    name = previous.get("name")
-    summary = None
-    if (out / "config.yaml").exists():
+    has_config = (out / "config.yaml").is_file()
+    if not has_config and not (out / EXPERIMENT_FILE).is_file():
+        raise AuxLossError(f"{str(out)!r} has a results store but no config.yaml (nor the {EXPERIMENT_FILE} of an "
+                           "auxloss.compare call): it is not (or no longer) a complete auxloss output folder. Give the "
+                           "--out folder of an `auxloss run`, or run its config again with that --out.")
+    dest = Path(args.out) if args.out else out
+    if args.out is None and not os.access(out, os.W_OK):
+        raise AuxLossError(f"{str(out)!r} is read-only; pass --out FOLDER to write the report somewhere else.")
+    if has_config:
         from auxloss.experiment.build import experiment_from_config
 
-        cfg = parse_config(yaml.safe_load((out / "config.yaml").read_text()), source=str(out / "config.yaml"))
-        name, summary = cfg.name, experiment_from_config(cfg).summary()
-    store = open_experiment_store(out, name or "experiment")
-    summary = store.get_meta("summary") or summary  # a Python-API experiment has no config.yaml
+        expected = experiment_from_config(load_config(out / "config.yaml"))
+        name, fingerprint, summary = expected.name, expected.identity(), expected.summary()
+    else:  # an auxloss.compare folder: the experiment is described by what it stored, no code of the user's runs
+        described = json.loads((out / EXPERIMENT_FILE).read_text())
+        name, fingerprint, summary = described.get("name", "experiment"), None, None
+    if args.store:
+        store = open_experiment_store(out, name, args.store)
+    elif (out / STORE_URL_FILE).exists():
+        store = open_experiment_store(out, name)  # raises: the URL must come from the user
+    else:
+        store = Store(out / STORE_FILE, stale_after=1.0, readonly=True)
+    stored_name, stored_fingerprint = store.get_meta("name"), store.get_meta("config_hash")
+    if (stored_name is not None and stored_name != name) or (
+            fingerprint is not None and stored_fingerprint is not None and stored_fingerprint != fingerprint):
+        raise AuxLossError(f"the results store of {str(out)!r} holds the runs of another experiment ({stored_name!r}, "
+                           f"config {stored_fingerprint}) than its config.yaml ({name!r}, config {fingerprint}); "
+                           "the folder was mixed up by hand. Give the --out folder of a single `auxloss run`.")
+    summary = summary or store.get_meta("summary")
     if summary is None:
-        raise AuxLossError(f"{str(out)!r} has no record of its experiment (no config.yaml, no summary in the store); "
-                           "it was not written by auxloss run or auxloss.compare.")
-    results = aggregate(summary, store, command=previous.get("config", {}).get("command"),
-                        seconds=previous.get("timing", {}).get("total_seconds"))
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-    path = build_report(out, results, *load_histories(store))
+        raise AuxLossError(f"the results store of {str(out)!r} does not describe its experiment; it was not written "
+                           "by auxloss run or auxloss.compare.")
+    try:
+        previous = json.loads((out / RESULTS_FILE).read_text()) if (out / RESULTS_FILE).exists() else {}
+    except (ValueError, OSError):
+        previous = {}  # only the command and the timing are taken from it: recomputed without them
+    previous = previous if isinstance(previous, dict) else {}
+    results = aggregate(summary, store, command=(previous.get("config") or {}).get("command"),
+                        seconds=(previous.get("timing") or {}).get("total_seconds"))
+    dest.mkdir(parents=True, exist_ok=True)
+    write_atomic(dest / RESULTS_FILE, json.dumps(results, indent=2))
+    path = build_report(dest, results, *load_histories(store, summary.get("seeds")))
     print(f"Report: {path.resolve()}")
     return 0
 
@@ -229,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="torch device (default: CUDA when available, else CPU)")
         p.add_argument("--force", action="store_true",
                        help="reuse an output folder that holds another experiment's results (discarding them)")
+        p.add_argument("--rerun-stale", action="store_true",
+                       help="train again the finished runs that another auxloss or torch version trained")
         p.add_argument("--store", default=None, metavar="URL",
                        help="keep the runs in a PostgreSQL database (postgresql://user@host/db) shared by workers "
                             "on several machines (set AUXLOSS_SHARED_STORE=1 on each), instead of "
@@ -264,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild the report of a finished output folder",
                        description="Recompute results.json and rebuild report.html/report.md from DIR's store.")
     p.add_argument("dir", help="an output folder of `auxloss run` or `auxloss demo`")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="the PostgreSQL database that holds DIR's runs (the folder's store_url.txt names it; a URL "
+                        "without a password reads it from PGPASSWORD or ~/.pgpass)")
+    p.add_argument("--out", default=None, metavar="FOLDER",
+                   help="write results.json and the report there instead of DIR (for a read-only DIR)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("layers", help="list a model's tappable layers with their output shapes",

@@ -251,6 +251,16 @@ class TrinhDecoderHead(nn.Module):
         return F.cross_entropy(pred.reshape(-1, self.input_size), target.reshape(-1, self.input_size))
 
     def _check_input(self, x: Any, states: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() == 3 and x.shape[-1] != self.input_size:
+            # The target is a sequence, only not the one the RNN reads: a layer in front of the RNN (an input
+            # projection, an embedding) changes its width, so pointing at another batch key would not help.
+            raise AuxLossError(
+                f"the Trinh task's target has {x.shape[-1]} features per step but the tapped RNN reads "
+                f"{self.input_size}: a layer in front of the RNN (an input projection or an embedding) changes the "
+                "sequence before the RNN sees it, and the Trinh loss reconstructs what the RNN reads. Tap an RNN "
+                "that reads the batch's sequence directly, or give the task a target function (module:function) "
+                f"returning the sequence the RNN reads, (N, T, {self.input_size})."
+            )
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.input_size:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise AuxLossError(

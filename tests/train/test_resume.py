@@ -96,3 +96,58 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
     _, objective, loader = setup()
     with pytest.raises(al.AuxLossError, match="does not fit"):
         Trainer(epochs=4, checkpoint_dir=tmp_path).fit(other, objective, loader)
+
+
+class _RunsCode:
+    """What a planted checkpoint would hold: unpickling it calls a function of the attacker's choice."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file if it were ever unpickled
+
+
+def plant(directory, payload_obj):
+    """A checkpoint with a valid header: its SHA-256 recomputed, as anyone can."""
+    import hashlib
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(payload_obj, buffer)
+    payload = buffer.getvalue()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "last.pt").write_bytes(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+
+
+def test_a_planted_pickle_with_a_valid_checksum_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    with pytest.raises(Kill):
+        train(tmp_path / "run", kill_step=9)
+    good = (tmp_path / "run" / "last.pt").read_bytes()
+    plant(tmp_path / "run", {"model": _RunsCode(marker)})
+    with pytest.raises(al.AuxLossError, match=r"refuses to unpickle.*arbitrary code") as info:
+        train(tmp_path / "run")
+    assert "open" in str(info.value)  # names the global it refused
+    assert not marker.exists()
+    # The checkpoint auxloss itself wrote (RNG states included) loads under the same restriction.
+    (tmp_path / "run" / "last.pt").write_bytes(good)
+    assert load_checkpoint(tmp_path / "run")["global_step"] == 6  # the end of epoch 1
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    from auxloss.train.checkpoint import get_rng_state, set_rng_state
+
+    np.random.seed(7)
+    np.random.standard_normal()  # leaves a cached Gaussian in numpy's state, which must come back too
+    random.seed(7)
+    save_checkpoint(tmp_path, {"rng": get_rng_state()})
+    expected = (np.random.standard_normal(3), np.random.randint(0, 2**31, 3), random.random(), torch.rand(3))
+    set_rng_state(load_checkpoint(tmp_path)["rng"])
+    again = (np.random.standard_normal(3), np.random.randint(0, 2**31, 3), random.random(), torch.rand(3))
+    assert np.array_equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2] == again[2] and torch.equal(expected[3], again[3])

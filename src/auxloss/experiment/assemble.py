@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import random
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -250,8 +251,24 @@ def build_run(exp: Experiment, variant_name: str, seed: int, *, device: str | No
     if device is not None:
         options["device"] = device
     trainer = Trainer(**options, log_dir=log_dir, progress=progress)
+    steps = len(loaders["train"]) if hasattr(loaders["train"].dataset, "__len__") else None
+    if steps is not None:
+        _check_weights_ever_on(objective, trainer.epochs, max(1, math.ceil(steps / trainer.accumulate)))
     torch.manual_seed(seed + 1)
     return Built(model=model, objective=objective, trainer=trainer, loaders=loaders, data=splits, init_hash=init)
+
+
+def _check_weights_ever_on(objective: Objective, epochs: int, steps_per_epoch: int) -> None:
+    """Refuse a task whose weight is 0 at every optimizer step of the run (a curriculum starting after the last
+    step): it would train nothing and be reported as "no detectable effect", a verdict about nothing."""
+    total = epochs * steps_per_epoch
+    for task in objective.aux_tasks:
+        if any(task.schedule.value(step=t, epoch=t // steps_per_epoch) > 0 for t in range(total)):
+            continue
+        raise AuxLossError(
+            f"task {task.name!r} never gets a nonzero weight in this run: its weight {task.schedule!r} is 0 at every "
+            f"one of the run's {total} optimizer steps ({epochs} epochs x {steps_per_epoch} steps, epochs "
+            f"0..{epochs - 1}). Make it start earlier (before step {total}), or train for more epochs.")
 
 
 def _fresh_main(exp: Experiment) -> Task:

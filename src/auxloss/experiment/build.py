@@ -282,8 +282,9 @@ def build_run(cfg: ExperimentConfig, variant_name: str, seed: int, *, device: st
                               progress=progress)
 
 
-def final_metric(values: dict[str, float], split: str) -> float:
-    key = f"{split}/metric/main"
+def final_metric(values: dict[str, float], split: str, task: str = "main") -> float:
+    """The main task's (``task``) metric on ``split`` among a run's ``best`` values."""
+    key = f"{split}/metric/{task}"
     if key not in values:
         raise AuxLossError(f"the run has no {key!r}; it has {sorted(values)}.")
     return float(values[key])

@@ -36,6 +36,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def check_name(kind: str, name: str) -> str:
+    """``name`` if it can safely become a folder name (experiments, variants and tasks name folders and files).
+
+    Refused: blank names, path separators, ``..`` (``../../X`` would write, and with ``--force`` delete, outside the
+    output folder), and control characters."""
+    problem = None
+    if not name.strip():
+        problem = "it is blank"
+    elif name != name.strip():
+        problem = "it starts or ends with a blank"
+    elif "/" in name or "\\" in name:
+        problem = "it holds a path separator ('/' or '\\')"
+    elif ".." in name or name == ".":
+        problem = "it holds '..' (or is '.')"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "it holds a control character"
+    if problem:
+        raise ValueError(f"{kind} name {name!r} cannot name a folder: {problem}; use letters, digits, '-', '_' and "
+                         "single dots")
+    return name
+
+
 class DataConfig(_Strict):
     """Which dataset, how big each split is, and the batch size.
 
@@ -107,6 +129,23 @@ class TaskConfig(_Strict):
     #: input (a harmful task, for safety checks).
     shuffle_target: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        return check_name("task", v)
+
+    @model_validator(mode="after")
+    def _weight_ok(self) -> TaskConfig:
+        # Built once here, so an infinite, negative or misspelt weight stops the config at load, not after runs
+        # have started (the build makes the same schedule again for each run).
+        from auxloss.schedules import Constant, from_config
+
+        try:
+            from_config(self.weight) if isinstance(self.weight, dict) else Constant(float(self.weight))
+        except (AuxLossError, TypeError) as exc:
+            raise ValueError(f"task {self.name!r}: {str(exc).rstrip('.')}") from None
+        return self
+
 
 class MainConfig(_Strict):
     #: The main task's name (in logs, metrics and the report): any plain name.
@@ -175,12 +214,18 @@ class VariantConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not v or "/" in v or v == "baseline":
+        check_name("variant", v)
+        if v == "baseline":
             raise ValueError("a variant name must be non-empty, without '/', and not 'baseline' (added for you)")
         return v
 
     @model_validator(mode="after")
     def _sources_exist(self) -> VariantConfig:
+        if self.taps and not self.tasks:
+            raise ValueError(
+                f"variant {self.name!r} has taps {sorted(self.taps)} but no task: its heads get no loss, so it would "
+                "be compared with the baseline as if it were an auxiliary variant. Add a task reading each tap, or "
+                "remove the variant")
         for task in self.tasks:
             if task.source != "main" and task.source not in self.taps:
                 raise ValueError(
@@ -209,6 +254,11 @@ class ExperimentConfig(_Strict):
     #: Trained weights kept per run: ``best`` (the best-validation epoch's trunk and heads), ``all`` (also the
     #: last epoch's) or ``none``.
     keep: Literal["none", "best", "all"] = "best"
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        return check_name("experiment", v)
 
     @model_validator(mode="after")
     def _unique_variants(self) -> ExperimentConfig:
@@ -260,12 +310,22 @@ class _LineLoader(yaml.SafeLoader):
     """A YAML loader that remembers the line of every mapping key, for error messages."""
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False) -> dict[str, Any]:
     mapping = loader.construct_mapping(node, deep=deep)
     lines = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
-        lines[key] = key_node.start_mark.line + 1
+        line = key_node.start_mark.line + 1
+        if key in lines:  # YAML keeps the last silently: a second `train:` would replace the first
+            raise _DuplicateKey(f"duplicate key {key!r} at the same level: first on line {lines[key]}, again on line "
+                                f"{line}", key_node.start_mark)
+        lines[key] = line
     loader.lines[id(mapping)] = lines  # type: ignore[attr-defined]
     return mapping
 
@@ -360,6 +420,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         loader = _LineLoader(text)  # the reader rejects control characters here already
         loader.lines = {}  # type: ignore[attr-defined]
         data = loader.get_single_data()
+    except _DuplicateKey as exc:
+        raise AuxLossError(f"{path}:{exc.problem_mark.line + 1}: {exc.problem}. Merge the two into one (the second "
+                           "would silently replace the first).") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -112,8 +112,8 @@ _SEQUENCES: dict[str, Any] = {
 #: name -> (description, config dict, quick overrides)
 DEMOS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "shapes": (
-        "generated shapes, 500 training images with 30% noisy labels: deep supervision, an object-mask "
-        "auxiliary task, the same task on a curriculum",
+        ("generated shapes, 500 training images with 30% noisy labels: deep supervision, an object-mask "
+         "auxiliary task, the same task on a curriculum"),
         _SHAPES,
         {"seeds": 3, "data.n_val": 300, "data.n_test": 500, "train.epochs": 8},
     ),

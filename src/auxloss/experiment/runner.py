@@ -7,6 +7,7 @@ second command on the same ``--out`` (or a crashed one restarted) never trains a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -23,6 +24,7 @@ import torch
 from auxloss.errors import AuxLossError
 from auxloss.experiment import stats
 from auxloss.experiment.config import ExperimentConfig, config_hash
+from auxloss.experiment.redact import redact_command, without_password
 from auxloss.experiment.spec import BASELINE, Experiment
 from auxloss.experiment.store import Store, open_store, worker_id
 from auxloss.train.callbacks import Callback
@@ -87,6 +89,10 @@ def run_one(exp: Experiment | ExperimentConfig, variant: str, seed: int, *, out:
         "stopped_early": fit.stopped_early,
         "skipped_steps": fit.skipped_steps,
         "init_hash": built.init_hash,
+        # What else decides the numbers: the code's versions (a rerun with other ones is flagged, see
+        # _check_versions) and the CPU threads torch used (fixed per run, whatever --workers is).
+        "versions": current_versions(),
+        "threads": torch.get_num_threads(),
         "history": fit.history,
     }
     if keeper is not None and out is not None and built.trainer.is_main_process:
@@ -143,6 +149,22 @@ def as_experiment(exp: Experiment | ExperimentConfig) -> Experiment:
 
         return experiment_from_config(exp)
     return exp
+
+
+def current_versions() -> dict[str, str]:
+    from auxloss import __version__
+
+    return {"auxloss": __version__, "torch": torch.__version__}
+
+
+def run_threads() -> int:
+    """CPU threads of every run (``AUXLOSS_THREADS``, default 1). The same for every worker count: torch's float
+    reductions split their work by thread, so the thread count changes a run's last bits, then its numbers."""
+    raw = os.environ.get("AUXLOSS_THREADS", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise AuxLossError(f"AUXLOSS_THREADS must be a positive whole number of threads, got {raw!r}; unset it for "
+                           "the default of 1.")
+    return int(raw)
 
 
 def stale_after() -> float:
@@ -202,13 +224,20 @@ STORE_URL_FILE = "store_url.txt"
 
 
 def open_experiment_store(out: str | Path, name: str, url: str | None = None) -> Store:
-    """The store of the experiment under ``out``: SQLite in the folder, or the database whose URL was given to
-    ``run_experiment(store=...)`` (remembered in ``out/store_url.txt`` so that ``auxloss report`` finds it)."""
+    """The store of the experiment under ``out``: SQLite in the folder, or the database at ``url``.
+
+    A folder whose runs are in a database (``run_experiment(store=...)``) names it in ``out/store_url.txt``, without
+    its password. That file is never connected to by itself: a folder made by someone else could name any server.
+    The caller passes the URL (``--store``), and its password comes with it, or from ``PGPASSWORD``/``~/.pgpass``.
+    """
     out = Path(out)
-    if url is None and (out / STORE_URL_FILE).exists():
-        url = (out / STORE_URL_FILE).read_text().strip()
     if url:
         return open_store(url, namespace=name, stale_after=stale_after())
+    if (out / STORE_URL_FILE).exists():
+        recorded = (out / STORE_URL_FILE).read_text(errors="replace").strip()
+        raise AuxLossError(f"the runs of {str(out)!r} are kept in a PostgreSQL database ({recorded!r}, from "
+                           f"{STORE_URL_FILE}); pass it with --store URL (the password in the URL, PGPASSWORD or "
+                           "~/.pgpass). auxloss does not connect to a URL read from a folder by itself.")
     return Store(out / STORE_FILE, stale_after=stale_after())
 
 
@@ -231,10 +260,18 @@ def _tracker(exp: Experiment, store: Store, mlflow: str | None) -> Any:
 
 def _worker_loop(exp: Experiment, out: str, device: str | None, threads: int | None,
                  progress: bool, parent: int | None = None, checkpoint_dir: str | None = None,
-                 mlflow: str | None = None) -> int:
-    if threads:
-        torch.set_num_threads(threads)
-    store = open_experiment_store(out, exp.name)
+                 mlflow: str | None = None, url: str | None = None) -> int:
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or run_threads())
+    try:
+        return _claim_and_train(exp, out, device, progress, parent, checkpoint_dir, mlflow, url)
+    finally:
+        torch.set_num_threads(previous_threads)  # when run in the caller's process (one worker)
+
+
+def _claim_and_train(exp: Experiment, out: str, device: str | None, progress: bool, parent: int | None,
+                     checkpoint_dir: str | None, mlflow: str | None, url: str | None) -> int:
+    store = open_experiment_store(out, exp.name, url)
     tracker = _tracker(exp, store, mlflow)
     shared = os.environ.get("AUXLOSS_SHARED_STORE") == "1"
     me = worker_id()
@@ -276,11 +313,11 @@ def _worker_loop(exp: Experiment, out: str, device: str | None, threads: int | N
 
 
 def _distributed_loop(exp: Experiment, out: Path, device: str | None, checkpoint_dir: str | None = None,
-                      mlflow: str | None = None) -> None:
+                      mlflow: str | None = None, url: str | None = None) -> None:
     """Under torchrun: rank 0 claims each run and broadcasts it; every rank trains it together with DDP."""
     from auxloss.train import distributed as D
 
-    store = open_experiment_store(out, exp.name) if D.rank() == 0 else None
+    store = open_experiment_store(out, exp.name, url) if D.rank() == 0 else None
     tracker = _tracker(exp, store, mlflow) if store is not None else None
     me = worker_id()
     while True:
@@ -328,6 +365,7 @@ def run(
     devices: list[str] | None = None,
     checkpoint_dir: str | Path | None = None,
     mlflow: str | None = None,
+    rerun_stale: bool = False,
 ) -> dict[str, Any]:
     """Train every (variant, seed) not yet finished under ``out``, then write ``results.json`` and the report.
 
@@ -335,8 +373,9 @@ def run(
         exp: the experiment (from :func:`auxloss.compare` or a YAML config).
         out: output folder; it holds ``results.sqlite``, ``experiment.json`` (and ``config.yaml`` for a config),
             ``runs/`` logs and weights, ``results.json`` and ``report.html``/``report.md``.
-        workers: processes training runs in parallel (each with ``torch`` limited to share the cores). The
-            experiment is pickled to them: its factories must be importable functions, not lambdas.
+        workers: processes training runs in parallel; each run uses ``AUXLOSS_THREADS`` CPU threads (default 1)
+            whatever their number, so the numbers do not depend on it. The experiment is pickled to them: its
+            factories must be importable functions, not lambdas.
         force: reuse a folder that holds another experiment's results (its runs are discarded).
         store: a ``postgresql://`` URL to keep the runs in a shared database instead of ``out/results.sqlite``, so
             that workers on several machines (each with ``AUXLOSS_SHARED_STORE=1``) split one experiment.
@@ -346,6 +385,8 @@ def run(
             checkpoints instead of ``out/runs/``, so that a worker on another machine resumes a dead one's run.
         mlflow: an MLflow tracking URI: every run is logged as a nested run of one parent run per experiment,
             with the verdict and the report on the parent (:mod:`auxloss.integrations.mlflow`).
+        rerun_stale: train again the finished runs that other auxloss or torch versions trained (otherwise they
+            are kept, with a warning).
     """
     from auxloss.train import distributed as D
 
@@ -353,40 +394,151 @@ def run(
     started = time.perf_counter()
     if store:
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / STORE_URL_FILE, store + "\n")
+        # Where the runs are, for the user and `auxloss report --store`: without the password, readable by the
+        # owner only (the host, user and database name are still worth keeping private).
+        write_atomic(out / STORE_URL_FILE, without_password(store) + "\n", mode=0o600)
     tracker = None
     if D.init_from_env():
         # Under torchrun: only rank 0 touches the store, the logs and the report.
         if D.rank() == 0:
-            db = _prepare_store(exp, out, force)
+            db = _prepare_store(exp, out, force, store)
             tracker = _start_tracking(exp, db, out, mlflow, command, store, checkpoint_dir)
         D.barrier()
-        _distributed_loop(exp, out, device, checkpoint_dir, mlflow)
+        _distributed_loop(exp, out, device, checkpoint_dir, mlflow, store)
         D.barrier()
         if D.rank() != 0:
             return {}
-        return _finish(exp, out, open_experiment_store(out, exp.name), command, started, tracker)
-    db = _prepare_store(exp, out, force)
-    tracker = _start_tracking(exp, db, out, mlflow, command, store, checkpoint_dir)
+        return _finish(exp, out, open_experiment_store(out, exp.name, store), command, started, tracker)
+    local = _Local(exp, out, workers, device, force, progress, command, store, rerun_stale, started, devices,
+                   checkpoint_dir, mlflow)
+    if os.environ.get("AUXLOSS_SHARED_STORE") == "1":
+        return _run_local(local)
+    with _single_command(out):
+        return _run_local(local)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Local:
+    """One `run` call on this machine: what its steps below share."""
+
+    exp: Experiment
+    out: Path
+    workers: int
+    device: str | None
+    force: bool
+    progress: bool
+    command: str | None
+    store: str | None
+    rerun_stale: bool
+    started: float
+    devices: list[str] | None
+    checkpoint_dir: str | Path | None
+    mlflow: str | None
+
+
+@contextlib.contextmanager
+def _single_command(out: Path) -> Iterator[None]:
+    """One `auxloss run` per output folder at a time (unless AUXLOSS_SHARED_STORE=1): a second one would reclaim
+    the first one's runs as interrupted and train them twice, writing their epochs twice."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no POSIX locks (Windows)
+        yield
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / ".run.lock", "a")  # noqa: SIM115 - held open by the `with` below, for the whole run
+    except OSError as exc:
+        raise AuxLossError(f"cannot use the output folder {str(out)!r}: {exc.strerror or exc}. Choose a writable "
+                           "--out folder.") from exc
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise AuxLossError(f"another `auxloss run` is working on {str(out)!r}; wait for it to finish (then run "
+                               "again to pick up anything left), use another --out folder, or start every process "
+                               "with AUXLOSS_SHARED_STORE=1 to share the runs between them.") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_local(job: _Local) -> dict[str, Any]:
+    exp, out = job.exp, job.out
+    # Nothing claims the folder before the first run has started: a config error met while building the first
+    # run (an unknown dataset, a wrong layer name) removes what this call created, so the corrected config needs
+    # no --force.
+    fresh = not job.store and not (out / STORE_FILE).exists() and not (out / "config.yaml").exists()
+    if fresh:
+        _preflight(exp)
+    db = _prepare_store(exp, out, job.force, job.store)
+    _check_versions(db, job.rerun_stale)
+    try:
+        return _train_all(job, db)
+    except AuxLossError:
+        if fresh and not db.runs("done"):
+            for name in (STORE_FILE, STORE_FILE + "-wal", STORE_FILE + "-shm", "config.yaml", EXPERIMENT_FILE):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "runs", ignore_errors=True)
+        raise
+
+
+def _preflight(exp: Experiment) -> None:
+    """Build every variant once (seed 0, on CPU, no logs) before a new folder is claimed: an error found while
+    building (a dataset, a model or a layer name) stops here, with nothing written."""
+    import random
+
+    import numpy as np
+
+    from auxloss.experiment.assemble import build_run
+
+    state = (random.getstate(), np.random.get_state())
+    with torch.random.fork_rng(devices=[]):  # the caller's random streams are left as they were
+        for name in exp.variant_names:
+            build_run(exp, name, 0, device="cpu")
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+
+
+def _check_versions(store: Store, rerun: bool) -> None:
+    """Finished runs trained by other auxloss/torch versions: kept with a warning, or (``rerun``) redone."""
+    import sys
+
+    now = current_versions()
+    stale = [(r["variant"], r["seed"], (r["result"] or {}).get("versions")) for r in store.runs("done")
+             if (r["result"] or {}).get("versions") != now]
+    if not stale:
+        return
+    if rerun:
+        store.reset_runs([(v, s) for v, s, _ in stale])
+        return
+    seen = sorted({json.dumps(v, sort_keys=True) if v else "unrecorded versions" for _, _, v in stale})
+    print(f"auxloss: warning: {len(stale)} finished run(s) under this folder were trained with {', '.join(seen)}, "
+          f"not {json.dumps(now, sort_keys=True)}; they are kept as they are. Pass --rerun-stale to train them "
+          "again with this version.", file=sys.stderr, flush=True)
+
+
+def _train_all(job: _Local, db: Store) -> dict[str, Any]:
+    exp, out = job.exp, job.out
+    tracker = _start_tracking(exp, db, out, job.mlflow, job.command, job.store, job.checkpoint_dir)
     status = db.status()
     todo = status.get("pending", 0)
     if os.environ.get("AUXLOSS_SHARED_STORE") == "1":
         todo += status.get("running", 0)  # other workers' runs: wait, to take over any whose worker dies
-    if devices:
-        workers = len(devices)
+    workers = len(job.devices) if job.devices else job.workers
     workers = max(1, min(workers, todo)) if todo else 1
-    pinned = list(devices[:workers]) if devices else [device] * workers
+    pinned = list(job.devices[:workers]) if job.devices else [job.device] * workers
     if todo and workers == 1:
-        _worker_loop(exp, str(out), pinned[0], None, progress, None, checkpoint_dir, mlflow)
+        _worker_loop(exp, str(out), pinned[0], None, job.progress, None, job.checkpoint_dir, job.mlflow, job.store)
     elif todo:
         _check_picklable(exp)
-        # Each process gets an equal share of the cores: oversubscribed torch threads spin and slow everyone.
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = run_threads()  # the same as with one worker, so that the numbers are the same
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers) as pool:
-            pool.map(_pool_worker, [(exp, str(out), d, threads, False, os.getpid(), checkpoint_dir, mlflow)
-                                    for d in pinned])
-    return _finish(exp, out, db, command, started, tracker)
+            pool.map(_pool_worker, [(exp, str(out), d, threads, False, os.getpid(), job.checkpoint_dir, job.mlflow,
+                                     job.store) for d in pinned])
+    return _finish(exp, out, db, job.command, job.started, tracker)
 
 
 def _check_picklable(exp: Experiment) -> None:
@@ -418,7 +570,7 @@ def _finish(exp: Experiment, out: Path, store: Store, command: str | None, start
     with _out_lock(out):
         results = aggregate(exp.summary(), store, command=command, seconds=time.perf_counter() - started)
         write_atomic(out / RESULTS_FILE, json.dumps(results, indent=2))
-        build_report(out, results, *load_histories(store))
+        build_report(out, results, *load_histories(store, exp.seeds))
         if tracker is not None:
             tracker.finish_experiment(results, out)
     return results
@@ -439,10 +591,16 @@ def _out_lock(out: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
+def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file.
+
+    ``mode`` sets the file's permissions before any byte is written (``0o600``: the owner's eyes only)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        if mode is not None:
+            tmp.unlink(missing_ok=True)  # os.open's mode applies only to a file it creates
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+            os.chmod(tmp, mode)  # the umask may have removed bits; it can only have removed them
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
@@ -454,12 +612,12 @@ def write_atomic(path: Path, text: str) -> None:
                            "writable output folder, then run the same command again (finished runs are kept).") from exc
 
 
-def _prepare_store(exp: Experiment, out: Path, force: bool) -> Store:
+def _prepare_store(exp: Experiment, out: Path, force: bool, url: str | None = None) -> Store:
     store_path = out / STORE_FILE
     fingerprint = exp.identity()
-    shared_db = (out / STORE_URL_FILE).exists()
+    shared_db = bool(url)
     if store_path.exists() or shared_db:
-        store = open_experiment_store(out, exp.name)
+        store = open_experiment_store(out, exp.name, url)
         previous = store.get_meta("config_hash")
         if previous is not None and previous != fingerprint:
             if not force:
@@ -476,7 +634,7 @@ def _prepare_store(exp: Experiment, out: Path, force: bool) -> Store:
             # Their logs and checkpoints too: a run of the new config must never resume an old run's checkpoint.
             shutil.rmtree(out / "runs", ignore_errors=True)
     summary = exp.summary()  # validates the main metric before anything is written
-    store = open_experiment_store(out, exp.name)
+    store = open_experiment_store(out, exp.name, url)
     store.set_meta("config_hash", fingerprint)
     store.set_meta("name", exp.name)
     store.set_meta("summary", summary)
@@ -495,10 +653,17 @@ def _prepare_store(exp: Experiment, out: Path, force: bool) -> Store:
     return store
 
 
-def load_histories(store: Store) -> tuple[dict[str, dict[int, list[dict]]], dict[str, dict[int, int]]]:
+def _asked(runs: list[dict[str, Any]], seeds: int | None) -> list[dict[str, Any]]:
+    """The runs of the seeds asked for (``0..seeds-1``): a folder may hold more seeds from an earlier command, and
+    a report on ``--seeds 1`` must not mix them in."""
+    return runs if seeds is None else [r for r in runs if r["seed"] < seeds]
+
+
+def load_histories(store: Store, seeds: int | None = None
+                   ) -> tuple[dict[str, dict[int, list[dict]]], dict[str, dict[int, int]]]:
     histories: dict[str, dict[int, list[dict]]] = {}
     best: dict[str, dict[int, int]] = {}
-    for run in store.runs("done"):
+    for run in _asked(store.runs("done"), seeds):
         histories.setdefault(run["variant"], {})[run["seed"]] = run["history"]
         best.setdefault(run["variant"], {})[run["seed"]] = run["result"]["best_epoch"]
     return histories, best
@@ -512,7 +677,7 @@ def aggregate(summary: dict[str, Any], store: Store, *, command: str | None = No
     """
     if isinstance(summary, ExperimentConfig):  # older callers pass the config
         summary = as_experiment(summary).summary()
-    done = store.runs("done")
+    done = _asked(store.runs("done"), summary.get("seeds"))
     by_variant: dict[str, dict[int, float]] = {}
     extra: dict[str, dict[int, dict]] = {}
     for run_ in done:
@@ -552,7 +717,10 @@ def aggregate(summary: dict[str, Any], store: Store, *, command: str | None = No
     if baseline and others:
         comparisons = [c.to_dict() for c in stats.compare(baseline, others, higher_is_better=higher,
                                                           alpha=summary["alpha"])]
-    status = store.status()
+    status: dict[str, int] = {}
+    for run_ in _asked(store.runs(None), summary.get("seeds")):
+        if run_["variant"] in names:
+            status[run_["status"]] = status.get(run_["status"], 0) + 1
     return {
         "name": summary["name"],
         "main_task": summary.get("main_task", "main"),
@@ -564,6 +732,7 @@ def aggregate(summary: dict[str, Any], store: Store, *, command: str | None = No
         "comparisons": comparisons,
         "runs": {"done": status.get("done", 0), "failed": status.get("failed", 0),
                  "pending": status.get("pending", 0) + status.get("running", 0)},
-        "config": {**summary["config"], **({"command": command} if command else {})},
+        # The command may hold a database URL: recorded without its password (results.json, the report).
+        "config": {**summary["config"], **({"command": redact_command(command)} if command else {})},
         "timing": {"total_seconds": seconds},
     }

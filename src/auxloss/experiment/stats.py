@@ -434,3 +434,21 @@ def compare(
         )
         for (name, common, st), p_h in zip(partial, adjusted)
     ]
+
+
+def metric_bounds(metric: str) -> tuple[float, float]:
+    """The range a metric's values can take: a fraction for accuracies, non-negative for errors, else unbounded."""
+    name = metric.lower()
+    if "acc" in name:
+        return 0.0, 1.0
+    if name in ("mse", "mae", "rmse", "loss") or name.endswith(("_mse", "_mae", "_loss")):
+        return 0.0, math.inf
+    return -math.inf, math.inf
+
+
+def clip_interval(ci: Sequence[float], bounds: tuple[float, float]) -> tuple[tuple[float, float], bool]:
+    """A mean's t-interval cut to the metric's range, and whether it was cut: the t-interval is symmetric, so a
+    mean near a bound (87% accuracy with a wide spread) can reach past it (100.9%), which no value can."""
+    lo, hi = float(ci[0]), float(ci[1])
+    clipped = (max(lo, bounds[0]), min(hi, bounds[1]))
+    return clipped, clipped != (lo, hi)

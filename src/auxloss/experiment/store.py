@@ -8,6 +8,7 @@ heartbeats, or any claim when the caller says no other worker is alive).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from auxloss._faults import fault_point
 from auxloss.errors import AuxLossError
@@ -66,8 +68,13 @@ class Store:
         stale_after: seconds without a heartbeat after which another worker may take over a claimed run.
     """
 
-    def __init__(self, path: str | Path, *, stale_after: float = 120.0) -> None:
+    def __init__(self, path: str | Path, *, stale_after: float = 120.0, readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly
+        self.stale_after = stale_after
+        if readonly:
+            self._check_readable()
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -86,6 +93,13 @@ class Store:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            con = self._connect_readonly()
+            try:
+                yield con
+            finally:
+                con.close()
+            return
         # A generous busy timeout: workers queue on the write lock instead of failing with "database is locked".
         con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
         try:
@@ -110,6 +124,40 @@ class Store:
                     con.execute("COMMIT")
         except sqlite3.OperationalError as exc:  # a full disk, a read-only folder, a lock held for a minute
             raise AuxLossError(_write_error(self.path, exc)) from exc
+
+    # -- reading someone else's folder (``auxloss report``) ------------------------------------------------------
+    def _connect_readonly(self) -> sqlite3.Connection:
+        # mode=ro: SQLite refuses every write, so a report can never alter the file (no schema, no WAL switch).
+        uri = "file:" + quote(str(self.path.resolve())) + "?mode=ro"
+        try:
+            con = sqlite3.connect(uri, uri=True, timeout=60.0, isolation_level=None)
+            con.execute("SELECT 1 FROM sqlite_master LIMIT 1")
+            return con
+        except sqlite3.OperationalError:
+            # A WAL database on a read-only folder, closed cleanly (no -wal/-shm left): SQLite cannot create the
+            # shared-memory file it needs. Nobody can be writing there, so the file is read as immutable.
+            con = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
+            con.execute("SELECT 1 FROM sqlite_master LIMIT 1")
+            return con
+
+    def _check_readable(self) -> None:
+        """An auxloss store, with the tables and columns this version reads; else a message, never a traceback."""
+        if not self.path.is_file():
+            raise AuxLossError(f"{str(self.path)!r} does not exist; give the --out folder of a finished `auxloss run`.")
+        try:
+            with self._connect() as con:
+                columns = {table: {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
+                           for table in ("meta", "runs")}
+        except sqlite3.DatabaseError as exc:
+            raise AuxLossError(f"{str(self.path)!r} is not an auxloss results store ({exc}); give the --out folder "
+                               "of an `auxloss run`.") from exc
+        needed = {"meta": {"key", "value"},
+                  "runs": {"variant", "seed", "status", "result", "history", "error", "attempts"}}
+        missing = {t: sorted(needed[t] - columns[t]) for t in needed if needed[t] - columns[t]}
+        if missing:
+            raise AuxLossError(f"{str(self.path)!r} is an SQLite file but not an auxloss results store (missing "
+                               f"{missing}); give the --out folder of an `auxloss run`, not another program's "
+                               "database.")
 
     # -- metadata ------------------------------------------------------------------------------------------
     def get_meta(self, key: str) -> Any:
@@ -187,15 +235,26 @@ class Store:
             fault_point("store-finish")  # tests: a kill here must leave the run unfinished, not half-written
         return True
 
+    def reset_runs(self, runs: list[tuple[str, int]]) -> None:
+        """Mark finished runs pending again, their results forgotten (``--rerun-stale``)."""
+        with self._transaction() as con:
+            con.executemany("UPDATE runs SET status='pending', worker=NULL, result=NULL, history=NULL, error=NULL "
+                            "WHERE variant=? AND seed=?", runs)
+
     def fail(self, variant: str, seed: int, error: str) -> None:
         with self._transaction() as con:
             con.execute("UPDATE runs SET status='failed', error=? WHERE variant=? AND seed=?", (error, variant, seed))
 
     def clear(self) -> None:
-        """Forget every run and all metadata (``--force`` on a store that held another experiment)."""
+        """Forget every run and all metadata (``--force`` on a store that held another config of this experiment).
+
+        A PostgreSQL store keeps the record of which experiment owns its schema, checked on every open."""
         with self._transaction() as con:
             con.execute("DELETE FROM runs")
-            con.execute("DELETE FROM meta")
+            if isinstance(self, PostgresStore):
+                con.execute("DELETE FROM meta WHERE key <> 'experiment'")
+            else:
+                con.execute("DELETE FROM meta")
 
     def status(self) -> dict[str, int]:
         with self._connect() as con:
@@ -292,7 +351,8 @@ class PostgresStore(Store):
             raise AuxLossError("a PostgreSQL results store needs psycopg2: pip install 'auxloss[postgres]'.") from exc
         self.url = url
         self.path = Path(hide_password(url))  # for messages only
-        self.schema = "auxloss_" + "".join(c if c.isalnum() else "_" for c in namespace.lower())[:50]
+        self.namespace = namespace
+        self.schema = schema_name(namespace)
         self.stale_after = stale_after
         with self._connect() as con:
             con.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
@@ -302,6 +362,16 @@ class PostgresStore(Store):
             for statement in _PG_SCHEMA.split(";"):
                 if statement.strip():
                     con.execute(statement)
+            # The schema's owner, recorded by the first open and checked by every later one: a schema is never
+            # shared by two experiments, so `--force` (which clears this schema) clears only the one asked for.
+            row = con.execute("SELECT value FROM meta WHERE key='experiment'").fetchone()
+            if row is None:
+                con.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", ("experiment", json.dumps(namespace)))
+            elif json.loads(row[0]) != namespace:
+                raise AuxLossError(
+                    f"the PostgreSQL schema {self.schema!r} in {str(self.path)!r} holds the runs of experiment "
+                    f"{json.loads(row[0])!r}, not {namespace!r}; it is left untouched. Rename this experiment "
+                    "(its config's name:), or use another database.")
 
     @contextmanager
     def _connect(self) -> Iterator[Any]:
@@ -342,6 +412,17 @@ class PostgresStore(Store):
                     con.execute("COMMIT")
         except psycopg2.Error as exc:
             raise AuxLossError(f"cannot write the results store {str(self.path)!r}: {str(exc).strip()}.") from exc
+
+
+def schema_name(experiment: str) -> str:
+    """The PostgreSQL schema of an experiment: a readable prefix and a hash of the exact name.
+
+    Two names that read alike (``Team-Exp``, ``team.exp``) or share their first characters get different schemas,
+    and the name fits PostgreSQL's 63-byte limit, which would otherwise cut long (or accented) names silently.
+    """
+    readable = "".join(c if c.isascii() and c.isalnum() else "_" for c in experiment.lower())[:38]
+    digest = hashlib.sha256(experiment.encode("utf-8")).hexdigest()[:16]
+    return f"auxloss_{readable}_{digest}"  # at most 8 + 38 + 1 + 16 = 63 ASCII bytes
 
 
 def open_store(location: str | Path, *, namespace: str = "default", stale_after: float = 120.0) -> Store:

@@ -256,7 +256,7 @@ class _Objective:
         values: dict[str, float] = {}
         try:
             for seed in self.seeds:
-                values[str(seed)] = final_metric(run_one(cfg, name, seed)["best"], "val")
+                values[str(seed)] = final_metric(run_one(cfg, name, seed)["best"], "val", cfg.main.name)
         except AuxLossError as exc:  # e.g. a loss that became NaN with these weights: this trial fails
             trial.set_user_attr("error", str(exc))
             raise

@@ -24,7 +24,7 @@ LIBRARY_PREFIXES = ("torchvision", "timm")
 
 def is_user_reference(name: str) -> bool:
     """``"pkg.mod:fn"``, as opposed to a built-in name or a ``torchvision:``/``timm:`` model."""
-    module, sep, attr = name.partition(":")
+    module, sep, _ = name.partition(":")
     return bool(sep) and module not in LIBRARY_PREFIXES
 
 

@@ -18,6 +18,11 @@ started. What is atomic where:
   not at all, but their "move" is a copy then a delete, so the switch to the new ``last.pt`` is not one atomic
   step: a kill in between can leave only ``prev.pt``, or a ``last.pt`` beside a leftover temporary object. The
   sha256 check and the fall-back on ``prev.pt`` cover both; nothing ever loads a torn file.
+
+The payload is read with ``torch.load(weights_only=True)``: only tensors and plain data (numbers, strings, lists,
+tuples, dicts) are rebuilt, never arbitrary objects. The SHA-256 header detects damage, not tampering (anyone can
+recompute it), so a planted ``last.pt`` that asks pickle for anything else is refused with an error, never run.
+The random generators' states are therefore stored as tensors and tuples of ints (numpy's array becomes a tensor).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import contextlib
 import hashlib
 import io
 import os
+import pickle
 import random
 import shutil
 import socket
@@ -48,7 +54,11 @@ LAST, PREV = "last.pt", "prev.pt"
 
 def get_rng_state() -> dict[str, Any]:
     """The state of every random generator a training step may draw from."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's state is ('MT19937', uint32 array, pos, has_gauss, cached_gaussian); the array is kept as an int64
+    # tensor so that the checkpoint holds no numpy object and loads with weights_only=True.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -56,7 +66,8 @@ def get_rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -194,14 +205,31 @@ def _read_bytes(fs: Any, where: Path | str, name: str) -> bytes | None:
         return None
 
 
-def _read(data: bytes) -> dict[str, Any]:
+def _read(data: bytes, path: str) -> dict[str, Any]:
     if not data.startswith(MAGIC):
         raise ValueError("not an auxloss checkpoint (bad header)")
     rest = data[len(MAGIC):]
     digest, _, payload = rest.partition(b"\n")
     if hashlib.sha256(payload).hexdigest().encode() != digest:
         raise ValueError("torn or corrupt (its checksum does not match)")
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # The checksum matched, so the file is whole: it was written to hold objects other than tensors and plain
+        # data. Unpickling those could run any code, so it is refused outright (no silent fall-back).
+        # torch's message is a paragraph; the line naming the refused global is the useful one.
+        lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "global" in line]
+        first = lines[0] if lines else "disallowed object"
+        raise _Refused(
+            f"the checkpoint {str(path)!r} holds objects other than tensors and plain data ({first[:200]}); auxloss "
+            "refuses to unpickle it, because loading such a file can run arbitrary code. auxloss never writes "
+            "such checkpoints: if you did not put it there, treat the folder as tampered with; delete the "
+            "checkpoint folder to start the run over."
+        ) from None
+
+
+class _Refused(AuxLossError):
+    """A whole checkpoint file that asks to rebuild disallowed objects: an error, never a fall-back."""
 
 
 def load_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -223,7 +251,9 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
         if data is None:
             continue
         try:
-            return _read(data)
+            return _read(data, path)
+        except _Refused:
+            raise
         except Exception as exc:  # noqa: BLE001 - any unreadable file means: fall back to the previous one
             warnings.warn(f"checkpoint {path} is unusable ({exc}); falling back on the previous checkpoint.",
                           RuntimeWarning, stacklevel=2)

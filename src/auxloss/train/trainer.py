@@ -44,6 +44,31 @@ __all__ = ["FitResult", "Trainer", "move_to"]
 _OPTION_ATTRIBUTE = {"optimizer": "optimizer_spec"}
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device (``"auto"``/``None``: CUDA when available, else CPU), checked to exist here.
+
+    A misspelt name (``gpu``) or a CUDA device on a CPU-only torch is an error naming the fix, before any run
+    starts, instead of torch's traceback from the first tensor moved there."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise AuxLossError(f"unknown device {device!r} ({str(exc).splitlines()[0]}); use 'auto', 'cpu', 'cuda', "
+                           "'cuda:N' or 'mps'.") from None
+    if resolved.type == "cuda":
+        if torch.version.cuda is None and not getattr(torch.version, "hip", None):
+            raise AuxLossError(f"device {device!r}: this torch ({torch.__version__}) is a CPU-only build; use "
+                               "--device cpu (or 'auto'), or install a CUDA build of torch.")
+        count = torch.cuda.device_count()
+        if count == 0 or (resolved.index is not None and resolved.index >= count):
+            raise AuxLossError(f"device {device!r}: {count} CUDA device(s) visible; use --device cpu or 'auto', or "
+                               f"one of cuda:0..cuda:{max(count - 1, 0)}.")
+    elif resolved.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise AuxLossError(f"device {device!r}: MPS is not available here; use --device cpu or 'auto'.")
+    return resolved
+
+
 def move_to(batch: Any, device: torch.device | str) -> Any:
     """Move every tensor in a (nested) batch to ``device``."""
     if isinstance(batch, Tensor):
@@ -113,8 +138,7 @@ class Trainer:
         for name, value in self.options.items():
             setattr(self, _OPTION_ATTRIBUTE.get(name, name), value)
         device = self.options.device
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else \
-            torch.device(device)
+        self.device = resolve_device(device)
         self.callbacks = list(callbacks)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.checkpoint_dir = checkpoint_location(checkpoint_dir) if checkpoint_dir is not None else None
@@ -230,19 +254,14 @@ class Trainer:
         objective.to(self.device)
         if optimizer is None:
             optimizer = self.build_optimizer(list(model.parameters()) + list(objective.parameters()))
-        batches = _length(train_loader)
-        if batches == 0:
+        if hasattr(train_loader, "__len__") and len(train_loader) == 0:
             raise AuxLossError(
                 "the training data is empty (0 batches): give the training split at least one sample, and at least "
                 "batch_size samples when the loader has drop_last=True."
             )
-        if batches is None and scheduler is None and self.lr_schedule is not None:
-            raise AuxLossError(
-                f"lr_schedule={self.lr_schedule!r} needs the number of steps, but the training data has no length (an "
-                "iterable dataset): give the dataset a __len__, or drop the LR schedule."
-            )
         # A last partial accumulation still steps, so an epoch has ceil(batches / accumulate) optimizer steps.
-        steps_per_epoch = max(1, math.ceil(batches / self.accumulate)) if batches is not None else 1
+        steps_per_epoch = max(1, math.ceil(len(train_loader) / self.accumulate)) if hasattr(train_loader, "__len__") \
+            else 1
         if scheduler is None:
             scheduler = self.build_scheduler(optimizer, steps_per_epoch * self.epochs)
         run_model: nn.Module = model
@@ -551,14 +570,6 @@ class Trainer:
         if logger is not None and self.global_step % self.log_every == 0:
             # the one place step values become Python floats (a device sync), once per logging interval
             logger.log_step(self.global_step, {k: float(v) for k, v in values.items()})
-
-
-def _length(loader: Iterable[Any]) -> int | None:
-    """Batches per epoch, or ``None`` for a stream (a DataLoader over an iterable dataset without ``__len__``)."""
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return None
 
 
 def _total_norm(params: Sequence[Tensor]) -> Tensor:

@@ -19,6 +19,7 @@ from auxloss.experiment.report.formatting import (
     p_phrase,
     seeds_word,
 )
+from auxloss.experiment.stats import clip_interval, metric_bounds
 
 __all__ = ["TABLE_WIDTH", "format_table", "summary_sentences"]
 
@@ -86,9 +87,13 @@ def format_table(results: Mapping[str, Any]) -> str:
     header = ["variant", "mean", "95% CI", "delta vs base", "p (Holm)", "verdict"]
     rows: list[list[str]] = []
     few = False
+    clipped_any = False
     for name in ctx.order:
         v = ctx.variants.get(name, {})
         _, _, mean, ci = variant_summary(v)
+        if None not in ci_pair(ci):  # shown within the metric's range, with a note
+            ci, clipped = clip_interval(ci_pair(ci), metric_bounds(fmt.metric))
+            clipped_any |= clipped
         c = ctx.comparisons.get(name)
         if name == ctx.baseline:
             rows.append([name, fmt.value(mean), fmt.ci(ci), "(baseline)", "", ""])
@@ -125,4 +130,6 @@ def format_table(results: Mapping[str, Any]) -> str:
     lines += [line(r) for r in rows]
     if few:
         lines.append(f"* fewer than {MIN_SEEDS} paired seeds: too few for a reliable verdict (treat with caution)")
+    if clipped_any:
+        lines.append(f"95% CIs cut to the range {fmt.metric} can take (a t-interval near a bound reaches past it)")
     return "\n".join(lines)
