@@ -16,7 +16,7 @@ def test_doc_examples_run(page, tmp_path, monkeypatch):
     assert blocks
     namespace: dict = {"__name__": "__docs__"}
     for i, block in enumerate(blocks):
-        exec(compile(block, f"{page.name}[block {i}]", "exec"), namespace)
+        exec(compile(block, f"{page.name}[block {i}]", "exec"), namespace)  # noqa: S102 - our own docs
 
 
 def test_every_feature_page_has_an_example():

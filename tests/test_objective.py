@@ -130,7 +130,7 @@ def test_task_at_weight_zero_stays_in_the_graph_with_zero_gradient():
 
 
 def test_state_dict_round_trip_restores_step_and_schedules():
-    model, _ = make()
+    make()  # building the model registers nothing the objective needs; it only must not fail
     objective = al.Objective(aux=[al.Task("aux1", source="aux1", weight=schedules.Linear(0.0, 1.0, 0, 100))])
     objective.advance(42)
     objective.set_epoch(3)

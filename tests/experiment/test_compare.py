@@ -223,7 +223,7 @@ def test_yaml_module_function_and_python_api_give_identical_numbers(tmp_path: Pa
     # Run from another folder: the config's own folder makes my_project importable.
     cfg = EXAMPLE / "experiment.yaml"
     run = subprocess.run([sys.executable, "-m", "auxloss", "run", str(cfg), "--out", str(tmp_path / "yaml"),
-                          "--seeds", "2"], capture_output=True, text=True, cwd=tmp_path)
+                          "--seeds", "2"], capture_output=True, text=True, cwd=tmp_path, check=False)
     assert run.returncode == 0, run.stderr
     from_yaml = json.loads((tmp_path / "yaml" / "results.json").read_text())
     sys.path.insert(0, str(EXAMPLE))
@@ -242,7 +242,7 @@ def test_missing_user_module_names_module_function_and_path(tmp_path: Path) -> N
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {name: 'nowhere_pkg.models:build'}\ndata: {name: 'nowhere_pkg.data:build'}\n")
     run = subprocess.run([sys.executable, "-m", "auxloss", "run", str(cfg), "--out", str(tmp_path / "o")],
-                         capture_output=True, text=True, cwd=tmp_path)
+                         capture_output=True, text=True, cwd=tmp_path, check=False)
     assert run.returncode != 0
     assert "nowhere_pkg" in run.stderr and str(tmp_path) in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "o" / "results.json").exists()

@@ -77,9 +77,9 @@ def test_best_epoch_is_chosen_on_validation_and_restored(tmp_path):
     # The restored weights are the best epoch's: evaluating again reproduces its validation metric.
     again = Trainer(epochs=1).evaluate(m, obj, val)
     assert again["metric/main"] == pytest.approx(chosen["val/metric/main"])
-    rows = list(csv.DictReader(open(tmp_path / "epochs.csv")))
+    rows = list(csv.DictReader((tmp_path / "epochs.csv").read_text().splitlines()))
     assert len(rows) == 6 and float(rows[2]["val/metric/main"]) == pytest.approx(vals[2])
-    lines = [json.loads(line) for line in open(tmp_path / "epochs.jsonl")]
+    lines = [json.loads(line) for line in (tmp_path / "epochs.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4, 5, 6]
     # the history tracks each task's loss, weight and metric, and the train/validation gap
     for key in ("train/loss/aux", "train/weight/aux", "val/metric/aux", "gap", "trainval/metric/main"):
