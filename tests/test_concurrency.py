@@ -24,7 +24,7 @@ import torch
 from _reliability import check_store, env, outcome, run_command, store_rows, summary, write_config
 
 from auxloss import AuxLossError
-from auxloss.experiment import runner
+from auxloss.experiment import runner, worker
 from auxloss.experiment.store import Store
 
 
@@ -47,14 +47,14 @@ def test_the_heartbeat_callback_keeps_a_claim_and_stops_a_run_taken_over(tmp_pat
     store = Store(tmp_path / "s.sqlite", stale_after=0.2)
     store.add_runs([("a", 0)])
     store.claim("w1")
-    beat = runner._Heartbeat(store, "a", 0, "w1", parent=None)
+    beat = worker._Heartbeat(store, "a", 0, "w1", parent=None)
     for _ in range(4):  # a training loop that calls its hooks more often than stale_after
         time.sleep(0.1)
         beat.on_train_batch_end(None, None, 0)
     assert store.claim("w2") is None  # still alive
     time.sleep(0.3)
     assert store.claim("w2") == ("a", 0)
-    with pytest.raises(runner._Stop, match="taken over"):
+    with pytest.raises(worker._Stop, match="taken over"):
         beat.beat(force=True)
 
 
@@ -81,10 +81,10 @@ def test_concurrent_claims_from_many_threads_hand_out_each_run_once(tmp_path):
 
 def test_stale_after_from_the_environment_is_checked(monkeypatch):
     monkeypatch.setenv("AUXLOSS_STALE_AFTER", "2.5")
-    assert runner.stale_after() == 2.5
+    assert worker.stale_after() == 2.5
     monkeypatch.setenv("AUXLOSS_STALE_AFTER", "soon")
     with pytest.raises(AuxLossError, match="positive number of seconds"):
-        runner.stale_after()
+        worker.stale_after()
 
 
 # -- slow: 4 processes, random kills ---------------------------------------------------------------------------------
