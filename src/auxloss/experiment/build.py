@@ -193,7 +193,9 @@ class ConfigVariant(Variant):
                         out = int(target.shape[1])
             select = tuple(tap_cfg.select) if isinstance(tap_cfg.select, list) else tap_cfg.select
             shape = tuple(target.shape[1:]) if target is not None else ()
-            taps[name] = Tap(tap_cfg.layer, _head(tap_cfg.head, out, shape), select=select, detach=tap_cfg.detach)
+            extra = {"call": tap_cfg.call} if tap_cfg.call is not None else {}
+            taps[name] = Tap(tap_cfg.layer, _head(tap_cfg.head, out, shape), select=select, detach=tap_cfg.detach,
+                             **extra)
         for t in variant.tasks:
             target: Any = t.target
             if t.shuffle_target:

@@ -112,6 +112,8 @@ class TapConfig(_Strict):
     head: HeadConfig = Field(default_factory=HeadConfig)
     select: int | str | list[int | str] | None = None
     detach: bool = False
+    #: For a layer that runs several times per forward: ``first``, ``last``, ``all`` (stacked on dim 1) or an index.
+    call: int | Literal["first", "last", "all"] | None = None
 
 
 class TaskConfig(_Strict):
@@ -378,7 +380,7 @@ def parse_config(data: Any, *, source: str = "<config>", lines: dict[int, dict[A
                 if "input" in err and err["type"] != "missing":
                     msg += f" (got {err['input']!r})"
             problems.append(f"{where}: {msg}")
-        docs = "docs/guide.md lists every key, docs/errors.md the usual mistakes."
+        docs = "docs/config.md lists every key, docs/errors.md the usual mistakes."
         if len(problems) == 1:
             raise AuxLossError(f"invalid config: {problems[0]}. Fix that key in the config; {docs}") from None
         raise AuxLossError("invalid config:\n  " + "\n  ".join(problems) + f"\nFix these keys in the config; {docs}") \
