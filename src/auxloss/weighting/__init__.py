@@ -7,11 +7,15 @@ Gradient-aware, with the main task as primary (defined on the gradients of the s
 :class:`CosineGating` (Du et al. 2018), :class:`Projection` (the PCGrad rule, applied asymmetrically),
 :class:`OLAux` (Lin et al. 2019), :class:`MetaBalance` (He et al. 2022).
 
+Symmetric controls, which weight the main task like any other task: :class:`RLW` (Lin et al. 2022) and
+:class:`FAMO` (Liu et al. 2023).
+
 ``build_weighting({"type": ..., ...}, model=...)`` builds any of them from a config.
 """
 
 from auxloss.weighting.base import GradientWeighting, LossWeighting, Weighting
 from auxloss.weighting.dwa import DWA
+from auxloss.weighting.famo import FAMO
 from auxloss.weighting.gating import CosineGating
 from auxloss.weighting.gradnorm import GradNorm
 from auxloss.weighting.metabalance import MetaBalance
@@ -19,10 +23,13 @@ from auxloss.weighting.olaux import OLAux
 from auxloss.weighting.progress import MainProgress
 from auxloss.weighting.projection import Projection
 from auxloss.weighting.registry import WEIGHTINGS, build_weighting
+from auxloss.weighting.rlw import RLW
 from auxloss.weighting.uncertainty import Uncertainty
 
 __all__ = [
     "DWA",
+    "FAMO",
+    "RLW",
     "WEIGHTINGS",
     "CosineGating",
     "GradNorm",

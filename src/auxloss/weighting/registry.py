@@ -24,12 +24,14 @@ from torch import nn
 from auxloss.errors import AuxLossError, close_matches
 from auxloss.weighting.base import Weighting
 from auxloss.weighting.dwa import DWA
+from auxloss.weighting.famo import FAMO
 from auxloss.weighting.gating import CosineGating
 from auxloss.weighting.gradnorm import GradNorm
 from auxloss.weighting.metabalance import MetaBalance
 from auxloss.weighting.olaux import OLAux
 from auxloss.weighting.progress import MainProgress
 from auxloss.weighting.projection import Projection
+from auxloss.weighting.rlw import RLW
 from auxloss.weighting.uncertainty import Uncertainty
 
 __all__ = ["WEIGHTINGS", "build_weighting"]
@@ -52,6 +54,8 @@ WEIGHTINGS: dict[str, Callable[..., Weighting | None]] = {
     "projection": Projection,
     "olaux": OLAux,
     "metabalance": MetaBalance,
+    "rlw": RLW,
+    "famo": FAMO,
 }
 
 
