@@ -5,7 +5,8 @@ al. 2019), :class:`GradNorm` (Chen et al. 2018).
 
 Gradient-aware, with the main task as primary (defined on the gradients of the shared parameters):
 :class:`CosineGating` (Du et al. 2018), :class:`Projection` (the PCGrad rule, applied asymmetrically),
-:class:`OLAux` (Lin et al. 2019), :class:`MetaBalance` (He et al. 2022).
+:class:`OLAux` (Lin et al. 2019), :class:`MetaBalance` (He et al. 2022), :class:`ARML` (Shi et al. 2020),
+:class:`BLOOP` (ICML 2024).
 
 Symmetric controls, which weight the main task like any other task: :class:`RLW` (Lin et al. 2022) and
 :class:`FAMO` (Liu et al. 2023).
@@ -13,7 +14,9 @@ Symmetric controls, which weight the main task like any other task: :class:`RLW`
 ``build_weighting({"type": ..., ...}, model=...)`` builds any of them from a config.
 """
 
+from auxloss.weighting.arml import ARML
 from auxloss.weighting.base import GradientWeighting, LossWeighting, Weighting
+from auxloss.weighting.bloop import BLOOP
 from auxloss.weighting.dwa import DWA
 from auxloss.weighting.famo import FAMO
 from auxloss.weighting.gating import CosineGating
@@ -27,6 +30,8 @@ from auxloss.weighting.rlw import RLW
 from auxloss.weighting.uncertainty import Uncertainty
 
 __all__ = [
+    "ARML",
+    "BLOOP",
     "DWA",
     "FAMO",
     "RLW",

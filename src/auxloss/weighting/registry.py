@@ -22,7 +22,9 @@ from typing import Any
 from torch import nn
 
 from auxloss.errors import AuxLossError, close_matches
+from auxloss.weighting.arml import ARML
 from auxloss.weighting.base import Weighting
+from auxloss.weighting.bloop import BLOOP
 from auxloss.weighting.dwa import DWA
 from auxloss.weighting.famo import FAMO
 from auxloss.weighting.gating import CosineGating
@@ -54,6 +56,8 @@ WEIGHTINGS: dict[str, Callable[..., Weighting | None]] = {
     "projection": Projection,
     "olaux": OLAux,
     "metabalance": MetaBalance,
+    "arml": ARML,
+    "bloop": BLOOP,
     "rlw": RLW,
     "famo": FAMO,
 }
