@@ -6,7 +6,7 @@ al. 2019), :class:`GradNorm` (Chen et al. 2018).
 Gradient-aware, with the main task as primary (defined on the gradients of the shared parameters):
 :class:`CosineGating` (Du et al. 2018), :class:`Projection` (the PCGrad rule, applied asymmetrically),
 :class:`OLAux` (Lin et al. 2019), :class:`MetaBalance` (He et al. 2022), :class:`ARML` (Shi et al. 2020),
-:class:`BLOOP` (ICML 2024).
+:class:`BLOOP` (ICML 2024), :class:`AutoLambda` (Liu et al. 2022, auxiliary mode).
 
 Symmetric controls, which weight the main task like any other task: :class:`RLW` (Lin et al. 2022) and
 :class:`FAMO` (Liu et al. 2023).
@@ -15,6 +15,7 @@ Symmetric controls, which weight the main task like any other task: :class:`RLW`
 """
 
 from auxloss.weighting.arml import ARML
+from auxloss.weighting.autolambda import AutoLambda
 from auxloss.weighting.base import GradientWeighting, LossWeighting, Weighting
 from auxloss.weighting.bloop import BLOOP
 from auxloss.weighting.dwa import DWA
@@ -36,6 +37,7 @@ __all__ = [
     "FAMO",
     "RLW",
     "WEIGHTINGS",
+    "AutoLambda",
     "CosineGating",
     "GradNorm",
     "GradientWeighting",

@@ -23,6 +23,7 @@ from torch import nn
 
 from auxloss.errors import AuxLossError, close_matches
 from auxloss.weighting.arml import ARML
+from auxloss.weighting.autolambda import AutoLambda
 from auxloss.weighting.base import Weighting
 from auxloss.weighting.bloop import BLOOP
 from auxloss.weighting.dwa import DWA
@@ -58,6 +59,7 @@ WEIGHTINGS: dict[str, Callable[..., Weighting | None]] = {
     "metabalance": MetaBalance,
     "arml": ARML,
     "bloop": BLOOP,
+    "auto_lambda": AutoLambda,
     "rlw": RLW,
     "famo": FAMO,
 }
