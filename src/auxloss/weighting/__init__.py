@@ -6,7 +6,8 @@ al. 2019), :class:`GradNorm` (Chen et al. 2018).
 Gradient-aware, with the main task as primary (defined on the gradients of the shared parameters):
 :class:`CosineGating` (Du et al. 2018), :class:`Projection` (the PCGrad rule, applied asymmetrically),
 :class:`OLAux` (Lin et al. 2019), :class:`MetaBalance` (He et al. 2022), :class:`ARML` (Shi et al. 2020),
-:class:`BLOOP` (ICML 2024), :class:`AutoLambda` (Liu et al. 2022, auxiliary mode).
+:class:`BLOOP` (ICML 2024), :class:`AutoLambda` (Liu et al. 2022, auxiliary mode),
+:class:`AuxiLearn` (Navon et al. 2021).
 
 Symmetric controls, which weight the main task like any other task: :class:`RLW` (Lin et al. 2022) and
 :class:`FAMO` (Liu et al. 2023).
@@ -16,6 +17,7 @@ Symmetric controls, which weight the main task like any other task: :class:`RLW`
 
 from auxloss.weighting.arml import ARML
 from auxloss.weighting.autolambda import AutoLambda
+from auxloss.weighting.auxilearn import AuxiLearn
 from auxloss.weighting.base import GradientWeighting, LossWeighting, Weighting
 from auxloss.weighting.bloop import BLOOP
 from auxloss.weighting.dwa import DWA
@@ -38,6 +40,7 @@ __all__ = [
     "RLW",
     "WEIGHTINGS",
     "AutoLambda",
+    "AuxiLearn",
     "CosineGating",
     "GradNorm",
     "GradientWeighting",

@@ -24,6 +24,7 @@ from torch import nn
 from auxloss.errors import AuxLossError, close_matches
 from auxloss.weighting.arml import ARML
 from auxloss.weighting.autolambda import AutoLambda
+from auxloss.weighting.auxilearn import AuxiLearn
 from auxloss.weighting.base import Weighting
 from auxloss.weighting.bloop import BLOOP
 from auxloss.weighting.dwa import DWA
@@ -60,6 +61,7 @@ WEIGHTINGS: dict[str, Callable[..., Weighting | None]] = {
     "arml": ARML,
     "bloop": BLOOP,
     "auto_lambda": AutoLambda,
+    "auxilearn": AuxiLearn,
     "rlw": RLW,
     "famo": FAMO,
 }
