@@ -164,10 +164,13 @@ class Objective(nn.Module):
                 batch_size = int(pred.shape[0])
         weights: dict[str, Any] = self.weights(step=step, epoch=epoch)
         extras: dict[str, float | Tensor] = {}
+        main_weight: float | Tensor = 1.0
         if self.weighting is not None:
             mult = self.weighting.multipliers(losses, step=step, epoch=self.epoch if epoch is None else epoch)
             weights = {name: w * mult[name] for name, w in weights.items()}
-        total = self._combine(losses, weights)
+            if self.weighting.symmetric:  # a symmetric control (RLW, FAMO) weights the main task too
+                main_weight = mult[self.main.name]
+        total = self._combine(losses, weights, main_weight)
         if self.weighting is not None:
             extra = self.weighting.extra_loss(losses)
             if extra is not None:
@@ -180,7 +183,8 @@ class Objective(nn.Module):
             total=total,
             losses=losses,
             # a tensor multiplier stays a detached tensor: reading it here would cost a device sync every step
-            weights={self.main.name: 1.0, **{k: w.detach() if isinstance(w, Tensor) else float(w)
+            weights={self.main.name: main_weight.detach() if isinstance(main_weight, Tensor) else float(main_weight),
+                     **{k: w.detach() if isinstance(w, Tensor) else float(w)
                                             for k, w in weights.items()}},
             metrics=metrics,
             step=step,
@@ -232,8 +236,21 @@ class Objective(nn.Module):
             if guard is not None:
                 guard.armed = True
 
+    def main_loss(self, forward: Any, batch: Any) -> Tensor:
+        """The main task's loss of ``forward(inputs of batch)`` (``forward`` is the model, or a functional call of it
+        with other parameters): what look-ahead strategies score on a validation batch (``StepContext.main_loss``)."""
+        named = batch_as_dict(batch, self.batch_keys)
+        outputs = forward(self.inputs(batch))
+        if not isinstance(outputs, Outputs):
+            outputs = Outputs(main=outputs)
+        pred = self.main.prediction(outputs)
+        if self.main.is_emitted:
+            return pred.mean() if pred.dim() else pred
+        return self.main.loss_value(pred, self.main.resolve_target(named, self.main.target))
+
     def _complete(self, ctx: StepContext | None) -> StepContext:
-        """``ctx`` with the objective's own counters and the taps each auxiliary task reads alone."""
+        """``ctx`` with the objective's own counters, the taps each auxiliary task reads alone, and
+        :meth:`main_loss`."""
         ctx = ctx if ctx is not None else StepContext()
         readers: dict[str, int] = {}
         for task in self.tasks:
@@ -242,13 +259,16 @@ class Objective(nn.Module):
                     if readers[t.source] == 1 and t.source != "main" and not t.is_emitted}
         return dataclasses.replace(
             ctx, step=self.step if ctx.step is None else ctx.step,
-            epoch=self.epoch if ctx.epoch is None else ctx.epoch, own_taps=own_taps)
+            epoch=self.epoch if ctx.epoch is None else ctx.epoch, own_taps=own_taps,
+            main_loss=self.main_loss if ctx.main_loss is None else ctx.main_loss)
 
-    def _combine(self, losses: Mapping[str, Tensor], weights: Mapping[str, Any]) -> Tensor:
+    def _combine(self, losses: Mapping[str, Tensor], weights: Mapping[str, Any], main_weight: Any = 1.0) -> Tensor:
         # Summed left to right in task order, so that fixed weights give exactly the hand-written formula
         # L + 0.3·L1 + 0.3·L2. A task at weight 0 still enters as 0·L: its head stays in the graph, so DDP never
         # sees an unused parameter while a curriculum has the task switched off.
         total = losses[self.main.name]
+        if not (isinstance(main_weight, float) and main_weight == 1.0):  # only symmetric controls scale it
+            total = main_weight * total
         for task in self.aux_tasks:
             total = total + weights[task.name] * losses[task.name]
         return total

@@ -22,7 +22,7 @@ all use it without importing each other.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -48,6 +48,13 @@ class StepContext:
         scale: the factor on this micro-batch's gradients (``1/accumulate`` under gradient accumulation).
         scaler: the ``torch.amp.GradScaler``, or ``None``.
         distributed: whether DDP wraps the model (then the plan says whether to switch its sync off).
+        validation: an endless iterator over batches of the *validation* split (on the training device), for the
+            strategies that learn their weights from the main task's held-out loss (Auto-Lambda, AuxiLearn:
+            ``needs_validation``). The Trainer and the Lightning module fill it from the validation loader; it is
+            never the test split.
+        main_loss: ``main_loss(forward, batch)``: the main task's loss of ``forward(inputs of batch)`` (filled in by
+            the objective), so that a strategy can score the main task on a validation batch, with parameters of its
+            choosing, without importing the objective.
     """
 
     step: int | None = None
@@ -58,6 +65,8 @@ class StepContext:
     scale: float = 1.0
     scaler: Any = None
     distributed: bool = False
+    validation: Iterator[Any] | None = None
+    main_loss: Callable[[Callable[[Any], Any], Any], Tensor] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -355,3 +355,29 @@ def test_missing_lightning_says_how_to_install(monkeypatch):
     assert isinstance(err.value, ImportError)
     assert integration.AuxLossMixin  # the mixin itself needs no Lightning to import
     monkeypatch.delitem(vars(integration), "AuxLossModule", raising=False)
+
+
+@needs_lightning
+def test_autolambda_under_lightning_draws_validation_batches_like_auxloss_trainer():
+    """A look-ahead weighting gets the fit's validation loader (never a test one) as a batch stream, and trains the
+    same weights as auxloss's own Trainer."""
+    from auxloss.integrations.lightning import AuxLossModule
+    from auxloss.weighting.autolambda import AutoLambda
+
+    ds, val = data(), data(seed=1)
+
+    def make():
+        return build(weighting=AutoLambda(lr=0.01))
+
+    model_l, obj_l = make()
+    module = AuxLossModule(model_l, obj_l, optimizer="sgd", lr=0.1, momentum=0.9)
+    lightning_trainer(num_sanity_val_steps=0).fit(module, loader(ds, shuffle=False), DataLoader(val, batch_size=24))
+    model_a, obj_a = make()
+    AuxTrainer(epochs=2, optimizer="sgd", lr=0.1, momentum=0.9, device="cpu", eval_train=False).fit(
+        model_a, obj_a, loader(ds, shuffle=False), DataLoader(val, batch_size=24))
+    assert obj_l.weighting.updates == obj_a.weighting.updates == 8
+    assert torch.equal(obj_l.weighting.aux_weights, obj_a.weighting.aux_weights)
+    assert_same_weights(model_l, model_a)
+    model_n, obj_n = make()
+    with pytest.raises(al.AuxLossError, match="val_dataloaders"):
+        lightning_trainer(max_epochs=1).fit(AuxLossModule(model_n, obj_n), loader(ds))

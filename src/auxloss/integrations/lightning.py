@@ -129,7 +129,29 @@ class AuxLossMixin:
         if self.automatic_optimization:  # type: ignore[attr-defined]
             scale = 1.0 / trainer.accumulate_grad_batches  # what Lightning divides the returned loss by
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        return StepContext(lr=lr, model=model, scale=scale, scaler=scaler)
+        return StepContext(lr=lr, model=model, scale=scale, scaler=scaler, validation=self._auxloss_validation(trainer))
+
+    def _auxloss_validation(self, trainer: Any) -> Any:
+        """For a look-ahead weighting (``needs_validation``): an endless stream over the fit's validation loader,
+        built once (never the test loader). ``None`` for every other weighting."""
+        _, objective = self._auxloss_parts()
+        weighting = objective.weighting
+        if weighting is None or not weighting.needs_validation:
+            return None
+        stream = self.__dict__.get("_auxloss_val_stream")
+        if stream is None:
+            loaders = trainer.val_dataloaders
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+            if loader is None:
+                raise AuxLossError(
+                    f"{type(weighting).__name__} learns its weights from the main task's loss on validation batches: "
+                    "give trainer.fit a val_dataloaders (a split held out from training, never the test split)."
+                )
+            from auxloss.train.trainer import ValidationStream  # the trainer's, so both loops draw alike
+
+            stream = ValidationStream(loader, self.device)  # type: ignore[attr-defined]
+            self.__dict__["_auxloss_val_stream"] = stream
+        return stream
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         report = self.auxloss_step(batch, "train")

@@ -38,7 +38,7 @@ from auxloss.train.checkpoint import (
 from auxloss.train.logging import RunLogger
 from auxloss.train.options import TrainOptions
 
-__all__ = ["FitResult", "Trainer", "move_to"]
+__all__ = ["FitResult", "Trainer", "ValidationStream", "move_to"]
 
 # Settings stored under another attribute name: ``optimizer`` is the optimizer that fit builds.
 _OPTION_ATTRIBUTE = {"optimizer": "optimizer_spec"}
@@ -156,6 +156,7 @@ class Trainer:
         self.scaler: torch.amp.GradScaler | None = None
         self.epoch = 0
         self.global_step = 0
+        self._val_stream: ValidationStream | None = None
 
     # -- building blocks ---------------------------------------------------------------------------------------
     def build_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -278,9 +279,19 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if use_scaler else None
         higher = objective.main.higher_is_better
         train_eval_loader = self._train_eval_loader(train_loader) if self.eval_train else None
+        weighting = objective.weighting
+        if weighting is not None and weighting.needs_validation and val_loader is None:
+            raise AuxLossError(
+                f"{type(weighting).__name__} learns its weights from the main task's loss on validation batches: pass "
+                "fit(..., val_loader=...) with a split held out from training (never the test split)."
+            )
 
         st = self._fresh_state()
         resumed = self._resume(st)
+        # Look-ahead weightings draw validation batches during training; the test split is never handed over.
+        self._val_stream = (ValidationStream(val_loader, self.device, position=st.get("val_position", 0))
+                            if weighting is not None and weighting.needs_validation and val_loader is not None
+                            else None)
         logger = (RunLogger(self.log_dir, tensorboard=self.tensorboard, history=st["history"],
                             last_step=self.global_step) if self.log_dir is not None and self.is_main_process else None)
         if not resumed:
@@ -404,6 +415,8 @@ class Trainer:
         }
 
     def _save(self, st: dict[str, Any], started: float) -> None:
+        if self._val_stream is not None:
+            st["val_position"] = self._val_stream.position
         if self.checkpoint_dir is None or not self.is_main_process:
             return
         save_checkpoint(self.checkpoint_dir, self._checkpoint_state(st, started))
@@ -486,7 +499,8 @@ class Trainer:
             # learning rate) and says whether DDP's own gradient sync must be off (per-task gradients taken with
             # autograd.grad, which DDP's hooks never see, are all-reduced by the weighting itself).
             ctx = StepContext(lr=optimizer.param_groups[0]["lr"], model=self.model, scale=1.0 / self.accumulate,
-                              scaler=self.scaler, distributed=isinstance(model, nn.parallel.DistributedDataParallel))
+                              scaler=self.scaler, distributed=isinstance(model, nn.parallel.DistributedDataParallel),
+                              validation=self._val_stream)
             plan = objective.before_step(ctx)
             sync_off = ctx.distributed and not plan.sync_gradients
             with model.no_sync() if sync_off else nullcontext():
@@ -570,6 +584,42 @@ class Trainer:
         if logger is not None and self.global_step % self.log_every == 0:
             # the one place step values become Python floats (a device sync), once per logging interval
             logger.log_step(self.global_step, {k: float(v) for k, v in values.items()})
+
+
+class ValidationStream:
+    """An endless iterator over a validation loader's batches, moved to ``device``: what look-ahead weightings
+    (``needs_validation``) get in ``StepContext.validation``.
+
+    It leaves the global RNG as it found it (each pass's iterator is created and advanced under
+    :func:`torch.random.fork_rng`), so that the training batches and dropout masks match those of a run without it,
+    and ``position`` (batches taken in the current pass) checkpoints with the trainer: a resumed run continues with
+    the same validation batch when the loader's order is fixed (``shuffle=False``, the usual for validation).
+    """
+
+    def __init__(self, loader: Iterable[Any], device: torch.device | str, position: int = 0) -> None:
+        self.loader, self.device, self.position = loader, device, int(position)
+        self._iterator: Any = None
+
+    def __iter__(self) -> ValidationStream:
+        return self
+
+    def __next__(self) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            if self._iterator is None:
+                self._iterator = iter(self.loader)
+                for _ in range(self.position):  # resuming inside a pass
+                    next(self._iterator, None)
+            batch = next(self._iterator, _END)
+            if batch is _END:  # a pass is over: start the next one
+                self._iterator, self.position = iter(self.loader), 0
+                batch = next(self._iterator, _END)
+                if batch is _END:
+                    raise AuxLossError("the validation split is empty: a look-ahead weighting needs at least one batch.")
+        self.position += 1
+        return move_to(batch, self.device)
+
+
+_END = object()
 
 
 def _total_norm(params: Sequence[Tensor]) -> Tensor:

@@ -48,6 +48,13 @@ class Weighting(nn.Module):
     #: the strategy takes no layer), and whether a config must give it (see :mod:`auxloss.weighting.registry`).
     layer_argument: ClassVar[str | None] = None
     layer_required: ClassVar[bool] = False
+    #: Whether the strategy weights the main task like any other (the symmetric controls RLW and FAMO): its
+    #: :meth:`multipliers` then also returns the main task's multiplier, which the objective applies to ``L_main``.
+    #: Every other strategy keeps the main task's weight at exactly 1.
+    symmetric: ClassVar[bool] = False
+    #: Whether the strategy learns from the main task's loss on validation batches (``ctx.validation``): the
+    #: Trainer then requires a validation loader and hands the strategy an endless stream of its batches.
+    needs_validation: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -62,7 +69,8 @@ class Weighting(nn.Module):
 
     # -- loss side (identity by default) -----------------------------------------------------------------------
     def multipliers(self, losses: dict[str, Tensor], *, step: int, epoch: int) -> dict[str, Tensor | float]:
-        """``m_k`` per auxiliary task for this step (1.0 by default)."""
+        """``m_k`` per auxiliary task for this step (1.0 by default); a :attr:`symmetric` strategy also gives the
+        main task's."""
         return {name: 1.0 for name in self.aux_names}
 
     def extra_loss(self, losses: dict[str, Tensor]) -> Tensor | None:

@@ -288,6 +288,13 @@ class PerTaskGradientWeighting(GradientWeighting):
         """One :class:`Combination` per auxiliary task (tasks without shared parameters included; ignore them)."""
         raise NotImplementedError
 
+    def _on_gradients(self, params: list[Tensor], grads: list[list[Tensor | None]], inv_scale: Tensor | None
+                      ) -> None:
+        """Called on every statistics step with the per-task gradients (main first, ``None`` where a task does not
+        reach a tensor), after the DDP all-reduce and before :meth:`_combine`: for strategies whose statistics are
+        not the task-to-main dot products (ARML's task-to-task products, Auto-Lambda's look-ahead). The gradients
+        are in the GradScaler's scaled domain; ``inv_scale`` (``1/s``, or ``None`` without a scaler) unscales them."""
+
     def _amortized_multipliers(self) -> Tensor | None:
         """``m_k`` per auxiliary task for an amortized step (``None``: refresh now). Default: the cached ones."""
         return self._cached
@@ -418,10 +425,12 @@ class PerTaskGradientWeighting(GradientWeighting):
         g0 = grads[0]
         device = task_losses[0].device
         # 1/s² turns scaled-domain products back into true-domain ones (s = the GradScaler's current scale).
-        inv_s2 = None
+        inv_s2 = inv_s = None
         if scaler is not None:
             s = scaler.scale(torch.ones((), device=device, dtype=torch.float32))
-            inv_s2 = 1.0 / s.to(torch.float32 if device.type == "mps" else torch.float64) ** 2  # no float64 on MPS
+            inv_s = 1.0 / s.to(torch.float32 if device.type == "mps" else torch.float64)  # no float64 on MPS
+            inv_s2 = inv_s ** 2
+        self._on_gradients(params, grads, inv_s)
 
         stats_ids = None
         stats_list = self.__dict__["_stats_list"]

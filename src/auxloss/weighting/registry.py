@@ -22,14 +22,20 @@ from typing import Any
 from torch import nn
 
 from auxloss.errors import AuxLossError, close_matches
+from auxloss.weighting.arml import ARML
+from auxloss.weighting.autolambda import AutoLambda
+from auxloss.weighting.auxilearn import AuxiLearn
 from auxloss.weighting.base import Weighting
+from auxloss.weighting.bloop import BLOOP
 from auxloss.weighting.dwa import DWA
+from auxloss.weighting.famo import FAMO
 from auxloss.weighting.gating import CosineGating
 from auxloss.weighting.gradnorm import GradNorm
 from auxloss.weighting.metabalance import MetaBalance
 from auxloss.weighting.olaux import OLAux
 from auxloss.weighting.progress import MainProgress
 from auxloss.weighting.projection import Projection
+from auxloss.weighting.rlw import RLW
 from auxloss.weighting.uncertainty import Uncertainty
 
 __all__ = ["WEIGHTINGS", "build_weighting"]
@@ -52,6 +58,12 @@ WEIGHTINGS: dict[str, Callable[..., Weighting | None]] = {
     "projection": Projection,
     "olaux": OLAux,
     "metabalance": MetaBalance,
+    "arml": ARML,
+    "bloop": BLOOP,
+    "auto_lambda": AutoLambda,
+    "auxilearn": AuxiLearn,
+    "rlw": RLW,
+    "famo": FAMO,
 }
 
 
