@@ -84,7 +84,7 @@ def test_rerun_resumes_without_training(tmp_path: Path) -> None:
     kwargs = {"data": make_data, "variants": [deep_variant()], "seeds": 1, "out": tmp_path / "o", "train": TRAIN}
     first = al.compare(model=counted, **kwargs)
     n = len(calls)
-    assert n == 2  # baseline and deep, seed 0
+    assert n == 4  # the preflight builds baseline and deep once (nothing claimed yet), then their two runs
     second = al.compare(model=counted, **kwargs)
     assert len(calls) == n  # nothing trained again
     assert second["comparisons"] == first["comparisons"]

@@ -251,7 +251,10 @@ def build_run(exp: Experiment, variant_name: str, seed: int, *, device: str | No
     if device is not None:
         options["device"] = device
     trainer = Trainer(**options, log_dir=log_dir, progress=progress)
-    steps = len(loaders["train"]) if hasattr(loaders["train"].dataset, "__len__") else None
+    try:
+        steps: int | None = len(loaders["train"])
+    except TypeError:  # a stream: no length, and no way to know the run's steps in advance
+        steps = None
     if steps is not None:
         _check_weights_ever_on(objective, trainer.epochs, max(1, math.ceil(steps / trainer.accumulate)))
     torch.manual_seed(seed + 1)
