@@ -347,8 +347,9 @@ def build_run(cfg: ExperimentConfig, variant_name: str, seed: int, *, device: st
                               progress=progress)
 
 
-def final_metric(values: dict[str, float], split: str) -> float:
-    key = f"{split}/metric/main"
+def final_metric(values: dict[str, float], split: str, task: str = "main") -> float:
+    """The main task's metric on ``split`` in a run's ``best`` record (the main task is called ``task``)."""
+    key = f"{split}/metric/{task}"
     if key not in values:
         raise AuxLossError(f"the run has no {key!r}; it has {sorted(values)}.")
     return float(values[key])
