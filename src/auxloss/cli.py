@@ -192,11 +192,18 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
     from auxloss.taps import list_layers
 
-    if ":" in args.model:
+    if args.model is None and args.config is None:
+        raise AuxLossError("give a model (a built-in name, torchvision:NAME, timm:NAME or package.module:function) "
+                           "or --config CONFIG.yaml (its model and a batch of its data).")
+    if args.config is not None:
+        model, x, label = _layers_from_config(args)
+    elif is_user_model(args.model):
+        model, x, label = _layers_user_model(args, None)
+    elif ":" in args.model:
         from auxloss.integrations.models import example_input, resolve_model
 
         model = resolve_model(args.model, num_classes=args.num_classes)
-        x = example_input(args.model, size=args.size)
+        x, label = example_input(args.model, size=args.size), args.model
     else:
         from auxloss.zoo.models import MODELS, build_model
         from auxloss.zoo.models import example_input as zoo_example
@@ -210,14 +217,108 @@ def cmd_layers(args: argparse.Namespace) -> int:
         elif args.model == "lstm_classifier":
             shape_kwargs = {"input_size": 1}
         model = build_model(args.model, **kwargs, **shape_kwargs)
-        x = zoo_example(args.model, **shape_kwargs)
-    with torch.no_grad():
-        infos = list_layers(model, x, leaves=args.leaves, max_depth=args.depth)
+        x, label = zoo_example(args.model, **shape_kwargs), args.model
+    try:
+        with torch.no_grad():
+            infos = list_layers(model, x, leaves=args.leaves, max_depth=args.depth)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise AuxLossError(f"running {label} on an example input of shape {_shape(x)} failed ({type(exc).__name__}: "
+                           f"{detail}). Give the input your model expects with --input-shape (and --input-dtype), "
+                           "or --config with your data.") from None
     print(f"{'layer':<40} {'type':<22} {'output':<28} {'params':>11}")
     for info in infos:
         print(info)
-    print(f"\n{len(infos)} tappable layers for input {tuple(x.shape)}. Tap one with auxloss.Tap('<layer>', head).")
+    print(f"\n{len(infos)} tappable layers for input {_shape(x)}. Tap one with auxloss.Tap('<layer>', head).")
     return 0
+
+
+def is_user_model(name: str) -> bool:
+    from auxloss.experiment.usercode import is_user_reference
+
+    return is_user_reference(name)
+
+
+def _shape(x: Any) -> Any:
+    return tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AuxLossError(f"--param {item!r} must look like key=value (e.g. --param width=64).")
+        params[key] = yaml.safe_load(value)  # 64 -> int, 0.5 -> float, true -> bool, [1, 2] -> list
+    return params
+
+
+def _example_from_shape(args: argparse.Namespace) -> Any:
+    import torch
+
+    try:
+        shape = tuple(int(s) for s in args.input_shape.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise AuxLossError(f"--input-shape {args.input_shape!r} must be positive integers separated by commas, such "
+                           "as 1,3,32,32 (batch, channels, height, width) or 1,64.")
+    dtype = {"float32": torch.float32, "float64": torch.float64, "long": torch.long}[args.input_dtype]
+    return torch.zeros(shape, dtype=dtype)
+
+
+def _layers_user_model(args: argparse.Namespace, config_dir: str | None,
+                       params: dict[str, Any] | None = None) -> tuple[Any, Any, str]:
+    if args.input_shape is None:
+        raise AuxLossError(f"{args.model} is your own model: give an example input's shape with --input-shape "
+                           "(e.g. --input-shape 1,3,32,32), or --config CONFIG.yaml to take one batch of its data.")
+    return _call_user_model(args.model, params or _parse_params(args.param), config_dir), \
+        _example_from_shape(args), args.model
+
+
+def _call_user_model(name: str, params: dict[str, Any], config_dir: str | None) -> Any:
+    import torch
+    from torch import nn
+
+    from auxloss.experiment.usercode import call_with_seed, import_callable
+
+    fn = import_callable(name, what="model", search=[config_dir] if config_dir else [])
+    torch.manual_seed(0)
+    model = call_with_seed(fn, 0, params, what=f"model {name!r}")
+    if not isinstance(model, nn.Module):
+        raise AuxLossError(f"model {name!r} returned a {type(model).__name__}, not a torch.nn.Module.")
+    return model
+
+
+def _layers_from_config(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """The config's model (or MODEL), and the first validation sample of the config's data as the input."""
+    import torch
+
+    from auxloss.experiment.assemble import check_splits, example_input, make_loaders
+    from auxloss.experiment.build import experiment_from_config
+    from auxloss.experiment.config import load_config
+
+    cfg = load_config(args.config)
+    # MODEL named as in the config gets the config's params, unless --param gives others.
+    params = _parse_params(args.param) or (dict(cfg.model.params) if args.model == cfg.model.name else {})
+    if args.model is not None and is_user_model(args.model) and args.input_shape is not None:
+        return _layers_user_model(args, cfg._config_dir, params)
+    exp = experiment_from_config(cfg)
+    if args.input_shape is not None:
+        x = _example_from_shape(args)
+    else:
+        splits = check_splits(exp.data(0))
+        loaders = make_loaders(splits, batch_size=1, eval_batch_size=1, options={}, seed=0)
+        x = example_input(exp, loaders)
+    if args.model is not None and is_user_model(args.model):
+        return _call_user_model(args.model, params, cfg._config_dir), x, args.model
+    if args.model is not None:
+        raise AuxLossError("with --config, the model is the config's (model.name); give a package.module:function "
+                           "MODEL to list another one, or drop --config.")
+    torch.manual_seed(0)
+    return exp.model(0), x, cfg.model.name
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -310,9 +411,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("layers", help="list a model's tappable layers with their output shapes",
-                       description="List the layers of a built-in model (small_cnn, deep_mlp, googlenet, "
-                                   "googlenet32) or torchvision:NAME / timm:NAME, with output shapes.")
-    p.add_argument("model", help="model name")
+                       description="List the layers of a model, with output shapes: a built-in model (small_cnn, "
+                                   "deep_mlp, googlenet, googlenet32), torchvision:NAME / timm:NAME, or your own "
+                                   "package.module:function (with --input-shape, or --config to run it on a batch "
+                                   "of the config's data). Naming a function runs that code.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model name, or package.module:function returning your nn.Module (default with --config: "
+                        "the config's model)")
+    p.add_argument("--config", default=None, help="an experiment YAML: its model (and params) and the first "
+                                                  "validation sample of its data as the example input")
+    p.add_argument("--input-shape", default=None, metavar="SHAPE",
+                   help="example input shape for your own model, batch first: 1,3,32,32 or 1,64")
+    p.add_argument("--input-dtype", default="float32", choices=["float32", "float64", "long"],
+                   help="dtype of the --input-shape example (long for token ids)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument of your model function (repeatable; values read as YAML)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--size", type=int, default=224, help="input size for torchvision/timm models")
     p.add_argument("--leaves", action="store_true", help="only modules without children")

@@ -259,12 +259,20 @@ def experiment_from_config(cfg: ExperimentConfig | dict[str, Any], config_dir: s
         return build_model(cfg, data.raw(seed)["train"], seed)
 
     tcfg = cfg.train
+    engine: Any = None
+    if tcfg.engine == "lightning":
+        from auxloss.experiment.engines import LightningEngine
+
+        lit = tcfg.lightning
+        module = import_callable(lit.module, what="train.lightning.module", search=_search(cfg)) \
+            if lit is not None and lit.module else None
+        engine = LightningEngine(module=module, trainer_kwargs=lit.trainer if lit is not None else None)
     return Experiment(
         model=model, data=data, variants=[ConfigVariant(cfg, v) for v in cfg.variants],
         main=Task(cfg.main.name, target=cfg.main.target, loss=cfg.main.loss, metric=cfg.main.metric),
         name=cfg.name, seeds=cfg.seeds, train=_trainer_options(tcfg), batch_size=cfg.data.batch_size,
         eval_batch_size=cfg.data.eval_batch_size, batch_keys=tuple(cfg.data.batch_keys),
-        input_key=cfg.data.input_key, keep=cfg.keep,
+        input_key=cfg.data.input_key, keep=cfg.keep, engine=engine,
         loader={"num_workers": cfg.data.num_workers, "pin_memory": cfg.data.pin_memory,
                 "persistent_workers": cfg.data.persistent_workers},
         compare_on=tcfg.compare_on, alpha=cfg.alpha, config=cfg.model_dump(mode="json"),

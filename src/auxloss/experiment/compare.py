@@ -37,6 +37,7 @@ def compare(
     compare_on: Literal["test", "val"] = "test",
     alpha: float = 0.05,
     keep: Literal["none", "best", "all"] = "best",
+    engine: Any = None,
     workers: int = 1,
     device: str | None = None,
     force: bool = False,
@@ -59,6 +60,9 @@ def compare(
         loader: ``DataLoader`` options for datasets (``num_workers``, ``pin_memory``, ``persistent_workers``).
         keep: trained weights kept per run: ``"best"`` (best validation epoch; trunk and heads in separate files,
             about 4 bytes per parameter each), ``"all"`` (also the last epoch), ``"none"``.
+        engine: what trains each run: ``None`` (auxloss's Trainer), ``"lightning"``, or
+            :class:`~auxloss.experiment.engines.LightningEngine` ``(module=..., trainer_kwargs=...)`` for
+            ``lightning.Trainer`` (see docs/your-model.md, "Lightning").
         workers: processes training runs in parallel (factories must then be module-level functions).
         store: a PostgreSQL URL to share the runs with workers on other machines.
 
@@ -71,6 +75,6 @@ def compare(
     exp = Experiment(model=model, data=data, variants=variants, main=main, name=name, seeds=seeds,
                      train=dict(train or {}), batch_size=batch_size, eval_batch_size=eval_batch_size,
                      loader=dict(loader or {}), batch_keys=tuple(batch_keys), input_key=input_key,
-                     compare_on=compare_on, alpha=alpha, keep=keep)
+                     compare_on=compare_on, alpha=alpha, keep=keep, engine=engine)
     return run(exp, out, workers=workers, device=device, force=force, progress=progress, store=store,
                command=f"auxloss.compare(..., out={str(out)!r}, seeds={seeds})")

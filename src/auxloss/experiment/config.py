@@ -28,7 +28,7 @@ from pydantic import (
 from auxloss.errors import AuxLossError
 from auxloss.train.options import TrainOptions, option_specs
 
-__all__ = ["DataConfig", "ExperimentConfig", "HeadConfig", "ModelConfig", "TaskConfig", "TrainConfig",
+__all__ = ["DataConfig", "ExperimentConfig", "HeadConfig", "LightningConfig", "ModelConfig", "TaskConfig", "TrainConfig",
            "VariantConfig", "config_hash", "load_config", "parse_config"]
 
 
@@ -168,6 +168,16 @@ class MainConfig(_Strict):
         return task.metric_name, task.higher_is_better
 
 
+class LightningConfig(_Strict):
+    """Options of the Lightning engine (``train: {engine: lightning, lightning: {...}}``)."""
+
+    #: ``package.module:Class``: your LightningModule built on AuxLossMixin, called as ``Class(model, objective)``;
+    #: its ``configure_optimizers`` then chooses the optimizer. ``null``: auxloss's ``AuxLossModule``.
+    module: str | None = None
+    #: More ``lightning.Trainer`` keyword arguments (``deterministic``, ``detect_anomaly``, ...).
+    trainer: dict[str, Any] = Field(default_factory=dict)
+
+
 def _training_fields() -> dict[str, Any]:
     """The ``train:`` keys, one per setting of :class:`~auxloss.train.TrainOptions`, with its bounds and choices.
 
@@ -192,6 +202,18 @@ class TrainConfig(_TrainingSettings):  # type: ignore[misc, valid-type]
     #: Which split's main metric is compared between variants: the test split (the best epoch is still chosen on
     #: validation).
     compare_on: Literal["test", "val"] = "test"
+    #: What trains each run: ``auxloss`` (auxloss's Trainer, with checkpoints and resume) or ``lightning``
+    #: (``lightning.Trainer``, through the Lightning engine; see docs/your-model.md, "Lightning").
+    engine: Literal["auxloss", "lightning"] = "auxloss"
+    #: Options of the Lightning engine; only with ``engine: lightning``.
+    lightning: LightningConfig | None = None
+
+    @model_validator(mode="after")
+    def _lightning_options(self) -> TrainConfig:
+        if self.lightning is not None and self.engine != "lightning":
+            raise ValueError("train.lightning options are given but train.engine is not 'lightning'; add "
+                             "`engine: lightning` or drop them")
+        return self
 
     @model_validator(mode="after")
     def _trainer_accepts(self) -> TrainConfig:
@@ -269,6 +291,11 @@ class ExperimentConfig(_Strict):
         if dupes:
             raise ValueError(f"duplicate variant names {dupes}")
         for v in self.variants:
+            engine = sorted({"engine", "lightning"} & set(v.train))
+            if engine:
+                raise ValueError(f"variant {v.name!r}: train.{engine[0]} cannot differ between variants (the "
+                                 "baseline and every variant train with the same engine); set it under the "
+                                 "top-level train:")
             if v.train:
                 try:  # a variant's `train:` overrides get the same validation as the top-level `train:`
                     self.train_for(v.name)
@@ -304,6 +331,10 @@ def config_hash(cfg: ExperimentConfig) -> str:
     """A fingerprint of everything that changes the runs (not the number of seeds, which only adds runs)."""
     data = cfg.model_dump(mode="json")
     data.pop("seeds", None)
+    # The default engine is left out, so that the fingerprints of configs written before it existed still hold.
+    if data["train"].get("engine") == "auxloss" and data["train"].get("lightning") is None:
+        data["train"].pop("engine", None)
+        data["train"].pop("lightning", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -106,7 +106,11 @@ def probe_variant(cfg: ExperimentConfig, variant: str, *, steps: int = 200, ever
                                  bounded_accuracy=task.higher_is_better and task.metric_name in
                                  ("accuracy", "binary_accuracy"))
         tasks[name]["shared_parameters"] = len(shared_names.get(name, []))
-    return {"variant": variant, "steps": steps, "seconds": seconds, "tasks": tasks}
+    try:
+        batches = len(built.loaders["train"])
+    except TypeError:  # a stream: the full experiment's length is unknown
+        batches = None
+    return {"variant": variant, "steps": steps, "seconds": seconds, "batches_per_epoch": batches, "tasks": tasks}
 
 
 def _lookahead(model: nn.Module, objective: Any, batch: Any, x: Any, shared: list[tuple[str, nn.Parameter]],
@@ -184,7 +188,12 @@ def run_probe(cfg: ExperimentConfig, out: str | Path, *, steps: int = 200, every
     summary: dict[str, Any] = {"name": cfg.name, "steps": steps, "every": every, "seed": seed,
                                "lookahead_lr": lookahead_lr, "seconds": seconds, "candidates": candidates}
     # Cost relative to a full experiment: the same per-step cost over every run's steps.
-    steps_per_epoch = max(1, cfg.data.n_train // cfg.data.batch_size)
+    # The training loader's own length (the user's data ignores data.n_train), else the config's sizes.
+    measured = [c["batches_per_epoch"] for c in candidates if c.get("batches_per_epoch")]
+    from auxloss.experiment.usercode import is_user_reference
+
+    steps_per_epoch = measured[0] if measured else \
+        0 if is_user_reference(cfg.data.name) else max(1, cfg.data.n_train // cfg.data.batch_size)
     full_steps = steps_per_epoch * cfg.train.epochs * cfg.seeds * (len(cfg.variants) + 1)
     probe_steps = steps * len(candidates)
     summary["cost_fraction_estimate"] = probe_steps / full_steps if full_steps else None

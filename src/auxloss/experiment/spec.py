@@ -181,6 +181,9 @@ class Experiment:
         alpha: the significance level of the verdict (Holm-corrected).
         keep: which trained weights to keep: ``"best"`` (default: the best-validation weights of every run),
             ``"all"`` (also the last epoch's), or ``"none"``.
+        engine: what trains each run: ``None``/``"auxloss"`` (auxloss's :class:`~auxloss.Trainer`, the default),
+            ``"lightning"`` or a :class:`~auxloss.experiment.engines.LightningEngine` (``lightning.Trainer``), or
+            another :class:`~auxloss.experiment.engines.FitEngine`.
         config: a JSON-able description recorded in ``results.json`` (the YAML config for ``auxloss run``).
         fingerprint: identity of the experiment in the store (default: a hash of its description); a folder
             holding another fingerprint is not reused without ``force``.
@@ -201,6 +204,7 @@ class Experiment:
     compare_on: Literal["test", "val"] = "test"
     alpha: float = 0.05
     keep: Literal["none", "best", "all"] = "best"
+    engine: Any = None
     config: Mapping[str, Any] | None = None
     fingerprint: str | None = None
     #: ``(function, args)`` that rebuilds this experiment in a worker process (set for YAML configs, whose
@@ -208,7 +212,10 @@ class Experiment:
     rebuild: tuple[Callable[..., Experiment], tuple] | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        from auxloss.experiment.engines import as_engine
+
         check_name("experiment", self.name)
+        self.engine = as_engine(self.engine)
         if self.main is None:
             self.main = Task("main", target="target")
         if not isinstance(self.main, Task):
@@ -285,7 +292,13 @@ class Experiment:
                 "main": repr(self.main), "variants": [v.describe() for v in self.variants],
                 "train": {k: repr(v) for k, v in dict(self.train).items()}, "batch_size": self.batch_size,
                 "batch_keys": list(self.batch_keys), "input_key": self.input_key, "compare_on": self.compare_on,
-                "alpha": self.alpha}
+                "alpha": self.alpha, **self._engine_description()}
+
+    def _engine_description(self) -> dict[str, Any]:
+        # Only another engine than the default is named, so that the fingerprints of existing experiments hold.
+        from auxloss.experiment.engines import TrainerEngine
+
+        return {} if isinstance(self.engine, TrainerEngine) else {"engine": self.engine.describe()}
 
     def identity(self) -> str:
         """The store's fingerprint: what changes the runs (not the number of seeds, which only adds runs)."""

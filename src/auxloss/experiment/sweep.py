@@ -44,6 +44,7 @@ from auxloss.experiment import stats
 from auxloss.experiment.config import ExperimentConfig, VariantConfig
 from auxloss.experiment.report.sweep import format_sweep
 from auxloss.experiment.storage import StudyLock, hide_password, optuna_storage
+from auxloss.experiment.usercode import is_user_reference
 
 __all__ = ["SEARCH_SEED_OFFSET", "WEIGHT_RANGE", "format_sweep", "run_sweep", "sweep_worker", "total_steps",
            "with_weights"]
@@ -122,14 +123,34 @@ def total_steps(cfg: ExperimentConfig, variant: str | None = None) -> int:
         tcfg = cfg.train_for(variant)
     n, bs = cfg.data.n_train, cfg.data.batch_size
     batches = n // bs if n > bs else 1
+    if is_user_reference(cfg.data.name):  # data.n_train is not used: count the user's own training split
+        batches = _user_train_batches(cfg)
     return max(1, math.ceil(batches / tcfg.accumulate)) * tcfg.epochs
+
+
+def _user_train_batches(cfg: ExperimentConfig) -> int:
+    from torch.utils.data import DataLoader
+
+    from auxloss.experiment.build import build_data
+
+    train = build_data(cfg, 0)["train"]
+    try:
+        n = len(train)
+    except TypeError:
+        raise AuxLossError("searching when each task enters (--schedule) needs the number of training steps, but "
+                           "the training split has no length (an iterable dataset); give it a __len__, or search "
+                           "the weights only.") from None
+    if isinstance(train, DataLoader):
+        return max(1, n)
+    bs = cfg.data.batch_size
+    return n // bs if n > bs else 1  # the runner's loader drops a last partial batch when there are several
 
 
 def _weights_from_params(cfg: ExperimentConfig, vcfg: VariantConfig, params: Mapping[str, float],
                          schedule: bool) -> dict[str, float | dict[str, Any]]:
     """Each task's weight config for a trial's parameters."""
     weights: dict[str, float | dict[str, Any]] = {}
-    steps = total_steps(cfg, vcfg.name)
+    steps = total_steps(cfg, vcfg.name) if schedule else 0  # only a schedule needs it (user data is built for it)
     for task in vcfg.tasks:
         w = float(params[f"w/{task.name}"])
         if schedule:

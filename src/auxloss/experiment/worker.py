@@ -58,18 +58,18 @@ def run_one(exp: Experiment | ExperimentConfig, variant: str, seed: int, *, out:
     built = build_run(exp, variant, seed, device=device, log_dir=str(run_dir) if run_dir else None,
                       progress=progress)
     assert exp.main is not None
+    hooks: list[Callback] = []
     if store is not None:
         keys = (exp.input_key,) + ((exp.main.target,) if isinstance(exp.main.target, str) else ())
-        built.trainer.callbacks.append(PairingCheck(store.set_meta_once, seed, built.init_hash, keys,
-                                                    tuple(exp.batch_keys)))
+        hooks.append(PairingCheck(store.set_meta_once, seed, built.init_hash, keys, tuple(exp.batch_keys)))
     keeper = _Keeper(run_dir / "weights", exp.keep) if run_dir is not None and exp.keep != "none" else None
     if keeper is not None:
-        built.trainer.callbacks.append(keeper)
-    built.trainer.callbacks.extend(callbacks)
-    # An interrupted run resumes from its last checkpoint (bit-identically on CPU) instead of starting over.
-    built.trainer.checkpoint_dir = run_checkpoint_dir(exp, variant, seed, out, checkpoint_dir)
-    fit = built.trainer.fit(built.model, built.objective, built.loaders["train"], built.loaders["val"],
-                            built.loaders["test"])
+        hooks.append(keeper)
+    hooks.extend(callbacks)
+    # The experiment's engine trains the run (auxloss's Trainer by default; an interrupted run then resumes from
+    # its last checkpoint, bit-identically on CPU, instead of starting over).
+    fit = exp.engine.fit(built, callbacks=hooks,
+                         checkpoint_dir=run_checkpoint_dir(exp, variant, seed, out, checkpoint_dir))
     record = {
         "variant": variant,
         "seed": seed,
