@@ -338,10 +338,17 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from auxloss.experiment.config import load_config
     from auxloss.experiment.probe import format_probe, run_probe
 
-    cfg = load_config(args.config)
+    if (args.config is None) == (args.demo is None):
+        raise AuxLossError("give a config file or --demo NAME (auxloss demo --list), not both and not neither.")
+    if args.demo is not None:
+        from auxloss.experiment.demos import demo_config
+
+        cfg = demo_config(args.demo, quick=args.quick)
+    else:
+        cfg = load_config(args.config)
     out = Path(args.out or f"runs/{cfg.name}")
     summary = run_probe(cfg, out, steps=args.steps, every=args.every, seed=args.seed,
-                        lookahead_lr=args.lookahead_lr, results=args.results)
+                        lookahead_lr=args.lookahead_lr, results=args.results, budget=args.budget)
     print(format_probe(summary))
     print(f"Probe: {(out / 'probe.json').resolve()}")
     return 0
@@ -451,9 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Each variant of CONFIG is a candidate. A short run per candidate measures its "
                                    "gradient cosine with the main task, its look-ahead affinity (Fifty et al. 2021) "
                                    "and how fast it is learned, then ranks the candidates.")
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("--steps", type=int, default=200, help="training steps per candidate")
-    p.add_argument("--every", type=int, default=10, help="measure every N steps")
+    p.add_argument("config", nargs="?", default=None, help="YAML config file (or --demo NAME)")
+    p.add_argument("--demo", default=None, help="probe a built-in demo's config (auxloss demo --list)")
+    p.add_argument("--quick", action="store_true", help="with --demo: the demo's quick config")
+    p.add_argument("--budget", type=float, default=0.2,
+                   help="the most the probe may cost, as a fraction of the experiment's training steps (default 0.2)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per candidate (default: as many as the budget allows, at most 200)")
+    p.add_argument("--every", type=int, default=None, help="measure every N steps (default: about 10 per candidate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lookahead-lr", type=float, default=0.1, help="SGD step size of the look-ahead")
     p.add_argument("--results", default=None, help="a finished experiment folder to compare the ranking with")

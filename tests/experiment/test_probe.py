@@ -65,3 +65,100 @@ def test_probe_ranks_candidates_and_compares_with_a_finished_experiment(tmp_path
                    {"comparisons": [{"variant": "a", "delta": 0.3}, {"variant": "b", "delta": 0.2},
                                     {"variant": "c", "delta": 0.1}]})
     assert ag["spearman_rho"] == pytest.approx(1.0)
+
+
+def test_lookahead_with_a_truncated_trinh_task_scores_the_main_loss_only():
+    # The crash on the sequences demo: the look-ahead scored every task on outputs made with the shifted weights,
+    # and the truncated Trinh loss, which recomputes the RNN with its module's own (unshifted) weights, refused
+    # the mismatch. The look-ahead now scores the main loss alone, computed here by hand.
+    from auxloss.sequence import trinh_auxiliary
+    from auxloss.zoo.models import LSTMClassifier
+
+    torch.manual_seed(0)
+    net = LSTMClassifier(1, 3, hidden=8)
+    taps, tasks = trinh_auxiliary(net, "rnn", segment=4, truncate=4, weight=1.0)
+    model = al.attach(net, taps, example_input=torch.zeros(1, 12, 1))
+    objective = al.Objective(aux=tasks)
+    x = torch.randn(6, 12, 1)
+    batch = {"input": x, "target": torch.randint(0, 3, (6,))}
+    report = objective(model(x), batch)
+    shared = [(n, p) for n, p in model.named_parameters() if n.startswith("model.rnn")]
+    grads = torch.autograd.grad(report.losses["trinh"], [p for _, p in shared])
+    z = _lookahead(model, objective, batch, x, shared, grads, 0.5, float(report.losses["main"]))
+    with torch.no_grad():
+        net.eval()
+        before = nn.functional.cross_entropy(net(x), batch["target"])
+        saved = [p.clone() for _, p in shared]
+        for (_, p), g in zip(shared, grads):
+            p -= 0.5 * g
+        after = nn.functional.cross_entropy(net(x), batch["target"])
+        for (_, p), v in zip(shared, saved):
+            p.copy_(v)
+    assert z == pytest.approx(1 - float(after) / float(before), rel=1e-5)
+
+
+def test_probe_runs_on_every_demo_config(tmp_path, monkeypatch):
+    # A few steps of every candidate of every demo (the demo configs themselves, shrunk), including the sequences
+    # demo's truncated Trinh task that used to crash the look-ahead.
+    from auxloss.experiment.demos import DEMOS, demo_config
+    from auxloss.zoo.data.idx import fashion_mnist_available
+
+    for name in DEMOS:
+        if name == "fashion-mnist" and not fashion_mnist_available():
+            continue
+        cfg = demo_config(name, quick=True)
+        cfg.data.n_train, cfg.data.n_val, cfg.data.n_test = 64, 32, 32
+        summary = run_probe(cfg, tmp_path / name, steps=2, every=1)
+        assert len(summary["candidates"]) == len(cfg.variants)
+        assert all(c["steps"] == 2 and c["measurements"] == 2 for c in summary["candidates"])
+
+
+def _budget_cfg(n_train: int, epochs: int, seeds: int = 3):
+    return parse_config({
+        "name": "budget-t", "seeds": seeds,
+        "data": {"name": "shapes", "n_train": n_train, "n_val": 32, "n_test": 32, "batch_size": 32,
+                 "params": {"image_size": 16}},
+        "model": {"name": "small_cnn", "params": {"width": 4}},
+        "train": {"epochs": epochs},
+        "variants": [
+            {"name": "one", "taps": {"c": {"layer": "block2", "head": {"type": "linear"}}},
+             "tasks": [{"name": "c", "source": "c", "target": "colour"}]},
+            {"name": "two", "taps": {"c": {"layer": "block2", "head": {"type": "linear"}},
+                                     "s": {"layer": "block1", "head": {"type": "linear"}}},
+             "tasks": [{"name": "c", "source": "c", "target": "colour"}, {"name": "s", "source": "s",
+                                                                          "target": "size"}]},
+        ],
+    })
+
+
+def test_the_plan_keeps_the_probe_within_its_budget():
+    from auxloss.experiment.probe import experiment_steps, plan_probe
+
+    cfg = _budget_cfg(n_train=640, epochs=10)
+    # 640 / 32 = 20 steps an epoch, 10 epochs, 3 seeds, 2 variants + the baseline
+    assert experiment_steps(cfg) == 20 * 10 * 3 * 3 == 1800
+    plan = plan_probe(cfg)
+    # budget 0.2 * 1800 = 360 step-equivalents; 10 measurements cost 2 steps per auxiliary task each:
+    # 10·2·1 + 10·2·2 = 60, so (360 - 60) // 2 = 150 steps per candidate, measured every 15 steps
+    assert (plan["steps"], plan["every"]) == (150, 15)
+    assert plan["probe_steps"] == 150 + 10 * 2 + 150 + 10 * 4 == 360
+    assert plan["cost_fraction"] == pytest.approx(0.2) and not plan["over_budget"]
+    big = plan_probe(_budget_cfg(n_train=6400, epochs=10))
+    assert big["steps"] == 200 and big["cost_fraction"] < 0.2  # capped: more steps tell no more
+    tight = plan_probe(cfg, budget=0.05)  # 90 steps: 10 measurements leave 15 each; 5 leave 30 (>= 10)
+    assert (tight["steps"], tight["every"]) == (15, 2) and tight["probe_steps"] <= 90
+    tiny = plan_probe(_budget_cfg(n_train=64, epochs=2, seeds=1))  # 2·2·1·3 = 12 steps in all: nothing fits
+    assert tiny["steps"] == 10 and tiny["over_budget"]
+    with pytest.raises(al.AuxLossError, match="budget must be"):
+        plan_probe(cfg, budget=1.5)
+
+
+def test_the_probe_counts_its_own_steps(tmp_path):
+    cfg = _budget_cfg(n_train=640, epochs=2, seeds=2)  # 20 · 2 · 2 · 3 = 240 steps; budget 48
+    summary = run_probe(cfg, tmp_path)
+    # 10 or 5 measurements leave too few steps; 3 leave (48 - 3·2 - 3·4) // 2 = 15 steps, every 5
+    assert [(c["steps"], c["measurements"]) for c in summary["candidates"]] == [(15, 3), (15, 3)]
+    counted = sum(c["steps"] + c["measurements"] * 2 * len(c["tasks"]) for c in summary["candidates"])
+    assert summary["probe_steps"] == counted == 48
+    assert summary["cost_fraction"] == pytest.approx(0.2)
+    assert "of the full experiment's training steps" in (tmp_path / "probe.md").read_text()

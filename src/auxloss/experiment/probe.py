@@ -30,18 +30,35 @@ from torch.func import functional_call
 
 from auxloss.errors import AuxLossError
 from auxloss.experiment.config import ExperimentConfig
-from auxloss.taps import AuxModel
+from auxloss.taps import AuxModel, Outputs
+from auxloss.tasks import batch_as_dict
 
-__all__ = ["probe_variant", "run_probe"]
+__all__ = ["DEFAULT_BUDGET", "experiment_steps", "plan_probe", "probe_variant", "run_probe"]
 
 
-def _shared(model: nn.Module, main_loss: Tensor, aux_loss: Tensor) -> list[tuple[str, nn.Parameter]]:
-    """Parameters that both losses reach (the ones an auxiliary task shapes for the main task)."""
+def _shared_grads(model: nn.Module, main_loss: Tensor, aux_loss: Tensor
+                  ) -> tuple[list[tuple[str, nn.Parameter]], list[Tensor], list[Tensor]]:
+    """The parameters both losses reach (the ones an auxiliary task shapes for the main task) and each loss's
+    gradient there: one backward pass per loss."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     g0 = torch.autograd.grad(main_loss, params, retain_graph=True, allow_unused=True)
     gk = torch.autograd.grad(aux_loss, params, retain_graph=True, allow_unused=True)
-    return [(n, p) for (n, p), a, b in zip(named, g0, gk) if a is not None and b is not None]
+    keep = [i for i, (a, b) in enumerate(zip(g0, gk)) if a is not None and b is not None]
+    return [named[i] for i in keep], [g0[i] for i in keep], [gk[i] for i in keep]
+
+
+def _main_loss(objective: Any, outputs: Any, batch: Any) -> float:
+    """The main task's loss alone. The look-ahead scores only this: computing every task's loss there would run
+    the auxiliary losses on outputs made with the shifted parameters (a truncated Trinh loss recomputes the RNN
+    with the module's own, unshifted weights, and refused the mismatch) and would feed the weighting's
+    ``multipliers`` a batch that is not a training step (DWA's and the uncertainty weights' running state)."""
+    if not isinstance(outputs, Outputs):
+        outputs = Outputs(main=outputs)
+    task = objective.main
+    pred = task.prediction(outputs)
+    target = task.resolve_target(batch_as_dict(batch, objective.batch_keys), task.target)
+    return float(task.loss_value(pred, target))
 
 
 def probe_variant(cfg: ExperimentConfig, variant: str, *, steps: int = 200, every: int = 10, seed: int = 0,
@@ -62,7 +79,7 @@ def probe_variant(cfg: ExperimentConfig, variant: str, *, steps: int = 200, ever
     metrics: dict[str, list[float]] = {n: [] for n in names}
     shared_names: dict[str, list[str]] = {}
     started = time.perf_counter()
-    step = 0
+    step = measurements = 0
     model.train()
     while step < steps:
         for batch in built.loaders["train"]:
@@ -73,16 +90,14 @@ def probe_variant(cfg: ExperimentConfig, variant: str, *, steps: int = 200, ever
             report = objective(model(x), batch)
             main_loss = report.losses[objective.main.name]
             if step % every == 0:
+                measurements += 1
                 for name in names:
                     aux_loss = report.losses[name]
-                    shared = _shared(model, main_loss, aux_loss)
+                    shared, g0, gk = _shared_grads(model, main_loss, aux_loss)
                     if not shared:
                         raise AuxLossError(f"task {name!r} shares no parameter with the main task: it cannot "
                                            "affect it. Tap a layer of the trunk.")
                     shared_names[name] = [n for n, _ in shared]
-                    params = [p for _, p in shared]
-                    g0 = torch.autograd.grad(main_loss, params, retain_graph=True)
-                    gk = torch.autograd.grad(aux_loss, params, retain_graph=True)
                     v0 = torch.cat([g.flatten() for g in g0])
                     vk = torch.cat([g.flatten() for g in gk])
                     denom = float(v0.norm() * vk.norm())
@@ -110,7 +125,9 @@ def probe_variant(cfg: ExperimentConfig, variant: str, *, steps: int = 200, ever
         batches = len(built.loaders["train"])
     except TypeError:  # a stream: the full experiment's length is unknown
         batches = None
-    return {"variant": variant, "steps": steps, "seconds": seconds, "batches_per_epoch": batches, "tasks": tasks}
+    return {"variant": variant, "steps": steps, "measurements": measurements, "every": every,
+            "step_equivalents": steps + measurements * _measurement_cost(len(names)), "seconds": seconds,
+            "batches_per_epoch": batches, "tasks": tasks}
 
 
 def _lookahead(model: nn.Module, objective: Any, batch: Any, x: Any, shared: list[tuple[str, nn.Parameter]],
@@ -123,10 +140,8 @@ def _lookahead(model: nn.Module, objective: Any, batch: Any, x: Any, shared: lis
     try:
         with torch.no_grad():
             params = {n: p - lr * g for (n, p), g in zip(shared, grads)}
-            out = functional_call(model, params, (x,), strict=False)
-            after = float(objective(out, batch).losses[objective.main.name])
-            out0 = model(x)
-            before = float(objective(out0, batch).losses[objective.main.name])
+            after = _main_loss(objective, functional_call(model, params, (x,), strict=False), batch)
+            before = _main_loss(objective, model(x), batch)
     finally:
         model.train(was_training)
     # Both losses in eval mode, so the ratio measures the step, not the train/eval difference.
@@ -161,13 +176,80 @@ def _summarise(cos: list[float], aff: list[float], losses: list[float], metrics:
     }
 
 
-def run_probe(cfg: ExperimentConfig, out: str | Path, *, steps: int = 200, every: int = 10, seed: int = 0,
-              lookahead_lr: float = 0.1, results: str | Path | None = None) -> dict[str, Any]:
-    """Probe every variant of ``cfg``, rank the candidates, and write ``probe.json`` and ``probe.md``."""
+def _measurement_cost(n_aux: int) -> int:
+    """A measurement's cost in training steps, for ``n_aux`` auxiliary tasks.
+
+    Per task: the main and auxiliary gradients (two backward passes) and the look-ahead's two forward passes. A
+    training step is one forward and one backward, and a backward costs about two forwards, so each task's
+    measurement costs (2·2 + 2) / 3 = 2 training steps.
+    """
+    return 2 * n_aux
+
+
+def experiment_steps(cfg: ExperimentConfig) -> int:
+    """Training steps of the full experiment: every variant and the baseline, every seed, every epoch."""
+    n_train, batch = cfg.data.n_train, cfg.data.batch_size
+    per_epoch = n_train // batch if n_train > batch else 1  # the loader drops a last partial batch (build_run)
+    return per_epoch * cfg.train.epochs * cfg.seeds * (len(cfg.variants) + 1)
+
+
+#: The probe's default budget: its cost, counted in training steps (measurements included, see
+#: :func:`_measurement_cost`), is at most this fraction of the full experiment's training steps.
+DEFAULT_BUDGET = 0.2
+MAX_STEPS = 200  # a bigger budget buys no more than this per candidate: the measurements have settled by then
+MIN_STEPS = 10   # below this the learning curve says nothing; a config too small for it is probed over budget
+
+
+def plan_probe(cfg: ExperimentConfig, budget: float = DEFAULT_BUDGET, *, steps: int | None = None,
+               every: int | None = None) -> dict[str, Any]:
+    """Steps per candidate and measurement interval that keep the probe within ``budget`` of the experiment.
+
+    Every candidate gets the same number of steps (a fair ranking). With ``steps`` given it is used as it is (the
+    cost is then only reported). Otherwise the largest ``steps`` (at most :data:`MAX_STEPS`) whose cost,
+    ``Σ_c steps + measurements · 2·K_c`` over the candidates, fits ``budget · experiment_steps``, with about 10
+    measurements per candidate (5, then 3, when the budget is tight). A config so small that not even
+    :data:`MIN_STEPS` fit is probed with :data:`MIN_STEPS` and 3 measurements, and ``over_budget`` says so.
+    """
+    if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
+        raise AuxLossError(f"budget must be a fraction of the experiment's training steps in (0, 1], got {budget!r};"
+                           " the default is 0.2.")
+    ks = [len(v.tasks) for v in cfg.variants if v.tasks]
+    full = experiment_steps(cfg)
+    allowance = budget * full
+    over = False
+    if steps is None:
+        for n_meas in (10, 5, 3):
+            fit = int((allowance - sum(n_meas * _measurement_cost(k) for k in ks)) // max(1, len(ks)))
+            if fit >= max(MIN_STEPS, n_meas):
+                break
+        steps = min(MAX_STEPS, fit)
+        if steps < MIN_STEPS:
+            steps, n_meas, over = MIN_STEPS, 3, True
+        every = every if every is not None else -(-steps // n_meas)
+    elif every is None:
+        every = 10
+    if not isinstance(steps, int) or steps < 1 or not isinstance(every, int) or every < 1:
+        raise AuxLossError(f"steps and every must be positive integers, got steps={steps!r}, every={every!r}.")
+    measurements = -(-steps // every)
+    cost = sum(steps + measurements * _measurement_cost(k) for k in ks)
+    return {"steps": steps, "every": every, "budget": budget, "experiment_steps": full, "probe_steps": cost,
+            "cost_fraction": cost / full if full else None, "over_budget": over or cost > allowance}
+
+
+def run_probe(cfg: ExperimentConfig, out: str | Path, *, steps: int | None = None, every: int | None = None,
+              seed: int = 0, lookahead_lr: float = 0.1, results: str | Path | None = None,
+              budget: float = DEFAULT_BUDGET) -> dict[str, Any]:
+    """Probe every variant of ``cfg``, rank the candidates, and write ``probe.json`` and ``probe.md``.
+
+    By default the probe costs at most ``budget`` (20%) of the full experiment's training steps
+    (:func:`plan_probe`); ``steps``/``every`` override the plan.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.variants:
         raise AuxLossError("the config lists no variants: each variant is a candidate auxiliary task to probe.")
+    plan = plan_probe(cfg, budget, steps=steps, every=every)
+    steps, every = plan["steps"], plan["every"]
     started = time.perf_counter()
     candidates = []
     for variant in cfg.variants:
@@ -186,17 +268,12 @@ def run_probe(cfg: ExperimentConfig, out: str | Path, *, steps: int = 200, every
         c["rank"] = rank
     seconds = time.perf_counter() - started
     summary: dict[str, Any] = {"name": cfg.name, "steps": steps, "every": every, "seed": seed,
-                               "lookahead_lr": lookahead_lr, "seconds": seconds, "candidates": candidates}
-    # Cost relative to a full experiment: the same per-step cost over every run's steps.
-    # The training loader's own length (the user's data ignores data.n_train), else the config's sizes.
-    measured = [c["batches_per_epoch"] for c in candidates if c.get("batches_per_epoch")]
-    from auxloss.experiment.usercode import is_user_reference
-
-    steps_per_epoch = measured[0] if measured else \
-        0 if is_user_reference(cfg.data.name) else max(1, cfg.data.n_train // cfg.data.batch_size)
-    full_steps = steps_per_epoch * cfg.train.epochs * cfg.seeds * (len(cfg.variants) + 1)
-    probe_steps = steps * len(candidates)
-    summary["cost_fraction_estimate"] = probe_steps / full_steps if full_steps else None
+                               "lookahead_lr": lookahead_lr, "seconds": seconds, "candidates": candidates, **plan}
+    # Counted, not estimated: the steps and measurements actually made, against the experiment's steps.
+    summary["probe_steps"] = sum(c["step_equivalents"] for c in candidates)
+    full = plan["experiment_steps"]
+    summary["cost_fraction"] = summary["probe_steps"] / full if full else None
+    summary["cost_fraction_estimate"] = summary["cost_fraction"]  # the former key
     results_path = Path(results) / "results.json" if results else out / "results.json"
     if results_path.exists():
         summary["agreement"] = agreement(candidates, json.loads(results_path.read_text()))
@@ -239,9 +316,14 @@ def format_probe(summary: dict[str, Any]) -> str:
     rec = [c["variant"] for c in summary["candidates"] if c["recommended"]]
     lines += ["", "Recommended for a full experiment: " + (", ".join(rec) if rec else
               "none: every candidate's look-ahead step raises the main loss or is not learnable."), ""]
-    if summary.get("cost_fraction_estimate") is not None:
-        lines.append(f"The probe costs about {summary['cost_fraction_estimate']:.1%} of the full experiment's "
-                     "training steps.")
+    if summary.get("cost_fraction") is not None:
+        budget = summary.get("budget")
+        lines.append(f"The probe cost {summary['cost_fraction']:.1%} of the full experiment's training steps "
+                     f"({summary.get('probe_steps')} of {summary.get('experiment_steps')}, measurements included)"
+                     + (f"; budget {budget:.0%}." if budget is not None else "."))
+        if summary.get("over_budget"):
+            lines.append(f"Over budget: the experiment is too small for a probe of {MIN_STEPS} steps per candidate "
+                         "within it; read the ranking as a rough guide.")
     ag = summary.get("agreement")
     if ag:
         rho = ag.get("spearman_rho")

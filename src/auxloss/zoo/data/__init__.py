@@ -12,6 +12,8 @@ Sources, one module each, none of which downloads anything at run time:
   :func:`load_digit_sequences`, the same digits read pixel by pixel.
 * ``idx`` -- :func:`read_idx` and :func:`load_idx_dataset` for MNIST, Fashion-MNIST, KMNIST and EMNIST IDX
   files already on disk; :func:`load_fashion_mnist` adds Fashion-MNIST's garment groups.
+* ``multi_fashion`` -- :func:`load_multi_fashion`, two Fashion-MNIST garments overlaid with an offset (left: the
+  main task, right: the auxiliary one), the Multi-Fashion multi-task benchmark.
 * ``folder`` -- :func:`load_image_folder`, a user's own ``root/<class_name>/*.png`` folder, decoded as read.
 * ``cifar`` -- :func:`load_cifar10` and :func:`load_cifar100` from the python batch folders, read with a
   restricted unpickler that runs no code.
@@ -42,6 +44,7 @@ from auxloss.zoo.data.idx import (
     load_idx_dataset,
     read_idx,
 )
+from auxloss.zoo.data.multi_fashion import load_multi_fashion, overlay_pairs
 from auxloss.zoo.data.registry import (
     DATASETS,
     DatasetSpec,
@@ -99,8 +102,10 @@ __all__ = [
     "load_fashion_mnist",
     "load_idx_dataset",
     "load_image_folder",
+    "load_multi_fashion",
     "make_shapes",
     "make_shapes_splits",
+    "overlay_pairs",
     "pixel_sequences",
     "read_cifar_pickle",
     "read_idx",

@@ -29,6 +29,7 @@ from auxloss.zoo.data.idx import (
     load_fashion_mnist,
     load_idx_dataset,
 )
+from auxloss.zoo.data.multi_fashion import load_multi_fashion, multi_fashion_splits
 from auxloss.zoo.data.shapes import make_shapes, shapes_splits
 
 __all__ = ["DATASETS", "DatasetSpec", "available_datasets", "build_splits", "get_dataset", "load_dataset"]
@@ -114,6 +115,15 @@ DATASETS: dict[str, DatasetSpec] = {
         fashion_mnist_available,
         _FASHION_HOW_TO_GET,
         splits=fashion_mnist_splits,
+    ),
+    "multi-fashion": DatasetSpec(
+        "multi-fashion",
+        load_multi_fashion,
+        "Two Fashion-MNIST garments overlaid with an offset, from local IDX files; target = the left garment, "
+        "aux = right (the right garment).",
+        fashion_mnist_available,
+        _FASHION_HOW_TO_GET,
+        splits=multi_fashion_splits,
     ),
     "idx": DatasetSpec(
         "idx",
