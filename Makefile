@@ -33,7 +33,7 @@ $(INTEG_STAMP): pyproject.toml Makefile
 	$(INTEG_PY) -m pip install --quiet --upgrade pip
 	$(INTEG_PY) -m pip install --quiet $(INTEG_PINS)
 	# The pins again, so that resolving the extras never swaps torch for another build.
-	$(INTEG_PY) -m pip install --quiet -e ".[dev,integration]" $(INTEG_PINS)
+	$(INTEG_PY) -m pip install --quiet -e ".[experiment,data,dev,integration]" $(INTEG_PINS)
 	touch $(INTEG_STAMP)
 
 install-integration: $(INTEG_STAMP)
