@@ -255,14 +255,19 @@ class Trainer:
         objective.to(self.device)
         if optimizer is None:
             optimizer = self.build_optimizer(list(model.parameters()) + list(objective.parameters()))
-        if hasattr(train_loader, "__len__") and len(train_loader) == 0:
+        batches = _length(train_loader)
+        if batches == 0:
             raise AuxLossError(
                 "the training data is empty (0 batches): give the training split at least one sample, and at least "
                 "batch_size samples when the loader has drop_last=True."
             )
+        if batches is None and scheduler is None and self.lr_schedule is not None:
+            raise AuxLossError(
+                f"lr_schedule={self.lr_schedule!r} needs the number of steps, but the training data has no length (an "
+                "iterable dataset): give the dataset a __len__, or drop the LR schedule."
+            )
         # A last partial accumulation still steps, so an epoch has ceil(batches / accumulate) optimizer steps.
-        steps_per_epoch = max(1, math.ceil(len(train_loader) / self.accumulate)) if hasattr(train_loader, "__len__") \
-            else 1
+        steps_per_epoch = max(1, math.ceil(batches / self.accumulate)) if batches is not None else 1
         if scheduler is None:
             scheduler = self.build_scheduler(optimizer, steps_per_epoch * self.epochs)
         run_model: nn.Module = model
@@ -620,6 +625,14 @@ class ValidationStream:
 
 
 _END = object()
+
+
+def _length(loader: Iterable[Any]) -> int | None:
+    """Batches per epoch, or ``None`` for a stream (a DataLoader over an iterable dataset without ``__len__``)."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _total_norm(params: Sequence[Tensor]) -> Tensor:
