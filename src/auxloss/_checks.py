@@ -114,3 +114,27 @@ def decay_factor(owner: str, x: object, *, name: str = "gamma") -> float:
             f"constant and smaller values decay faster (e.g. {name}=0.999 per step)."
         )
     return float(x)  # type: ignore[arg-type]
+
+
+def folder_name(kind: str, name: Any) -> str:
+    """``name`` if it can safely become a folder name (experiments, variants and tasks name folders and files).
+
+    Refused: blank names, path separators, ``..`` (``../../X`` would write, and with ``--force`` delete, outside the
+    output folder), and control characters."""
+    problem = None
+    if not isinstance(name, str):
+        raise AuxLossError(f"{kind} name must be a string, got {type(name).__name__}.")
+    if not name.strip():
+        problem = "it is blank"
+    elif name != name.strip():
+        problem = "it starts or ends with a blank"
+    elif "/" in name or "\\" in name:
+        problem = "it holds a path separator ('/' or '\\')"
+    elif ".." in name or name == ".":
+        problem = "it holds '..' (or is '.')"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "it holds a control character"
+    if problem:
+        raise AuxLossError(f"{kind} name {name!r} cannot name a folder: {problem}; use letters, digits, '-', '_' and "
+                         "single dots")
+    return name

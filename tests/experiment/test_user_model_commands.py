@@ -86,7 +86,10 @@ def test_probe_on_the_user_project(tmp_path: Path) -> None:
     # The cost is counted on the user's own training split (96 // 32 = 3 steps an epoch), not data.n_train.
     assert cand["batches_per_epoch"] == 3
     full = 3 * 1 * 2 * 2  # steps an epoch x epochs x seeds x (baseline + 1 variant)
-    assert summary["cost_fraction_estimate"] == pytest.approx(6 / full)
+    # counted in step equivalents: the training steps plus the measurements' cost
+    assert summary["experiment_steps"] == full
+    assert summary["cost_fraction"] == pytest.approx(summary["probe_steps"] / full)
+    assert summary["probe_steps"] >= 6
     assert (tmp_path / "probe" / "probe.json").exists()
 
 

@@ -212,8 +212,12 @@ def example_input(exp: Experiment, loaders: Mapping[str, DataLoader]) -> Any:
 
 
 def build_run(exp: Experiment, variant_name: str, seed: int, *, device: str | None = None,
-              log_dir: str | None = None, progress: bool = False) -> Built:
-    """Data, model (trunk + this variant's heads), objective and trainer for one run."""
+              log_dir: str | None = None, progress: bool = False, check_weights: bool = True) -> Built:
+    """Data, model (trunk + this variant's heads), objective and trainer for one run.
+
+    ``check_weights``: refuse a task whose weight is 0 at every step of the run (a verdict about nothing). A probe
+    trains a shortened run on purpose, where a late curriculum has not started yet, and turns it off.
+    """
     from auxloss.train.distributed import is_distributed, rank, world_size
 
     variant = exp.variant(variant_name)
@@ -255,7 +259,7 @@ def build_run(exp: Experiment, variant_name: str, seed: int, *, device: str | No
         steps: int | None = len(loaders["train"])
     except TypeError:  # a stream: no length, and no way to know the run's steps in advance
         steps = None
-    if steps is not None:
+    if steps is not None and check_weights:
         _check_weights_ever_on(objective, trainer.epochs, max(1, math.ceil(steps / trainer.accumulate)))
     torch.manual_seed(seed + 1)
     return Built(model=model, objective=objective, trainer=trainer, loaders=loaders, data=splits, init_hash=init)

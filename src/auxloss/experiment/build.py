@@ -286,10 +286,10 @@ def _trainer_options(tcfg: Any) -> dict[str, Any]:
 
 
 def build_run(cfg: ExperimentConfig, variant_name: str, seed: int, *, device: str | None = None,
-              log_dir: str | None = None, progress: bool = False) -> Built:
+              log_dir: str | None = None, progress: bool = False, check_weights: bool = True) -> Built:
     """Data, model (trunk + this variant's heads), objective and trainer for one run of a config."""
     return assemble.build_run(experiment_from_config(cfg), variant_name, seed, device=device, log_dir=log_dir,
-                              progress=progress)
+                              progress=progress, check_weights=check_weights)
 
 
 def final_metric(values: dict[str, float], split: str, task: str = "main") -> float:

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from auxloss._checks import folder_name
 from auxloss.errors import AuxLossError
 from auxloss.train.options import TrainOptions, option_specs
 
@@ -37,25 +38,8 @@ class _Strict(BaseModel):
 
 
 def check_name(kind: str, name: str) -> str:
-    """``name`` if it can safely become a folder name (experiments, variants and tasks name folders and files).
-
-    Refused: blank names, path separators, ``..`` (``../../X`` would write, and with ``--force`` delete, outside the
-    output folder), and control characters."""
-    problem = None
-    if not name.strip():
-        problem = "it is blank"
-    elif name != name.strip():
-        problem = "it starts or ends with a blank"
-    elif "/" in name or "\\" in name:
-        problem = "it holds a path separator ('/' or '\\')"
-    elif ".." in name or name == ".":
-        problem = "it holds '..' (or is '.')"
-    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
-        problem = "it holds a control character"
-    if problem:
-        raise ValueError(f"{kind} name {name!r} cannot name a folder: {problem}; use letters, digits, '-', '_' and "
-                         "single dots")
-    return name
+    """``name`` if it can safely become a folder name (see :func:`auxloss._checks.folder_name`)."""
+    return folder_name(kind, name)
 
 
 class DataConfig(_Strict):

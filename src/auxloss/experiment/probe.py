@@ -67,7 +67,7 @@ def probe_variant(cfg: ExperimentConfig, variant: str, *, steps: int = 200, ever
     from auxloss.experiment.build import build_run
     from auxloss.train.trainer import move_to
 
-    built = build_run(cfg, variant, seed, device="cpu")
+    built = build_run(cfg, variant, seed, device="cpu", check_weights=False)  # a shortened run on purpose
     model, objective = built.model, built.objective
     if not isinstance(model, AuxModel) or not objective.aux_tasks:
         raise AuxLossError(f"variant {variant!r} has no auxiliary task to probe.")
@@ -272,6 +272,10 @@ def run_probe(cfg: ExperimentConfig, out: str | Path, *, steps: int | None = Non
     # Counted, not estimated: the steps and measurements actually made, against the experiment's steps.
     summary["probe_steps"] = sum(c["step_equivalents"] for c in candidates)
     full = plan["experiment_steps"]
+    measured = [c["batches_per_epoch"] for c in candidates if c.get("batches_per_epoch")]
+    if measured:  # the training loader's own length (the user's data ignores data.n_train)
+        full = measured[0] * cfg.train.epochs * cfg.seeds * (len(cfg.variants) + 1)
+        summary["experiment_steps"] = full
     summary["cost_fraction"] = summary["probe_steps"] / full if full else None
     summary["cost_fraction_estimate"] = summary["cost_fraction"]  # the former key
     results_path = Path(results) / "results.json" if results else out / "results.json"

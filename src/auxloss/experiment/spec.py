@@ -16,12 +16,12 @@ import copy
 import dataclasses
 import hashlib
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from torch import nn
 
+from auxloss._checks import folder_name
 from auxloss.errors import AuxLossError
 from auxloss.taps import Tap
 from auxloss.tasks import Task
@@ -31,17 +31,9 @@ __all__ = ["BASELINE", "Experiment", "Resolved", "Variant"]
 #: The name of the variant without any auxiliary loss, which every experiment trains.
 BASELINE = "baseline"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
-
-
 def check_name(kind: str, name: Any) -> str:
-    """Experiment, variant and task names become folder and table names: plain words only."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name or len(name) > 100:
-        raise AuxLossError(
-            f"{kind} name {name!r} is not allowed: use 1-100 letters, digits and '_.+=-', starting with a letter "
-            "or digit, with no path separator and no '..' (names become folder names)."
-        )
-    return name
+    """Experiment, variant and task names become folder and table names (one rule with the YAML config)."""
+    return folder_name(kind, name)
 
 
 @dataclasses.dataclass(frozen=True)
