@@ -176,7 +176,7 @@ ROWS = {
             r"c\.yaml:\d+: variants\.0\.tasks\.0: task 'aux1': Constant: value must be finite and >= 0, got inf",
             r"Pass e\.g\. value=0\.1"),
     "C14": (lambda e: cli(e, GOOD.replace("lr: 0.01", "lr: inf")),
-            r"c\.yaml:5: train\.lr: Input should be a finite number \(got 'inf'\)", r"Fix that key"),
+            r"c\.yaml:5: train: lr must be a positive finite number, got inf", r"Fix that key"),
     "C15": (lambda e: cli(e, GOOD, "--device", "gpu"), r"unknown device 'gpu'", r"use 'auto', 'cpu', 'cuda'"),
     "C16": (lambda e: _cuda_on_cpu_torch(e), r"device 'cuda': this torch \(.*\) is a CPU-only build",
             r"use --device cpu \(or 'auto'\), or install a CUDA build"),

@@ -12,14 +12,26 @@ helped the main task::
 
 from auxloss import schedules
 from auxloss.errors import AuxLossError
-from auxloss.experiment.compare import compare
-from auxloss.experiment.spec import Variant
 from auxloss.heads import DenseHead, InceptionAuxHead, LinearHead, MLPHead, SequenceHead
 from auxloss.objective import LossReport, Objective
 from auxloss.taps import AuxModel, Outputs, Tap, attach, emit, list_layers
 from auxloss.tasks import Task
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The experiment stack (auxloss.compare, auxloss.Variant) is the `experiment` extra: imported on first use, so
+    # that `import auxloss` needs only torch and numpy.
+    if name == "compare":
+        from auxloss.experiment.compare import compare
+
+        return compare
+    if name == "Variant":
+        from auxloss.experiment.spec import Variant
+
+        return Variant
+    raise AttributeError(f"module 'auxloss' has no attribute {name!r}")
 
 __all__ = [
     "AuxLossError",

@@ -234,9 +234,10 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def is_user_model(name: str) -> bool:
-    from auxloss.experiment.usercode import is_user_reference
-
-    return is_user_reference(name)
+    """``pkg.mod:fn`` (the user's code), not ``torchvision:``/``timm:``: decided here without importing the
+    experiment stack, so that listing a built-in model's layers needs only the core."""
+    module, sep, _ = name.partition(":")
+    return bool(sep) and module not in ("torchvision", "timm")
 
 
 def _shape(x: Any) -> Any:
