@@ -14,7 +14,7 @@ train: {epochs: 2, lr: 0.01}
 variants:
   - name: late
     taps: {aux1: {layer: block1, head: {type: linear}}}
-    tasks: [{name: aux1, source: aux1, weight: {type: curriculum, value: 0.3, start: 100, ramp: 10}}]
+    tasks: [{name: aux1, source: aux1, weight: {type: curriculum, value: 0.3, start: 6, ramp: 1}}]
 """
 
 
@@ -39,7 +39,8 @@ def test_torchrun_two_processes_produce_results_json(tmp_path):
     logs = sorted(p.relative_to(out).as_posix() for p in out.glob("runs/*/*/epochs.jsonl"))
     assert logs == ["runs/baseline/seed0/epochs.jsonl", "runs/baseline/seed1/epochs.jsonl",
                     "runs/late/seed0/epochs.jsonl", "runs/late/seed1/epochs.jsonl"]
-    # The curriculum keeps the head at weight 0 for the whole run: DDP (find_unused_parameters=False) must not
-    # trip on its parameters.
+    # The curriculum keeps the head at weight 0 for the whole first epoch (steps 0-3 of 8): DDP
+    # (find_unused_parameters=False) must not trip on its parameters. (A weight that is 0 for the whole run is
+    # refused: a verdict about nothing.)
     history = [json.loads(line) for line in (out / "runs/late/seed0/epochs.jsonl").read_text().splitlines()]
-    assert all(r["train/weight/aux1"] == 0.0 for r in history)
+    assert history[0]["train/weight/aux1"] == 0.0 and history[-1]["train/weight/aux1"] > 0.0

@@ -11,13 +11,12 @@ helped the main task::
 """
 
 from auxloss import schedules
+from auxloss._version import __version__ as __version__  # re-exported
 from auxloss.errors import AuxLossError
 from auxloss.heads import DenseHead, InceptionAuxHead, LinearHead, MLPHead, SequenceHead
 from auxloss.objective import LossReport, Objective
 from auxloss.taps import AuxModel, Outputs, Tap, attach, emit, list_layers
 from auxloss.tasks import Task
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:

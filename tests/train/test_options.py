@@ -74,7 +74,8 @@ def test_the_config_has_exactly_the_trainer_settings() -> None:
     from auxloss.experiment.config import TrainConfig
 
     names = {spec.name for spec in option_specs()}
-    assert set(TrainConfig.model_fields) == names | {"compare_on"}  # compare_on is the experiment's, not the loop's
+    # compare_on, engine and lightning are the experiment's (which split, which loop), not the loop's own settings
+    assert set(TrainConfig.model_fields) == names | {"compare_on", "engine", "lightning"}
     assert TrainConfig().options() == TrainOptions()
     for spec in option_specs():
         assert TrainConfig.model_fields[spec.name].default == spec.default == getattr(TrainOptions(), spec.name)

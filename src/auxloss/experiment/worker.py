@@ -145,7 +145,7 @@ def as_experiment(exp: Experiment | ExperimentConfig) -> Experiment:
 
 
 def current_versions() -> dict[str, str]:
-    from auxloss import __version__
+    from auxloss._version import __version__
 
     return {"auxloss": __version__, "torch": torch.__version__}
 
