@@ -93,3 +93,26 @@ def summary(out: Path) -> dict[str, Any]:
     data = json.loads((out / "results.json").read_text())
     variants = [{k: v for k, v in var.items() if k != "seconds"} for var in data["variants"]]
     return {"variants": variants, "comparisons": data["comparisons"], "runs": data["runs"]}
+
+
+def in_process_reference(config):
+    """Each run trained here, uninterrupted, with one torch thread like the worker subprocesses."""
+    import torch
+
+    from auxloss.experiment.config import load_config
+    from auxloss.experiment.runner import run_one
+
+    cfg = load_config(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = {}
+        for seed in range(cfg.seeds):
+            for variant in cfg.variant_names:
+                r = run_one(cfg, variant, seed)
+                ref[(variant, seed)] = {"main": r["main"], "best": r["best"], "best_epoch": r["best_epoch"],
+                                        "history": [{k: v for k, v in rec.items() if k != "time"}
+                                                    for rec in r["history"]]}
+        return ref
+    finally:
+        torch.set_num_threads(threads)

@@ -19,8 +19,7 @@ import subprocess
 import time
 
 import pytest
-import torch
-from _reliability import check_store, env, outcome, run_command, summary, write_config
+from _reliability import check_store, env, in_process_reference, outcome, run_command, summary, write_config
 
 KILLED = -signal.SIGKILL
 EPOCHS = 3
@@ -30,27 +29,6 @@ def run(config, out, fault=None, workers=1, timeout=300):
     extra = {"AUXLOSS_FAULT": fault} if fault else {}
     return subprocess.run(run_command(config, out, workers), env=env(**extra), capture_output=True, text=True,
                           timeout=timeout, check=False)
-
-
-def in_process_reference(config):
-    """Each run trained here, uninterrupted, with one torch thread like the worker subprocesses."""
-    from auxloss.experiment.config import load_config
-    from auxloss.experiment.runner import run_one
-
-    cfg = load_config(config)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ref = {}
-        for seed in range(cfg.seeds):
-            for variant in cfg.variant_names:
-                r = run_one(cfg, variant, seed)
-                ref[(variant, seed)] = {"main": r["main"], "best": r["best"], "best_epoch": r["best_epoch"],
-                                        "history": [{k: v for k, v in rec.items() if k != "time"}
-                                                    for rec in r["history"]]}
-        return ref
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_killed_inside_a_checkpoint_write_resumes_bit_identically(tmp_path):

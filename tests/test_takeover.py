@@ -12,8 +12,15 @@ import json
 import signal
 import subprocess
 
-import torch
-from _reliability import check_store, env, outcome, run_command, store_rows, write_config
+from _reliability import (
+    check_store,
+    env,
+    in_process_reference,
+    outcome,
+    run_command,
+    store_rows,
+    write_config,
+)
 
 STALE = 2  # seconds without a heartbeat before B may take A's run over
 EPOCHS = 3
@@ -24,27 +31,6 @@ def worker(config, out, shared, **extra):
                                           "--checkpoint-dir", str(shared / "ckpt")]
     return subprocess.run(command, env=env(AUXLOSS_SHARED_STORE="1", AUXLOSS_STALE_AFTER=str(STALE), **extra),
                           capture_output=True, text=True, timeout=600, check=False)
-
-
-def reference(config):
-    """Each run trained here, uninterrupted, with one torch thread like the workers."""
-    from auxloss.experiment.config import load_config
-    from auxloss.experiment.runner import run_one
-
-    cfg = load_config(config)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        found = {}
-        for seed in range(cfg.seeds):
-            for variant in cfg.variant_names:
-                r = run_one(cfg, variant, seed)
-                found[(variant, seed)] = {"main": r["main"], "best": r["best"], "best_epoch": r["best_epoch"],
-                                          "history": [{k: v for k, v in rec.items() if k != "time"}
-                                                      for rec in r["history"]]}
-        return found
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_a_second_worker_with_another_disk_resumes_the_shared_checkpoint(tmp_path):
@@ -71,7 +57,7 @@ def test_a_second_worker_with_another_disk_resumes_the_shared_checkpoint(tmp_pat
     # Resumed, not restarted: epoch 1 of the stored history is A's record, wall-clock time included, which B
     # could only have read from A's checkpoint (a retrained epoch 1 would have taken another time).
     assert json.loads(row["history"])[0] == epochs_a[0]
-    assert outcome(shared) == reference(config)  # bit-identical to uninterrupted runs
+    assert outcome(shared) == in_process_reference(config)  # bit-identical to uninterrupted runs
     assert not list((shared / "ckpt").rglob("*.pt"))  # finished runs leave no checkpoint behind
     assert json.loads((tmp_path / "disk-b" / "results.json").read_text())["runs"] == {
         "done": 2, "failed": 0, "pending": 0}

@@ -236,8 +236,10 @@ def cmd_layers(args: argparse.Namespace) -> int:
 def is_user_model(name: str) -> bool:
     """``pkg.mod:fn`` (the user's code), not ``torchvision:``/``timm:``: decided here without importing the
     experiment stack, so that listing a built-in model's layers needs only the core."""
+    from auxloss.integrations.models import PREFIXES
+
     module, sep, _ = name.partition(":")
-    return bool(sep) and module not in ("torchvision", "timm")
+    return bool(sep) and module.strip().lower() not in PREFIXES
 
 
 def _shape(x: Any) -> Any:

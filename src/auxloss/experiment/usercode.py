@@ -18,14 +18,14 @@ from auxloss.errors import AuxLossError
 
 __all__ = ["call_with_seed", "import_callable", "is_user_reference"]
 
-#: ``source:`` prefixes resolved by auxloss itself (``torchvision:resnet18``), not user modules.
-LIBRARY_PREFIXES = ("torchvision", "timm")
 
 
 def is_user_reference(name: str) -> bool:
     """``"pkg.mod:fn"``, as opposed to a built-in name or a ``torchvision:``/``timm:`` model."""
+    from auxloss.integrations.models import PREFIXES  # sources auxloss resolves itself (torchvision:, timm:)
+
     module, sep, _ = name.partition(":")
-    return bool(sep) and module not in LIBRARY_PREFIXES
+    return bool(sep) and module.strip().lower() not in PREFIXES
 
 
 def import_callable(spec: str, *, what: str, search: Sequence[str | Path] = ()) -> Callable[..., Any]:

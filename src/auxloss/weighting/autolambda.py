@@ -192,11 +192,7 @@ class AutoLambda(PerTaskGradientWeighting):
         return None if self._cached is None else self.aux_weights.clone()
 
     def telemetry(self) -> dict[str, Tensor]:
-        out = super().telemetry()
-        for k, name in enumerate(self.aux_names):
-            if k < len(self.aux_weights):
-                out[f"autol_w/{name}"] = self.aux_weights[k].detach().clone()
-        return out
+        return self._weights_telemetry("autol_w", self.aux_weights)
 
     def _state(self) -> dict[str, Any]:
         return {"aux_weights": self.aux_weights.detach().cpu().clone(), "m": self._m.detach().cpu().clone(),

@@ -545,6 +545,13 @@ class PerTaskGradientWeighting(GradientWeighting):
         detached tensors."""
         return dict(self._tele)
 
+    def _weights_telemetry(self, prefix: str, weights: Tensor) -> dict[str, Tensor]:
+        """:meth:`telemetry` plus ``<prefix>/<task>`` for a strategy's own learned per-task weights (detached)."""
+        out = PerTaskGradientWeighting.telemetry(self)
+        for k, name in enumerate(self.aux_names[:len(weights)]):
+            out[f"{prefix}/{name}"] = weights[k].detach().clone()
+        return out
+
     def get_extra_state(self) -> dict[str, Any]:
         return {
             "backward_steps": self.backward_steps,

@@ -147,11 +147,7 @@ class OLAux(PerTaskGradientWeighting):
         return None if self._cached is None else self.aux_weights.clone()
 
     def telemetry(self) -> dict[str, Tensor]:
-        out = super().telemetry()
-        for k, name in enumerate(self.aux_names):
-            if k < len(self.aux_weights):
-                out[f"olaux_w/{name}"] = self.aux_weights[k].detach().clone()
-        return out
+        return self._weights_telemetry("olaux_w", self.aux_weights)
 
     def _state(self) -> dict[str, Any]:
         return {
