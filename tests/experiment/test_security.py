@@ -108,6 +108,10 @@ def test_no_output_file_holds_the_postgres_password(tmp_path, capsys, monkeypatc
 
     password = unquote(urlsplit(PG_URL).password or "")
     assert password, "AUXLOSS_TEST_POSTGRES_URL must carry a password for this test to mean anything"
+    # The test searches every output file for the password's bytes, so a word the files hold anyway (the user
+    # name, 'auxloss', 'main') would be found without any leak: the check needs a distinctive password.
+    assert len(password) >= 12 and password.lower() not in "auxloss baseline deep main accuracy report", (
+        "AUXLOSS_TEST_POSTGRES_URL needs a distinctive password of 12+ characters (.ci/run makes a random one)")
     name = f"sec-{uuid.uuid4().hex[:8]}"
     (tmp_path / "c.yaml").write_text(TINY.format(name=name))
     out = tmp_path / "out"
