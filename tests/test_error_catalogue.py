@@ -554,6 +554,39 @@ ROWS.update({
 })
 
 
+# -- engines and tracking -------------------------------------------------------------------------------------------
+def _lightning_option_before_any_run(e):
+    pytest.importorskip("lightning")
+    out = e["tmp"] / "out"
+    line = cli(e, GOOD.replace("eval_train: false}", "eval_train: false, engine: lightning, checkpoint_every: 2}"),
+               out=out)
+    # Found while the runner checks every variant, before the folder is claimed: no config, no store, no run.
+    assert not (out / "config.yaml").exists() and not (out / "results.sqlite").exists()
+    return line
+
+
+def _deleted_mlflow_experiment(e):
+    client_cls = pytest.importorskip("mlflow").MlflowClient
+    e["monkeypatch"].setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (e["tmp"] / "mlruns").as_uri()
+    client = client_cls(tracking_uri=uri)
+    client.delete_experiment(client.create_experiment("catalogue"))
+    return cli(e, GOOD, "--mlflow", uri)
+
+
+ROWS.update({
+    "L1": (_lightning_option_before_any_run,
+           r"train option checkpoint_every=2 is not supported by the Lightning engine", r"drop checkpoint_every"),
+    "L2": (lambda e: cli(e, GOOD.replace("eval_train: false}", "eval_train: false, lightning: {trainer: {}}}")),
+           r"train\.lightning options are given but train\.engine is not 'lightning'", r"add `engine: lightning`"),
+    "L3": (lambda e: cli(e, GOOD.replace("eval_train: false}",
+                                         "eval_train: false, engine: lightning, lightning: {trainer: {max_epochs: 5}}}")),
+           r"may not set 'max_epochs' \(set by train epochs\)", r"the experiment's settings decide them"),
+    "L4": (_deleted_mlflow_experiment, r"the MLflow experiment 'catalogue' on .* is deleted",
+           r"restore it \(mlflow experiments restore\) or rename"),
+})
+
+
 @pytest.mark.parametrize("row", list(ROWS))
 def test_bad_input_is_named_with_its_fix(row, tmp_path, capsys, monkeypatch):
     provoke, problem, fix = ROWS[row]

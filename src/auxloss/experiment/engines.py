@@ -54,6 +54,13 @@ class FitEngine:
             ) -> FitResult:
         raise NotImplementedError
 
+    def check(self, built: Any) -> None:
+        """Raise :class:`~auxloss.errors.AuxLossError` for a training option this engine cannot honour.
+
+        The runner calls it on every variant before the output folder is claimed, so a setting the engine rejects
+        stops the experiment before any run starts rather than in the middle of it. Nothing to check by default.
+        """
+
     def describe(self) -> dict[str, Any]:
         """A JSON description: a change of engine or of its options is another experiment."""
         return {"name": self.name}
@@ -164,13 +171,9 @@ class LightningEngine(FitEngine):
     def __repr__(self) -> str:
         return f"LightningEngine(module={self.describe()['module']}, trainer_kwargs={self.trainer_kwargs!r})"
 
-    # -- one run ---------------------------------------------------------------------------------------------------
-    def fit(self, built: Any, *, callbacks: Sequence[Callback] = (), checkpoint_dir: Path | None = None
-            ) -> FitResult:
-        from auxloss.integrations.lightning import AuxLossMixin, AuxLossModule
+    def check(self, built: Any) -> None:
         from auxloss.train.distributed import is_distributed
 
-        pl = lightning_pl()
         aux = built.trainer  # the experiment's training options, validated by auxloss's Trainer
         for option, fix in _UNSUPPORTED.items():
             if getattr(aux, option, None) not in (None, False):
@@ -179,6 +182,15 @@ class LightningEngine(FitEngine):
         if is_distributed():
             raise AuxLossError("the Lightning engine trains each run in one process on one device; under torchrun "
                                "use the auxloss engine (the default).")
+
+    # -- one run ---------------------------------------------------------------------------------------------------
+    def fit(self, built: Any, *, callbacks: Sequence[Callback] = (), checkpoint_dir: Path | None = None
+            ) -> FitResult:
+        from auxloss.integrations.lightning import AuxLossMixin, AuxLossModule
+
+        pl = lightning_pl()
+        self.check(built)
+        aux = built.trainer  # the experiment's training options, validated by auxloss's Trainer
         model, objective, loaders = built.model, built.objective, built.loaders
         if self.module is None:
             module = AuxLossModule(model, objective, optimizer=aux.build_optimizer,

@@ -191,7 +191,8 @@ def _run_local(job: _Local) -> dict[str, Any]:
 
 def _preflight(exp: Experiment) -> None:
     """Build every variant once (seed 0, on CPU, no logs) before a new folder is claimed: an error found while
-    building (a dataset, a model or a layer name) stops here, with nothing written."""
+    building (a dataset, a model or a layer name), or an option the engine cannot honour, stops here, with nothing
+    written."""
     import random
 
     import numpy as np
@@ -201,7 +202,7 @@ def _preflight(exp: Experiment) -> None:
     state = (random.getstate(), np.random.get_state())
     with torch.random.fork_rng(devices=[]):  # the caller's random streams are left as they were
         for name in exp.variant_names:
-            build_run(exp, name, 0, device="cpu")
+            exp.engine.check(build_run(exp, name, 0, device="cpu"))
     random.setstate(state[0])
     np.random.set_state(state[1])
 

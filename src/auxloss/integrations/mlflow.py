@@ -116,7 +116,7 @@ class MlflowTracker:
         self._max_param = MAX_PARAM_VAL_LENGTH
         self.uri, self.shown = uri, redact(uri)
         self.name, self.fingerprint, self.store = experiment, fingerprint, store
-        self.client = self._call("connect", client_cls, tracking_uri=uri)
+        self.client = self._call("open a client", client_cls, tracking_uri=uri)
         self.experiment_id = self._call("open the MLflow experiment", self._experiment)
         self._parent: str | None = None
 
