@@ -416,3 +416,23 @@ def test_an_auxmodel_wraps_the_bridge_like_any_weighting():
     b = batch(0)
     objective.backward(objective(model(b["input"]), b))
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_sum_through_the_bridge_is_the_fixed_weighting():
+    """TorchJD's Sum adds the rows: the bridge with it writes the plain backward of L_0 + Σ λ_k·L_k (docs' control)."""
+    b = batch(0)
+    model, objective = build(TorchJD("Sum"))
+    objective.backward(objective(model(b["input"]), b))
+    plain_model, plain = build(None)
+    plain(plain_model(b["input"]), b).total.backward()
+    for (n, p), q in zip(model.named_parameters(), plain_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("name", ["UPGrad", "DualProj"])
+def test_upgrad_and_dualproj_conflict_with_no_task_as_the_docs_say(name):
+    matrix = matrices()["conflicting"]
+    assert float(matrix[0] @ matrix[1]) < 0
+    shared, _, _ = run_bridge_on(matrix, TorchJD(name), [0.5, 0.25])
+    cos = (matrix @ shared) / (matrix.norm(dim=1) * shared.norm())
+    assert bool((cos >= -1e-3).all()), cos  # TorchJD's projector regularises the Gramian (reg_eps=1e-4)

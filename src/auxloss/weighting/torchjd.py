@@ -75,7 +75,7 @@ _TENSOR, _ARRAY, _TUPLE = "__tensor__", "__ndarray__", "__tuple__"
 
 def _aggregation() -> ModuleType:
     """``torchjd.aggregation``, or a :class:`MissingExtraError` naming the ``torchjd`` extra."""
-    require("torchjd", EXTRA, note=f"(the bridge is tested with torchjd {TESTED_VERSION}).")
+    require("torchjd", EXTRA, note=f"The bridge is tested with torchjd {TESTED_VERSION}.")
     return importlib.import_module("torchjd.aggregation")
 
 
