@@ -14,17 +14,17 @@ import pytest
 
 torchjd = pytest.importorskip("torchjd")
 
-import torch  # noqa: E402
-from _tiny import AUX, LAMBDA, batch, build, reference  # noqa: E402
-from torch import nn  # noqa: E402
-from torchjd import aggregation as jd  # noqa: E402
+import torch
+from _tiny import AUX, LAMBDA, batch, build, reference
+from torch import nn
+from torchjd import aggregation as jd
 
-import auxloss as al  # noqa: E402
-from auxloss.errors import AuxLossError  # noqa: E402
-from auxloss.step import LossReport, StepContext  # noqa: E402
-from auxloss.train import Callback, Trainer  # noqa: E402
-from auxloss.weighting import TorchJD, build_weighting  # noqa: E402
-from auxloss.weighting.torchjd import available_aggregators  # noqa: E402
+import auxloss as al
+from auxloss.errors import AuxLossError
+from auxloss.step import LossReport, StepContext
+from auxloss.train import Callback, Trainer
+from auxloss.weighting import TorchJD, build_weighting
+from auxloss.weighting.torchjd import available_aggregators
 
 # The tiny net's shared tensors (reached by the main task and at least one auxiliary task): aux1 reads layer "1",
 # aux2 layer "3". aux1 does not reach model.2: zeros in its row there.
@@ -370,8 +370,8 @@ variants:
 
 
 @pytest.mark.parametrize("spec, problem", [
-    ({"aggregator": "UPGrd"}, r"unknown aggregator 'UPGrd'; the installed TorchJD offers \[.*'MGDA'.*\]\. "
-                              r"Did you mean 'UPGrad'\?"),
+    ({"aggregator": "UPGrd"}, (r"unknown aggregator 'UPGrd'; the installed TorchJD offers \[.*'MGDA'.*\]\. "
+                               r"Did you mean 'UPGrad'\?")),
     ({"aggregator": "CAGrad"}, r"aggregator CAGrad needs parameter\(s\) \['c'\]: give them under params"),
     ({"aggregator": "CAGrad", "params": {"cc": 0.4}},
      r"aggregator CAGrad has no parameter\(s\) \['cc'\]; its parameters are \['c', 'norm_eps'\]"),
@@ -436,3 +436,16 @@ def test_upgrad_and_dualproj_conflict_with_no_task_as_the_docs_say(name):
     shared, _, _ = run_bridge_on(matrix, TorchJD(name), [0.5, 0.25])
     cos = (matrix @ shared) / (matrix.norm(dim=1) * shared.norm())
     assert bool((cos >= -1e-3).all()), cos  # TorchJD's projector regularises the Gramian (reg_eps=1e-4)
+
+
+def test_stats_params_narrow_the_telemetry_never_the_matrix():
+    b = batch(0)
+    full_model, full = build(TorchJD("UPGrad"))
+    full.backward(full(full_model(b["input"]), b))
+    model, objective = build(None)
+    subset = TorchJD("UPGrad", stats_params=list(model.model[0].parameters()))  # a subset both aux tasks share
+    objective.set_weighting(subset)
+    objective.backward(objective(model(b["input"]), b))
+    for (n, p), q in zip(model.named_parameters(), full_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=0, msg=n)
+    assert float(subset.telemetry()["cos/aux2"]) != pytest.approx(float(full.weighting.telemetry()["cos/aux2"]))
