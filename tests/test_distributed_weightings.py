@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-KINDS = ("exact", "amortized", "dwa")
+KINDS = ("exact", "amortized", "dwa", "torchjd")
 
 
 def _worker(rank, world, init_file, out, kind):
@@ -18,7 +18,7 @@ def _worker(rank, world, init_file, out, kind):
     try:
         import auxloss as al
         from auxloss.train import Trainer
-        from auxloss.weighting import DWA, CosineGating
+        from auxloss.weighting import DWA, CosineGating, TorchJD
 
         torch.manual_seed(0)
         x = torch.randn(64, 8)
@@ -27,7 +27,9 @@ def _worker(rank, world, init_file, out, kind):
         model = al.attach(net, {"a": al.Tap("1", al.LinearHead(2)), "b": al.Tap("3", al.LinearHead(2))},
                           example_input=x[:1])
         weighting = {"exact": lambda: CosineGating(), "amortized": lambda: CosineGating(mode="amortized", every=3),
-                     "dwa": lambda: DWA()}[kind]()
+                     "dwa": lambda: DWA(),
+                     # symmetric, on the all-reduced matrix: every rank's aggregator sees the same J
+                     "torchjd": lambda: TorchJD("UPGrad")}[kind]()
         objective = al.Objective(aux=[al.Task("a", source="a", target="c1", weight=0.5),
                                       al.Task("b", source="b", target="c2", weight=0.5)],
                                  batch_keys=("input", "target", "c1", "c2"), weighting=weighting)
@@ -43,6 +45,8 @@ def _worker(rank, world, init_file, out, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_ranks_stay_identical(tmp_path, kind):
+    if kind == "torchjd":
+        pytest.importorskip("torchjd")
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), kind), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"{kind}-{r}.pt") for r in (0, 1))
     assert torch.equal(a["params"], b["params"])

@@ -587,6 +587,37 @@ ROWS.update({
 })
 
 
+def _torchjd(e, spec, via_cli=True):
+    """A TorchJD bridge row: through `auxloss run` on a config, or through the Python API."""
+    pytest.importorskip("torchjd")
+    if via_cli:
+        return cli(e, GOOD + f"    weighting: {spec}\n")
+    from auxloss.weighting import build_weighting
+
+    return api(lambda: build_weighting(spec))
+
+
+def _torchjd_missing(e):
+    import sys
+
+    e["monkeypatch"].setitem(sys.modules, "torchjd", None)  # what `import torchjd` meets when it is not installed
+    return cli(e, GOOD + "    weighting: {type: torchjd, aggregator: UPGrad}\n")
+
+
+ROWS.update({
+    "W7": (lambda e: _torchjd(e, "{type: torchjd, aggregator: UPGrd}"),
+           r"torchjd: unknown aggregator 'UPGrd'; the installed TorchJD offers \[.*'MGDA'.*\]",
+           r"Did you mean 'UPGrad'\?"),
+    "W8": (lambda e: _torchjd(e, "{type: torchjd, aggregator: CAGrad}"),
+           r"aggregator CAGrad needs parameter\(s\) \['c'\]", r"give them under params, e\.g\. params: \{c: \.\.\.\}"),
+    "W9": (lambda e: _torchjd(e, {"type": "torchjd", "aggregator": "CAGrad", "params": {"cc": 0.4}}, via_cli=False),
+           r"aggregator CAGrad has no parameter\(s\) \['cc'\]", r"its parameters are \['c', 'norm_eps'\]"),
+    "W10": (_torchjd_missing, r"torchjd is not installed", r"pip install auxloss\[torchjd\]"),
+    "W11": (lambda e: _torchjd(e, {"type": "torchjd", "aggregator": "ConFIG", "mode": "amortized"}, via_cli=False),
+            r"ConFIG has none", r"Use mode='exact', or one of \[.*'UPGrad'"),
+})
+
+
 @pytest.mark.parametrize("row", list(ROWS))
 def test_bad_input_is_named_with_its_fix(row, tmp_path, capsys, monkeypatch):
     provoke, problem, fix = ROWS[row]

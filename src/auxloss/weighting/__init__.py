@@ -10,7 +10,8 @@ Gradient-aware, with the main task as primary (defined on the gradients of the s
 :class:`AuxiLearn` (Navon et al. 2021).
 
 Symmetric controls, which weight the main task like any other task: :class:`RLW` (Lin et al. 2022) and
-:class:`FAMO` (Liu et al. 2023).
+:class:`FAMO` (Liu et al. 2023), and :class:`TorchJD`, the bridge to TorchJD's multi-task aggregators (UPGrad,
+MGDA, CAGrad...; the ``torchjd`` extra).
 
 ``build_weighting({"type": ..., ...}, model=...)`` builds any of them from a config.
 """
@@ -30,6 +31,7 @@ from auxloss.weighting.progress import MainProgress
 from auxloss.weighting.projection import Projection
 from auxloss.weighting.registry import WEIGHTINGS, build_weighting
 from auxloss.weighting.rlw import RLW
+from auxloss.weighting.torchjd import TorchJD
 from auxloss.weighting.uncertainty import Uncertainty
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "MetaBalance",
     "OLAux",
     "Projection",
+    "TorchJD",
     "Uncertainty",
     "Weighting",
     "build_weighting",

@@ -28,6 +28,8 @@ Both kinds are ``nn.Module``: learnable weights are parameters (so the trainer's
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import ClassVar
 
 from torch import Tensor, nn
@@ -48,6 +50,9 @@ class Weighting(nn.Module):
     #: the strategy takes no layer), and whether a config must give it (see :mod:`auxloss.weighting.registry`).
     layer_argument: ClassVar[str | None] = None
     layer_required: ClassVar[bool] = False
+    #: Config keys that name a constructor argument of another name (``{"params": "aggregator_params"}`` for the
+    #: TorchJD bridge, whose ``params`` is the engine's parameter list), applied by the registry.
+    config_aliases: ClassVar[Mapping[str, str]] = MappingProxyType({})
     #: Whether the strategy weights the main task like any other (the symmetric controls RLW and FAMO): its
     #: :meth:`multipliers` then also returns the main task's multiplier, which the objective applies to ``L_main``.
     #: Every other strategy keeps the main task's weight at exactly 1.

@@ -10,6 +10,8 @@ the last shared layer; the gradient-aware strategies' ``stats_params``, where th
 ``layer_required`` cannot be built without it, and one whose constructor takes ``layer`` also gets the name (for
 its repr). ``stats_layer`` always becomes ``stats_params``. For an :class:`~auxloss.AuxModel` the names of the
 user's model (``model.model``) are tried first, then the wrapper's own (``"model.block3"``, ``"heads.aux1"``).
+A class's ``config_aliases`` rename config keys first: ``{type: torchjd, aggregator: CAGrad, params: {c: 0.4}}``
+gives the TorchJD bridge ``aggregator_params={"c": 0.4}``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from auxloss.weighting.olaux import OLAux
 from auxloss.weighting.progress import MainProgress
 from auxloss.weighting.projection import Projection
 from auxloss.weighting.rlw import RLW
+from auxloss.weighting.torchjd import TorchJD
 from auxloss.weighting.uncertainty import Uncertainty
 
 __all__ = ["WEIGHTINGS", "build_weighting"]
@@ -64,6 +67,7 @@ WEIGHTINGS: dict[str, Callable[..., Weighting | None]] = {
     "auxilearn": AuxiLearn,
     "rlw": RLW,
     "famo": FAMO,
+    "torchjd": TorchJD,
 }
 
 
@@ -112,6 +116,11 @@ def build_weighting(spec: Mapping[str, Any] | str | Weighting | None, *, model: 
 
     cls, fixed = _split(builder)
     accepted = inspect.signature(cls).parameters
+    for key, target in cls.config_aliases.items():
+        if key in params:
+            if target in params:
+                raise AuxLossError(f"weighting {kind!r}: give either {key!r} or {target!r}, not both.")
+            params[target] = params.pop(key)
     layer = params.get("layer")
     keys = {"layer": cls.layer_argument, "stats_layer": "stats_params"}
     for key, target in keys.items():
@@ -137,6 +146,9 @@ def build_weighting(spec: Mapping[str, Any] | str | Weighting | None, *, model: 
     if unknown and not takes_any:
         valid = [k for k in accepted if k not in fixed and k != "self"]
         valid += [key for key, target in keys.items() if target in valid]
+        # a config names an aliased argument by its alias (and cannot reach the argument the alias shadows)
+        alias_of = {target: key for key, target in cls.config_aliases.items()}
+        valid = [alias_of.get(k, k) for k in valid if k not in cls.config_aliases]
         raise AuxLossError(f"weighting {kind!r} has no parameter(s) {unknown}; its parameters are {valid}.")
     try:
         return builder(**params)
