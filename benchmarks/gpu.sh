@@ -12,7 +12,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv-gpu/bin/python ]; then
   $PY -m venv .venv-gpu
   # A CUDA build of torch (the default wheel on PyPI for Linux x86_64); the library needs torch >= 2.4.
-  .venv-gpu/bin/pip install -q "torch>=2.4" && .venv-gpu/bin/pip install -q -e .
+  .venv-gpu/bin/pip install -q "torch>=2.4" && .venv-gpu/bin/pip install -q -e ".[experiment]"
 fi
 P=.venv-gpu/bin/python
 $P -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))" \
