@@ -19,6 +19,9 @@ from auxloss.errors import AuxLossError
 
 __all__ = ["main"]
 
+#: ``--keep``: the values of the config's ``keep`` (see :class:`auxloss.experiment.config.ExperimentConfig`).
+KEEP_CHOICES = ("none", "best", "all")
+
 
 _OS_FIXES = {
     errno.ENOSPC: "Free some disk space, then run the same command again: finished runs are kept.",
@@ -96,11 +99,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   "t10k-labels-idx1-ubyte.gz in a folder and run `auxloss run` with data.root set to it.",
                   file=sys.stderr)
             return 2
-    cfg = demo_config(args.name, quick=args.quick, seeds=args.seeds)
+    cfg = demo_config(args.name, quick=args.quick, seeds=args.seeds, keep=args.keep)
     if args.out is None:
         args.out = f"runs/demo-{args.name}{'-quick' if args.quick else ''}"
     command = "auxloss demo " + args.name + (" --quick" if args.quick else "") + (
-        f" --seeds {args.seeds}" if args.seeds else "")
+        f" --seeds {args.seeds}" if args.seeds else "") + (f" --keep {args.keep}" if args.keep else "")
     return _run_config(cfg, args, command)
 
 
@@ -111,6 +114,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = {"seeds": args.seeds} if args.seeds is not None else {}
     if args.compile:
         overrides["train.compile"] = True
+    if args.keep is not None:
+        overrides["keep"] = args.keep  # not part of the fingerprint: the same --out folder resumes
     cfg = load_config(args.config, overrides)
     if args.out is None:
         args.out = f"runs/{cfg.name}"
@@ -182,7 +187,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                         seconds=(previous.get("timing") or {}).get("total_seconds"))
     dest.mkdir(parents=True, exist_ok=True)
     write_atomic(dest / RESULTS_FILE, json.dumps(results, indent=2))
-    path = build_report(dest, results, *load_histories(store, summary.get("seeds")))
+    path = build_report(dest, results, *load_histories(store, summary.get("seeds")), root=out)
     print(f"Report: {path.resolve()}")
     return 0
 
@@ -378,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reuse an output folder that holds another experiment's results (discarding them)")
         p.add_argument("--rerun-stale", action="store_true",
                        help="train again the finished runs that another auxloss or torch version trained")
+        # The config's `keep` values, spelled out so that --help imports no torch (a test checks they agree).
+        p.add_argument("--keep", choices=KEEP_CHOICES, default=None,
+                       help="trained weights each run keeps under OUT/runs/: best (the best-validation trunk and "
+                            "heads, about 4 bytes per parameter per file), all (also the last epoch's) or none "
+                            "(default: the config's keep, best). Applies to the runs trained from now on; the "
+                            "same folder resumes whatever the keep")
         p.add_argument("--store", default=None, metavar="URL",
                        help="keep the runs in a PostgreSQL database (postgresql://user@host/db) shared by workers "
                             "on several machines (set AUXLOSS_SHARED_STORE=1 on each), instead of "

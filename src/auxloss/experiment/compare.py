@@ -59,7 +59,9 @@ def compare(
         train: :class:`~auxloss.train.Trainer` options (``epochs``, ``lr``, ``optimizer``, ``patience``, ...).
         loader: ``DataLoader`` options for datasets (``num_workers``, ``pin_memory``, ``persistent_workers``).
         keep: trained weights kept per run: ``"best"`` (best validation epoch; trunk and heads in separate files,
-            about 4 bytes per parameter each), ``"all"`` (also the last epoch), ``"none"``.
+            about 4 bytes per parameter each), ``"all"`` (also the last epoch), ``"none"``. Listed in
+            ``results.json`` and linked from the report; not part of the fingerprint (another ``keep`` resumes the
+            same ``out``, for the runs still to train).
         engine: what trains each run: ``None`` (auxloss's Trainer), ``"lightning"``, or
             :class:`~auxloss.experiment.engines.LightningEngine` ``(module=..., trainer_kwargs=...)`` for
             ``lightning.Trainer`` (see docs/your-model.md, "Lightning").

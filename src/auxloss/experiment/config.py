@@ -260,7 +260,7 @@ class ExperimentConfig(_Strict):
     variants: list[VariantConfig] = Field(default_factory=list)
     alpha: float = Field(0.05, gt=0, lt=1)
     #: Trained weights kept per run: ``best`` (the best-validation epoch's trunk and heads), ``all`` (also the
-    #: last epoch's) or ``none``.
+    #: last epoch's) or ``none``. Not part of the fingerprint: it changes no number, only the files a run leaves.
     keep: Literal["none", "best", "all"] = "best"
 
     @field_validator("name")
@@ -312,9 +312,13 @@ class ExperimentConfig(_Strict):
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
-    """A fingerprint of everything that changes the runs (not the number of seeds, which only adds runs)."""
+    """A fingerprint of everything that changes the runs (not the number of seeds, which only adds runs, nor
+    ``keep``, which only decides which files a run leaves behind)."""
     data = cfg.model_dump(mode="json")
     data.pop("seeds", None)
+    # `keep` is held at its default rather than dropped: `--keep` (or an edited `keep:`) resumes the same
+    # experiment, and the fingerprints of folders written with the default, before this rule, still hold.
+    data["keep"] = ExperimentConfig.model_fields["keep"].default
     # The default engine is left out, so that the fingerprints of configs written before it existed still hold.
     if data["train"].get("engine") == "auxloss" and data["train"].get("lightning") is None:
         data["train"].pop("engine", None)

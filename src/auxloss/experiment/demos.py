@@ -131,8 +131,10 @@ DEMOS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def demo_config(name: str = "shapes", *, quick: bool = False, seeds: int | None = None) -> ExperimentConfig:
-    """The validated config of demo ``name``; ``quick`` shrinks it to a smoke run."""
+def demo_config(name: str = "shapes", *, quick: bool = False, seeds: int | None = None,
+                keep: str | None = None) -> ExperimentConfig:
+    """The validated config of demo ``name``; ``quick`` shrinks it to a smoke run; ``seeds`` and ``keep`` (the
+    trained weights each run keeps) override the demo's."""
     if name not in DEMOS:
         hint = close_matches(name, DEMOS)
         raise AuxLossError(f"no demo named {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
@@ -149,4 +151,6 @@ def demo_config(name: str = "shapes", *, quick: bool = False, seeds: int | None 
         data["name"] = data["name"] + "-quick"
     if seeds is not None:
         data["seeds"] = seeds
+    if keep is not None:
+        data["keep"] = keep
     return parse_config(data, source=f"demo {name!r}")

@@ -92,6 +92,9 @@ def aggregate(summary: dict[str, Any], store: Store, *, command: str | None = No
         "split": split,
         "variants": variants,
         "comparisons": comparisons,
+        # Which weights the runs keep (`variants[i].weights` lists each seed's files); absent from stores
+        # written before it was recorded.
+        **({"keep": summary["keep"]} if "keep" in summary else {}),
         "runs": {"done": status.get("done", 0), "failed": status.get("failed", 0),
                  "pending": status.get("pending", 0) + status.get("running", 0)},
         # The command may hold a database URL: recorded without its password (results.json, the report).

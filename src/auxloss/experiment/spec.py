@@ -293,7 +293,8 @@ class Experiment:
         return {} if isinstance(self.engine, TrainerEngine) else {"engine": self.engine.describe()}
 
     def identity(self) -> str:
-        """The store's fingerprint: what changes the runs (not the number of seeds, which only adds runs)."""
+        """The store's fingerprint: what changes the runs (not the number of seeds, which only adds runs, nor
+        ``keep``, which only decides which files a run leaves: changing it resumes the same experiment)."""
         if self.fingerprint is not None:
             return self.fingerprint
         data = {k: v for k, v in self.describe().items() if k != "seeds"}
@@ -306,5 +307,5 @@ class Experiment:
         return {"name": self.name, "main_task": self.main.name, "metric": metric, "higher_is_better": higher,
                 "variants": [{"name": BASELINE, "aux_tasks": []}]
                 + [{"name": v.name, "aux_tasks": v.task_names} for v in self.variants],
-                "compare_on": self.compare_on, "alpha": self.alpha, "seeds": self.seeds,
+                "compare_on": self.compare_on, "alpha": self.alpha, "seeds": self.seeds, "keep": self.keep,
                 "config": self.describe()}

@@ -108,12 +108,15 @@ class _Keeper(Callback):
 
     def __init__(self, folder: Path, keep: str) -> None:
         self.folder, self.keep = folder, keep
+        self.last: dict[str, Path] = {}
 
     def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
-        if self.keep == "all" and record.get("epoch") == trainer.epochs and trainer.is_main_process:
-            self._write(trainer.model, "last")
+        # Every epoch, not only the planned last one: early stopping ends a run at an epoch no hook announces,
+        # and once fit ends the model holds the best epoch's weights, no longer the last one's.
+        if self.keep == "all" and trainer.is_main_process:
+            self.last = self._write(trainer.model, "last")
 
-    def _write(self, model: Any, tag: str) -> dict[str, str]:
+    def _write(self, model: Any, tag: str) -> dict[str, Path]:
         from auxloss.taps import AuxModel
 
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -123,11 +126,19 @@ class _Keeper(Callback):
         if isinstance(model, AuxModel) and len(model.heads):
             paths["heads"] = self.folder / f"{tag}-heads.pt"
             _save_tensors(model.heads.state_dict(), paths["heads"])
-        return {k: str(v) for k, v in paths.items()}
+        return paths
 
     def save_best(self, model: Any, out: Path) -> dict[str, str]:
-        paths = self._write(model, "best")
-        return {k: str(Path(v).relative_to(out)) for k, v in paths.items()}
+        """Writes the best epoch's files; returns every kept file of the run (``trunk``, ``heads``, and with
+        ``keep="all"`` ``last_trunk``, ``last_heads``), relative to ``out`` so the folder can move."""
+        last = self.last or ({} if self.keep != "all" else _existing(self.folder, "last"))
+        paths = {**self._write(model, "best"), **{f"last_{k}": v for k, v in last.items()}}
+        return {k: Path(v).relative_to(out).as_posix() for k, v in paths.items()}
+
+
+def _existing(folder: Path, tag: str) -> dict[str, Path]:
+    """The ``tag`` files already in ``folder``: a run resumed after its last epoch wrote them trains no epoch."""
+    return {part: path for part in ("trunk", "heads") if (path := folder / f"{tag}-{part}.pt").is_file()}
 
 
 def _save_tensors(state: dict[str, Any], path: Path) -> None:

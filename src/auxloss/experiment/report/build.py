@@ -10,6 +10,7 @@ from auxloss.experiment.report import sections
 from auxloss.experiment.report.context import History, make_context
 from auxloss.experiment.report.document import Block, Heading, render_html, render_md
 from auxloss.experiment.report.figures import draw_figures
+from auxloss.experiment.report.trained import weights_section
 
 __all__ = ["build_report"]
 
@@ -19,11 +20,13 @@ def build_report(
     results: Mapping[str, Any],
     histories: History | None,
     best_epochs: Mapping[str, Mapping[Any, int]] | None = None,
+    root: Path | str | None = None,
 ) -> Path:
     """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``out_dir``; return report.html's path.
 
     ``results`` is the content of results.json, ``histories`` maps variant -> seed -> list of per-epoch
-    records, ``best_epochs`` (optional) maps variant -> seed -> best epoch. Optional parts (aux tasks,
+    records, ``best_epochs`` (optional) maps variant -> seed -> best epoch. ``root`` is the output folder the
+    kept weights' paths of results.json are relative to (default: ``out_dir``). Optional parts (aux tasks,
     weights, gradient telemetry, a reproduce command, CIs of single-seed runs) are skipped or shown as
     "n/a" when absent, never an error.
     """
@@ -42,6 +45,7 @@ def build_report(
         *sections.overfitting_section(ctx, figs),
         *sections.aux_section(ctx, figs),
         *sections.health_section(ctx, figs),
+        *weights_section(ctx, out_dir, Path(root) if root is not None else out_dir),
         *sections.reproduce_section(ctx),
     ]
     (out_dir / "report.md").write_text(render_md(blocks), encoding="utf-8")

@@ -9,10 +9,13 @@ from __future__ import annotations
 import html
 import re
 from dataclasses import dataclass
+from urllib.parse import quote
 
-__all__ = ["Block", "Bullets", "Code", "Fig", "Heading", "Inline", "Para", "Table", "render_html", "render_md"]
+__all__ = ["Block", "Bullets", "Code", "Fig", "Heading", "Inline", "Para", "Table", "link_target", "render_html",
+           "render_md"]
 
-# A span of inline text: (style, text) with style "" (plain), "b" (bold) or "code".
+# A span of inline text: (style, text) with style "" (plain), "b" (bold), "code" or "link" (a relative path
+# shown as code and linked to; percent-encoded, so a path such as "javascript:x" stays a path, never a scheme).
 Span = tuple[str, str]
 Inline = str | Span
 
@@ -63,6 +66,11 @@ Block = Heading | Para | Bullets | Table | Fig | Code
 # --------------------------------------------------------------------------------------------------------
 
 
+def link_target(path: str) -> str:
+    """A relative path as a link target: every character but letters, digits, ``/._-~`` percent-encoded."""
+    return quote(path, safe="/")
+
+
 def md_escape(text: str, table: bool = False) -> str:
     """Backslash-escape what markdown would otherwise interpret in a user-given name or number."""
     text = " ".join(str(text).splitlines())
@@ -83,6 +91,9 @@ def _md_inline(parts: list[Inline]) -> str:
         elif style == "code":
             fence = "``" if "`" in text else "`"
             out.append(f"{fence}{text}{fence}")
+        elif style == "link":
+            fence = "``" if "`" in text else "`"
+            out.append(f"[{fence}{text}{fence}]({link_target(text)})")
         else:
             out.append(md_escape(text))
     return "".join(out)
@@ -144,6 +155,9 @@ def _html_inline(parts: list[Inline]) -> str:
     for p in parts:
         style, text = ("", p) if isinstance(p, str) else p
         esc = html.escape(text)
+        if style == "link":
+            out.append(f'<a href="{html.escape(link_target(text), quote=True)}"><code>{esc}</code></a>')
+            continue
         out.append(
             f"<strong>{esc}</strong>" if style == "b" else f"<code>{esc}</code>" if style == "code" else esc
         )
