@@ -197,13 +197,14 @@ TINY = """\
 name: hf-tiny
 seeds: 1
 data: {{name: hf, root: {root}, n_train: 16, n_val: 8, n_test: 6, batch_size: 8,
-        params: {{columns: {{input: image, target: label, odd: odd}}}}}}
+        params: {{columns: {{input: image, target: label, odd: odd, size: size}}}}}}
 model: {{name: small_cnn, params: {{width: 4}}}}
 train: {{epochs: 1, lr: 0.01, eval_train: false}}
 variants:
   - name: deep
-    taps: {{aux1: {{layer: block1, head: {{type: linear}}}}}}
-    tasks: [{{name: aux1, source: aux1, target: odd, weight: 0.3}}]
+    taps: {{aux1: {{layer: block1, head: {{type: linear}}}}, aux2: {{layer: block1, head: {{type: linear}}}}}}
+    tasks: [{{name: aux1, source: aux1, target: odd, weight: 0.3}},
+            {{name: aux2, source: aux2, target: size, loss: mse, weight: 0.1}}]
 """
 
 
@@ -224,6 +225,7 @@ def test_auxloss_run_trains_on_a_saved_dataset(datasets, saved, tmp_path: Path) 
             found = [j for j, px in enumerate(source["pixels"]) if torch.equal(item["input"], _expected_image(px))]
             assert len(found) == 1
             assert int(item["target"]) == source["label"][found[0]] and int(item["odd"]) == source["row"][found[0]] % 2
+            assert float(item["size"]) == float(np.float32(source["size"][found[0]]))
     out = tmp_path / "out"
     assert main(["run", str(cfg), "--out", str(out), "--workers", "1"]) == 0
     results = json.loads((out / "results.json").read_text())

@@ -117,9 +117,10 @@ def _parquet_groups(root: Path, known: set[str]) -> dict[str, list[Path]]:
         return groups
     if len(loose) == len(files):
         return {"train": files}  # no file names a split: they are one dataset, carved into train/val/test
+    unnamed = [str(f.relative_to(root)) for f in loose[:4]]
     raise AuxLossError(
-        f"Some parquet files under {root.absolute()} name a split and some do not ({[str(f.relative_to(root)) for f in loose[:4]]} "
-        f"name none of {sorted(known)}). Name every file after its split (train-00000.parquet, test.parquet) or "
+        f"Some parquet files under {root.absolute()} name a split and some do not ({unnamed} name none of "
+        f"{sorted(known)}). Name every file after its split (train-00000.parquet, test.parquet) or "
         "put each split in a folder of its name (train/, test/)."
     )
 
@@ -395,7 +396,7 @@ def _load(root: str | Path, wanted: Sequence[str], *, columns: Any = None, split
     train: DictDataset | None = None
     for split in ("train", *(s for s in SPLITS if s != "train")):  # train first: val/test take its image size
         name = chosen[split]
-        if split not in wanted and split != "train" or name is None:
+        if (split not in wanted and split != "train") or name is None:
             out[split] = None
             continue
         out[split] = _to_dict_dataset(found[name], name, columns, image_size, grayscale, info, like=train)
