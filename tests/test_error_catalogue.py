@@ -618,6 +618,57 @@ ROWS.update({
 })
 
 
+# -- Hugging Face datasets on disk (data.name: hf) ------------------------------------------------------------------
+def _hf(e, root, params="{}"):
+    """`auxloss run` with data.name hf on ``root``."""
+    return cli(e, GOOD.replace("name: shapes,", f"name: hf, root: '{root}',")
+               .replace("params: {image_size: 16}", f"params: {params}"))
+
+
+def _hf_saved(e):
+    """A saved dataset with an image and a class column, written by `datasets` itself."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    root = e["tmp"] / "saved"
+    images = [Image.new("RGB", (16, 16), (i, 0, 0)) for i in range(80)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(80)]},
+                               features=features).save_to_disk(str(root))
+    return root
+
+
+def _hf_without_datasets(e):
+    import sys
+
+    root = e["tmp"] / "saved"
+    root.mkdir()
+    (root / "state.json").write_text("{}")  # what save_to_disk writes: the folder is a saved dataset
+    e["monkeypatch"].setitem(sys.modules, "datasets", None)  # what `import datasets` meets when it is not installed
+    return _hf(e, root)
+
+
+def _hf_neither(e):
+    (e["tmp"] / "notes").mkdir()
+    (e["tmp"] / "notes" / "readme.txt").write_text("not data")
+    return _hf(e, e["tmp"] / "notes")
+
+
+ROWS.update({
+    "D11": (lambda e: _hf(e, "ylecun/mnist"),
+            r"data\.root 'ylecun/mnist' is not a local path .* auxloss never downloads",
+            r"load_dataset\('ylecun/mnist'\)\.save_to_disk\(PATH\).*give that folder as data\.root"),
+    "D12": (lambda e: _hf(e, e["tmp"] / "no-such"), r"Hugging Face dataset path .*no-such does not exist",
+            r"Give data\.root a folder written by Dataset/DatasetDict\.save_to_disk, a \.parquet file"),
+    "D13": (_hf_neither, r"notes is neither a saved Hugging Face dataset .* nor parquet data; it holds \['readme\.txt'\]",
+            r"save_to_disk\(PATH\)` or `dataset\.to_parquet\(PATH/train\.parquet\)` write one"),
+    "D14": (lambda e: _hf(e, _hf_saved(e), "{columns: {input: image, target: lable}}"),
+            r"column\(s\) \['lable'\] are not in .* its columns are \['image', 'label'\] \(did you mean 'label'\?\)",
+            r"columns: \{input: IMAGE_COLUMN, target: LABEL_COLUMN\} \(data\.params\.columns"),
+    "D15": (_hf_without_datasets, r"datasets is not installed", r"pip install auxloss\[hf\]"),
+})
+
+
 @pytest.mark.parametrize("row", list(ROWS))
 def test_bad_input_is_named_with_its_fix(row, tmp_path, capsys, monkeypatch):
     provoke, problem, fix = ROWS[row]
@@ -644,3 +695,4 @@ def test_the_page_lists_exactly_these_rows():
     ids = re.findall(r"^\| *([A-Z]\d+) *\|", text, flags=re.MULTILINE)
     assert len(ids) == len(set(ids)) >= 25
     assert set(ids) == set(ROWS)
+

@@ -630,7 +630,7 @@ def test_load_image_folder_errors(tmp_path: Path) -> None:
 def test_registry() -> None:
     # One registry for every source: the experiment builder looks data.name up here.
     assert set(DATASETS) == {"shapes", "digits", "digits-sequence", "fashion-mnist", "multi-fashion", "idx",
-                             "folder", "cifar10", "cifar100"}
+                             "folder", "cifar10", "cifar100", "hf"}
     names = available_datasets()
     assert "shapes" in names and "digits" in names
     assert ("fashion-mnist" in names) == fashion_mnist_available()

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from auxloss.errors import AuxLossError
 from auxloss.experiment import assemble
@@ -54,7 +54,8 @@ def _num_classes(data: DictDataset, key: str) -> int | None:
     if key in known:
         return int(known[key])
     t = data.tensors.get(key)
-    if t is not None and not t.dtype.is_floating_point:
+    # A column read lazily (images, arrays of a Hugging Face dataset) has no max(): its count must be given.
+    if isinstance(t, Tensor) and not t.dtype.is_floating_point:
         return int(t.max()) + 1
     return None
 

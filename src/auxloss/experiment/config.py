@@ -46,8 +46,9 @@ class DataConfig(_Strict):
     """Which dataset, how big each split is, and the batch size.
 
     ``name``: ``shapes`` (generated), ``digits`` (scikit-learn), ``digits-sequence`` (digits read pixel by pixel,
-    for RNNs), ``fashion-mnist`` (IDX files under ``root``), or ``folder`` (a user's image folder under ``root``).
-    ``params`` go to the dataset's builder.
+    for RNNs), ``fashion-mnist`` (IDX files under ``root``), ``folder`` (a user's image folder under ``root``),
+    ``hf`` (a Hugging Face dataset saved to disk, or parquet files, under ``root``), ... (the registry
+    :data:`auxloss.zoo.data.DATASETS` lists them all). ``params`` go to the dataset's builder.
     """
 
     name: str = "shapes"

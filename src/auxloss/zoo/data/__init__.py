@@ -17,6 +17,8 @@ Sources, one module each, none of which downloads anything at run time:
 * ``folder`` -- :func:`load_image_folder`, a user's own ``root/<class_name>/*.png`` folder, decoded as read.
 * ``cifar`` -- :func:`load_cifar10` and :func:`load_cifar100` from the python batch folders, read with a
   restricted unpickler that runs no code.
+* ``hf`` -- :func:`load_hf_dataset`, a Hugging Face dataset saved to disk or as parquet files (the ``hf`` extra),
+  read from its memory-mapped Arrow files.
 
 ``common`` holds :class:`DictDataset`, the columns decoded on demand (:class:`LazyColumn`) and the splits;
 ``registry`` holds :data:`DATASETS`, the one registry of sources, which ``auxloss run`` looks ``data.name`` up
@@ -32,7 +34,8 @@ from auxloss.zoo.data.cifar import (
 )
 from auxloss.zoo.data.common import SPLITS, DataRequest, DictDataset, LazyColumn, UInt8Images, split_dataset
 from auxloss.zoo.data.digits import DIGIT_LOOPS, load_digit_sequences, load_digits_dataset, pixel_sequences
-from auxloss.zoo.data.folder import IMAGE_EXTENSIONS, ImageFiles, load_image_folder
+from auxloss.zoo.data.folder import IMAGE_EXTENSIONS, ImageFiles, image_to_tensor, load_image_folder
+from auxloss.zoo.data.hf import HF_SPLIT_NAMES, HFArrays, HFImages, load_hf_dataset
 from auxloss.zoo.data.idx import (
     EMNIST_SPLITS,
     FASHION_MNIST_CLASSES,
@@ -78,6 +81,7 @@ __all__ = [
     "FASHION_MNIST_DEFAULT_ROOT",
     "FASHION_MNIST_GROUPS",
     "FASHION_MNIST_GROUP_OF_LABEL",
+    "HF_SPLIT_NAMES",
     "IMAGE_EXTENSIONS",
     "POSITIONS",
     "SHAPES",
@@ -87,6 +91,8 @@ __all__ = [
     "DataRequest",
     "DatasetSpec",
     "DictDataset",
+    "HFArrays",
+    "HFImages",
     "ImageFiles",
     "LazyColumn",
     "UInt8Images",
@@ -94,12 +100,14 @@ __all__ = [
     "build_splits",
     "fashion_mnist_available",
     "get_dataset",
+    "image_to_tensor",
     "load_cifar10",
     "load_cifar100",
     "load_dataset",
     "load_digit_sequences",
     "load_digits_dataset",
     "load_fashion_mnist",
+    "load_hf_dataset",
     "load_idx_dataset",
     "load_image_folder",
     "load_multi_fashion",

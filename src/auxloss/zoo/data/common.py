@@ -313,25 +313,31 @@ class DataRequest:
 
 
 def split_dataset(full: DictDataset, test: DictDataset | None, n_train: int, n_val: int, n_test: int,
-                  seed: int, name: str) -> dict[str, DictDataset]:
+                  seed: int, name: str, *, val: DictDataset | None = None) -> dict[str, DictDataset]:
     """Train/val/test subsets drawn from ``full`` by a permutation seeded with ``seed``.
 
-    With ``test`` given (a source's official test split), train and val come from ``full`` and the test subset
-    from ``test`` (its own permutation, seeded with ``seed + 1``); otherwise all three come from ``full``,
-    disjoint. ``name`` names the data in errors.
+    Train always comes from ``full``. A split given here (``test``: a source's official test split; ``val``: its
+    official validation split) is drawn from by a permutation of its own, seeded with ``seed + 1`` for test and
+    ``seed + 2`` for val; the splits not given are carved from ``full`` after train, in the order val, test, so
+    all the carved ones are disjoint. ``name`` names the data in errors.
     """
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(full))
-    need = n_train + n_val + (0 if test is not None else n_test)
+    carved = [("train", n_train)] + [(split, n) for split, given, n in (("val", val, n_val), ("test", test, n_test))
+                                     if given is None]
+    need = sum(n for _, n in carved)
     if need > len(full):
         raise AuxLossError(f"the {name} data has {len(full)} samples but the splits ask for {need}; lower "
                            "data.n_train/n_val/n_test.")
-    out = {"train": full.subset(order[:n_train].tolist()),
-           "val": full.subset(order[n_train:n_train + n_val].tolist())}
-    if test is None:
-        out["test"] = full.subset(order[n_train + n_val:need].tolist())
-    else:
-        if n_test > len(test):
-            raise AuxLossError(f"the {name} test split has {len(test)} samples, fewer than data.n_test={n_test}.")
-        out["test"] = test.subset(np.random.default_rng(seed + 1).permutation(len(test))[:n_test].tolist())
-    return out
+    out: dict[str, DictDataset] = {}
+    start = 0
+    for split, n in carved:
+        out[split] = full.subset(order[start:start + n].tolist())
+        start += n
+    for split, given, n, offset in (("val", val, n_val, 2), ("test", test, n_test, 1)):
+        if given is None:
+            continue
+        if n > len(given):
+            raise AuxLossError(f"the {name} {split} split has {len(given)} samples, fewer than data.n_{split}={n}.")
+        out[split] = given.subset(np.random.default_rng(seed + offset).permutation(len(given))[:n].tolist())
+    return {split: out[split] for split in SPLITS}

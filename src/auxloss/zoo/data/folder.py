@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor
 from auxloss.errors import AuxLossError
 from auxloss.zoo.data.common import DataRequest, DictDataset, LazyColumn, split_dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFiles", "folder_splits", "load_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFiles", "folder_splits", "image_to_tensor", "load_image_folder"]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -33,6 +34,17 @@ def _image_size_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
     return hw
 
 
+def image_to_tensor(image: Any, height: int, width: int, grayscale: bool) -> Tensor:
+    """A PIL image as float32 ``(3 or 1, height, width)`` in [0, 1]: converted to RGB (or ``L``), resized
+    bilinearly when its size differs, then ``pixel / 255``. Every image source (folders, Hugging Face datasets)
+    reads its images through this, so the same picture gives the same tensor whichever way it was stored."""
+    Image = _pillow()
+    im = image.convert("L" if grayscale else "RGB")
+    if im.size != (width, height):
+        im = im.resize((width, height), Image.Resampling.BILINEAR)  # type: ignore[attr-defined]
+    arr = np.asarray(im, dtype=np.float32) / 255.0
+    chw = arr[None] if grayscale else arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(chw))
 
 
 def _pillow() -> object:
@@ -40,7 +52,7 @@ def _pillow() -> object:
         from PIL import Image
     except ImportError:
         raise AuxLossError(
-            "load_image_folder needs Pillow, which is not installed. Install it with `pip install Pillow`."
+            "Reading images needs Pillow, which is not installed. Install it with `pip install Pillow`."
         ) from None
     return Image
 
@@ -69,16 +81,11 @@ class ImageFiles(LazyColumn):
         p = self.paths[index]
         try:
             with Image.open(p) as im:  # type: ignore[attr-defined]
-                im = im.convert("L" if self.grayscale else "RGB")
-                if im.size != (self.width, self.height):
-                    im = im.resize((self.width, self.height), Image.Resampling.BILINEAR)  # type: ignore[attr-defined]
-                arr = np.asarray(im, dtype=np.float32) / 255.0
+                return image_to_tensor(im, self.height, self.width, self.grayscale)
         except (OSError, ValueError) as exc:
             raise AuxLossError(
                 f"Could not read image {p.absolute()} ({exc}); delete or replace the file."
             ) from None
-        chw = arr[None] if self.grayscale else arr.transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray(chw))
 
     def take(self, indices: Tensor) -> ImageFiles:
         return ImageFiles([self.paths[i] for i in indices.tolist()], self.height, self.width, self.grayscale)

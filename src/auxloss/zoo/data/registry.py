@@ -21,6 +21,7 @@ from auxloss.zoo.data.digits import (
     load_digits_dataset,
 )
 from auxloss.zoo.data.folder import folder_splits, load_image_folder
+from auxloss.zoo.data.hf import hf_available, hf_splits, load_hf_dataset
 from auxloss.zoo.data.idx import (
     _FASHION_HOW_TO_GET,
     fashion_mnist_available,
@@ -156,6 +157,17 @@ DATASETS: dict[str, DatasetSpec] = {
         "CIFAR-100 from its python folder (cifar-100-python) under root; target = fine class, aux = coarse.",
         how_to_get="Give data.root: the extracted cifar-100-python folder (nothing is downloaded).",
         splits=cifar100_splits,
+        needs_root=True,
+    ),
+    "hf": DatasetSpec(
+        "hf",
+        load_hf_dataset,
+        "A Hugging Face dataset on disk (save_to_disk folder or parquet files) under root; columns map to batch "
+        "keys (default: its image is the input, its ClassLabel the target).",
+        hf_available,
+        "Give data.root: a folder written by save_to_disk, or parquet files (nothing is downloaded); needs the hf "
+        "extra: `pip install 'auxloss[hf]'`.",
+        splits=hf_splits,
         needs_root=True,
     ),
 }
