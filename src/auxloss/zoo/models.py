@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from auxloss._checks import finite_above_zero, fraction_below_one, int_at_least
 from auxloss.errors import AuxLossError, close_matches
 
 __all__ = [
@@ -59,31 +60,6 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     de-duplicates them; that is the number that matters for model size.
     """
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def _check_int(name: str, value: Any, minimum: int = 1) -> int:
-    # bool is a subclass of int; ``depth=True`` is almost certainly a mistake, not "depth 1".
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise AuxLossError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise AuxLossError(f"{name} must be >= {minimum}, got {value}.")
-    return value
-
-
-def _check_probability(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise AuxLossError(f"{name} must be a number in [0, 1), got {value!r}.")
-    return float(value)
-
-
-def _check_width(value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (math.isfinite(value) and value > 0)
-    ):
-        raise AuxLossError(f"width must be a finite number > 0, got {value!r}.")
-    return float(value)
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -159,7 +135,7 @@ class Inception(nn.Module):
             "ch5x5": ch5x5,
             "pool_proj": pool_proj,
         }.items():
-            _check_int(name, value)
+            int_at_least(name, value)
         self.in_channels = in_ch
         self.out_channels = ch1x1 + ch3x3 + ch5x5 + pool_proj
         self.branch1x1 = ConvBlock(in_ch, ch1x1, 1, batch_norm=batch_norm)
@@ -253,8 +229,8 @@ class GoogLeNet(nn.Module):
 
     def __init__(self, num_classes: int = 1000, dropout: float = 0.4, batch_norm: bool = False) -> None:
         super().__init__()
-        _check_int("num_classes", num_classes)
-        dropout = _check_probability("dropout", dropout)
+        int_at_least("num_classes", num_classes)
+        dropout = fraction_below_one("dropout", dropout)
         # ceil_mode makes 3x3/2 pools map 112->56->28->14->7 exactly, matching the table.
         self.conv1 = ConvBlock(3, 64, 7, stride=2, padding=3, batch_norm=batch_norm)
         self.maxpool1 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
@@ -318,10 +294,10 @@ class GoogLeNet32(nn.Module):
         batch_norm: bool = True,
     ) -> None:
         super().__init__()
-        _check_int("num_classes", num_classes)
-        _check_int("in_channels", in_channels)
-        width = _check_width(width)
-        dropout = _check_probability("dropout", dropout)
+        int_at_least("num_classes", num_classes)
+        int_at_least("in_channels", in_channels)
+        width = finite_above_zero("width", width)
+        dropout = fraction_below_one("dropout", dropout)
         stem_channels = _scaled(192, width)
         self.stem = ConvBlock(in_channels, stem_channels, 3, padding=1, batch_norm=batch_norm)
         blocks = _build_inceptions(stem_channels, width, batch_norm)
@@ -376,10 +352,10 @@ class SmallCNN(nn.Module):
         self, num_classes: int = 10, in_channels: int = 3, width: int = 32, dropout: float = 0.0
     ) -> None:
         super().__init__()
-        _check_int("num_classes", num_classes)
-        _check_int("in_channels", in_channels)
-        _check_int("width", width)
-        dropout = _check_probability("dropout", dropout)
+        int_at_least("num_classes", num_classes)
+        int_at_least("in_channels", in_channels)
+        int_at_least("width", width)
+        dropout = fraction_below_one("dropout", dropout)
         self.block1 = self._block(in_channels, width)
         self.block2 = self._block(width, 2 * width)
         self.block3 = self._block(2 * width, 4 * width)
@@ -441,10 +417,10 @@ class DeepMLP(nn.Module):
         batch_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.in_features = _check_int("in_features", in_features)
-        _check_int("num_classes", num_classes)
-        _check_int("hidden", hidden)
-        _check_int("depth", depth)
+        self.in_features = int_at_least("in_features", in_features)
+        int_at_least("num_classes", num_classes)
+        int_at_least("hidden", hidden)
+        int_at_least("depth", depth)
         if activation not in _ACTIVATIONS:
             raise AuxLossError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}.")
         layers: list[nn.Module] = []
@@ -537,20 +513,20 @@ def example_input(name: str, **kwargs: Any) -> Tensor:
     if key == "googlenet":
         return torch.randn(1, 3, 224, 224)
     if key in ("googlenet32", "small_cnn"):
-        in_channels = _check_int("in_channels", kwargs.get("in_channels", 3))
+        in_channels = int_at_least("in_channels", kwargs.get("in_channels", 3))
         return torch.randn(1, in_channels, 32, 32)
     if key == "deep_mlp":
         if "in_features" not in kwargs:
             raise AuxLossError("example_input('deep_mlp') needs in_features=..., the model's input size.")
-        return torch.randn(1, _check_int("in_features", kwargs["in_features"]))
+        return torch.randn(1, int_at_least("in_features", kwargs["in_features"]))
     if key == "lstm_classifier":
         # (N, T, D): a sequence of `input_size` features per step; 64 steps, as in the digits-sequence demo.
-        return torch.randn(1, 64, _check_int("input_size", kwargs.get("input_size", 1)))
+        return torch.randn(1, 64, int_at_least("input_size", kwargs.get("input_size", 1)))
     if key == "tiny_transformer":
         if kwargs.get("vocab_size"):
             return torch.randint(0, int(kwargs["vocab_size"]), (1, int(kwargs.get("max_len", 128)) // 2))
-        size = _check_int("image_size", kwargs.get("image_size", 28))
-        return torch.randn(1, _check_int("in_channels", kwargs.get("in_channels", 1)), size, size)
+        size = int_at_least("image_size", kwargs.get("image_size", 28))
+        return torch.randn(1, int_at_least("in_channels", kwargs.get("in_channels", 1)), size, size)
     # A model registered into MODELS by a user has no known input shape.
     raise AuxLossError(
         f"No example input is known for model {key!r}; pass an input tensor of the right shape yourself."
@@ -583,11 +559,11 @@ class LSTMClassifier(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.input_size = _check_int("input_size", input_size)
-        _check_int("num_classes", num_classes)
-        _check_int("hidden", hidden)
-        _check_int("layers", layers)
-        dropout = _check_probability("dropout", dropout)
+        self.input_size = int_at_least("input_size", input_size)
+        int_at_least("num_classes", num_classes)
+        int_at_least("hidden", hidden)
+        int_at_least("layers", layers)
+        dropout = fraction_below_one("dropout", dropout)
         if cell not in _RNN_CELLS:
             raise AuxLossError(f"cell must be 'lstm' or 'gru', got {cell!r}.")
         # nn.LSTM only applies dropout between layers, and warns when given one with a single layer.
@@ -635,27 +611,27 @@ class TinyTransformer(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_int("num_classes", num_classes)
-        _check_int("dim", dim)
-        _check_int("depth", depth)
-        _check_int("heads", heads)
-        dropout = _check_probability("dropout", dropout)
+        int_at_least("num_classes", num_classes)
+        int_at_least("dim", dim)
+        int_at_least("depth", depth)
+        int_at_least("heads", heads)
+        dropout = fraction_below_one("dropout", dropout)
         if dim % heads:
             raise AuxLossError(f"dim ({dim}) must be divisible by heads ({heads}).")
         if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
             raise AuxLossError(f"mlp_ratio must be a number > 0, got {mlp_ratio!r}.")
         self.vocab_size = vocab_size
         if vocab_size is None:
-            _check_int("in_channels", in_channels)
-            _check_int("image_size", image_size)
-            _check_int("patch_size", patch_size)
+            int_at_least("in_channels", in_channels)
+            int_at_least("image_size", image_size)
+            int_at_least("patch_size", patch_size)
             if image_size % patch_size:
                 raise AuxLossError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size}).")
             self.embed: nn.Module = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
             n_tokens = (image_size // patch_size) ** 2
         else:
-            _check_int("vocab_size", vocab_size)
-            n_tokens = _check_int("max_len", max_len)
+            int_at_least("vocab_size", vocab_size)
+            n_tokens = int_at_least("max_len", max_len)
             self.embed = nn.Embedding(vocab_size, dim)
         self.n_tokens = n_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
