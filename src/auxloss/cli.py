@@ -114,10 +114,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.out is None:
         args.out = f"runs/{cfg.name}"
-    from auxloss.experiment.redact import redact_argv
+    from auxloss._redact import argv_without_passwords
 
     # The command is recorded (results.json, the report): any password in a URL argument is left out of it.
-    return _run_config(cfg, args, "auxloss run " + " ".join(shlex.quote(a) for a in redact_argv(sys.argv[2:])))
+    return _run_config(cfg, args, "auxloss run " + " ".join(shlex.quote(a) for a in argv_without_passwords(sys.argv[2:])))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -40,11 +40,12 @@ from typing import Any
 import torch
 
 from auxloss._checks import int_at_least
+from auxloss._redact import mask_password
 from auxloss.errors import AuxLossError
 from auxloss.experiment import stats
 from auxloss.experiment.config import ExperimentConfig, VariantConfig
 from auxloss.experiment.report.sweep import format_sweep
-from auxloss.experiment.storage import StudyLock, hide_password, optuna_storage
+from auxloss.experiment.storage import StudyLock, optuna_storage
 from auxloss.experiment.usercode import is_user_reference
 
 __all__ = ["SEARCH_SEED_OFFSET", "WEIGHT_RANGE", "format_sweep", "run_sweep", "sweep_worker", "total_steps",
@@ -457,7 +458,7 @@ def run_sweep(
 
     summary: dict[str, Any] = {
         "study": study_name,
-        "storage": hide_password(url),
+        "storage": mask_password(url),
         "variant": variant,
         "metric": metric,
         "higher_is_better": higher,
