@@ -50,7 +50,7 @@ def _print_results(results: dict[str, Any], out: Path, seconds: float) -> None:
 
 def _run_config(cfg: Any, args: argparse.Namespace, command: str) -> int:
     from auxloss.experiment.runner import run_experiment
-    from auxloss.train.trainer import resolve_device
+    from auxloss.train.batches import resolve_device
 
     for device in {args.device or cfg.train.device, *(cfg.train_for(v).device for v in cfg.variant_names[1:])}:
         resolve_device(device)  # a device that does not exist stops here, before the output folder is touched
