@@ -17,12 +17,20 @@ from auxloss.errors import AuxLossError
 __all__ = [
     "as_float",
     "decay_factor",
+    "finite_above_zero",
+    "folder_name",
+    "fraction_below_one",
+    "int_at_least",
+    "int_in_range",
     "integer",
     "is_number",
+    "open_fraction",
+    "positive_finite",
     "positive_int",
     "positive_number_or_none",
     "probability",
     "time_point",
+    "unit_fraction",
     "weight",
 ]
 
@@ -72,6 +80,88 @@ def positive_number_or_none(name: str, value: Any, *, owner: str | None = None) 
     if not is_number(value) or not math.isfinite(as_float(value)) or value <= 0:
         raise AuxLossError(f"{_where(owner)}{name} must be a number > 0 or None, got {value!r}.")
     return value
+
+
+def int_at_least(name: str, value: Any, minimum: int = 1, *, example: str | None = None) -> int:
+    """An ``int`` >= ``minimum`` (a layer count, a number of trials); ``bool`` and floats are refused.
+
+    ``example`` (``"trials=20 (--trials 20)"``) is the fix the message suggests; without it the message names the
+    type that was passed instead."""
+    # bool is a subclass of int; ``depth=True`` is almost certainly a mistake, not "depth 1".
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if example is not None:
+        if not is_int or value < minimum:
+            raise AuxLossError(f"{name} must be an integer >= {minimum}, got {value!r}; pass e.g. {example}.")
+        return value
+    if not is_int:
+        raise AuxLossError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise AuxLossError(f"{name} must be >= {minimum}, got {value}.")
+    return value
+
+
+def int_in_range(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """An integer in ``[low, high]`` (``high=None``: no upper bound), returned as a Python ``int``.
+
+    NumPy integers are accepted (sizes often come out of arrays); ``bool`` and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise AuxLossError(f"{name} must be an integer; got {value!r} ({type(value).__name__}).")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"between {low} and {high}"
+        raise AuxLossError(f"{name} must be {bound}; got {value}.")
+    return int(value)
+
+
+def unit_fraction(name: str, value: Any) -> float:
+    """A fraction in the closed ``[0, 1]`` (a noise rate, a share of the data); anything ``float()`` takes."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise AuxLossError(f"{name} must be a number in [0, 1]; got {value!r}.") from None
+    if not 0.0 <= f <= 1.0:
+        raise AuxLossError(f"{name} must be in [0, 1]; got {value}.")
+    return f
+
+
+def open_fraction(name: str, value: Any, *, example: str) -> float:
+    """A fraction strictly inside ``(0, 1)`` (a confidence level, a test's alpha); ``example`` is what to pass."""
+    value = float(value)
+    if not (0.0 < value < 1.0):
+        raise AuxLossError(f"{name} must lie strictly between 0 and 1, got {value!r}. E.g. use {example}.")
+    return value
+
+
+def fraction_below_one(name: str, value: Any) -> float:
+    """An ``int`` or ``float`` in ``[0, 1)`` (a model's dropout rate); unlike :func:`probability`, only built-in
+    numbers are accepted."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise AuxLossError(f"{name} must be a number in [0, 1), got {value!r}.")
+    return float(value)
+
+
+def finite_above_zero(name: str, value: Any) -> float:
+    """An ``int`` or ``float`` that is finite and > 0 (a width multiplier), returned as ``float``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise AuxLossError(f"{name} must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
+def positive_finite(
+    name: str, value: Any, *, owner: str | None = None, zero_ok: bool = False, none_ok: bool = False
+) -> float | None:
+    """An ``int`` or ``float`` that is finite and > 0 (>= 0 with ``zero_ok``; ``None`` passes with ``none_ok``),
+    such as a learning rate; returned as ``float``."""
+    if none_ok and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            value < 0 if zero_ok else value <= 0):
+        raise AuxLossError(f"{_where(owner)}{name} must be a {'non-negative' if zero_ok else 'positive'} finite "
+                           f"number{' or None' if none_ok else ''}, got {value!r}.")
+    return float(value)
 
 
 def weight(owner: str, name: str, x: object) -> float:

@@ -53,7 +53,7 @@ def _print_results(results: dict[str, Any], out: Path, seconds: float) -> None:
 
 def _run_config(cfg: Any, args: argparse.Namespace, command: str) -> int:
     from auxloss.experiment.runner import run_experiment
-    from auxloss.train.trainer import resolve_device
+    from auxloss.train.batches import resolve_device
 
     for device in {args.device or cfg.train.device, *(cfg.train_for(v).device for v in cfg.variant_names[1:])}:
         resolve_device(device)  # a device that does not exist stops here, before the output folder is touched
@@ -119,10 +119,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.out is None:
         args.out = f"runs/{cfg.name}"
-    from auxloss.experiment.redact import redact_argv
+    from auxloss._redact import argv_without_passwords
 
     # The command is recorded (results.json, the report): any password in a URL argument is left out of it.
-    return _run_config(cfg, args, "auxloss run " + " ".join(shlex.quote(a) for a in redact_argv(sys.argv[2:])))
+    return _run_config(cfg, args, "auxloss run " + " ".join(shlex.quote(a) for a in argv_without_passwords(sys.argv[2:])))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

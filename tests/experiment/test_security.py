@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from auxloss._redact import argv_without_passwords, command_without_passwords, without_password
 from auxloss.cli import main
 from auxloss.errors import AuxLossError
 from auxloss.experiment.config import parse_config
-from auxloss.experiment.redact import redact_argv, redact_command, without_password
 from auxloss.experiment.runner import STORE_URL_FILE, run_experiment
 
 PG_URL = os.environ.get("AUXLOSS_TEST_POSTGRES_URL")
@@ -55,9 +55,9 @@ def test_a_url_is_recorded_without_its_password(url, expected):
 
 def test_a_command_line_loses_the_password_of_every_url_in_it():
     argv = ["c.yaml", "--store", "postgresql://a:S1 x@h/db", "--storage=postgresql://b:S2@h/db", "--seeds", "2"]
-    assert redact_argv(argv) == ["c.yaml", "--store", "postgresql://a@h/db", "--storage=postgresql://b@h/db",
+    assert argv_without_passwords(argv) == ["c.yaml", "--store", "postgresql://a@h/db", "--storage=postgresql://b@h/db",
                                  "--seeds", "2"]
-    assert redact_command("auxloss run c.yaml --store postgresql://a:S3@h/db --workers 2") == \
+    assert command_without_passwords("auxloss run c.yaml --store postgresql://a:S3@h/db --workers 2") == \
         "auxloss run c.yaml --store postgresql://a@h/db --workers 2"
 
 

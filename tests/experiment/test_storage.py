@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from auxloss import AuxLossError
+from auxloss._redact import mask_password
 from auxloss.experiment.storage import (
     StudyLock,
-    hide_password,
     libpq_dsn,
     optuna_storage,
     postgres_url,
@@ -30,10 +30,10 @@ WELL_FORMED = [
 
 
 @pytest.mark.parametrize("url", WELL_FORMED)
-def test_hide_password_matches_sqlalchemy(url: str) -> None:
+def test_mask_password_matches_sqlalchemy(url: str) -> None:
     from sqlalchemy.engine import make_url
 
-    assert hide_password(url) == make_url(url).render_as_string(hide_password=True)
+    assert mask_password(url) == make_url(url).render_as_string(hide_password=True)
 
 
 @pytest.mark.parametrize(("url", "expected"), [
@@ -47,9 +47,9 @@ def test_hide_password_matches_sqlalchemy(url: str) -> None:
      "postgresql://host/db?user=alice&password=***&sslmode=require"),
     ("/plain/path/results.sqlite", "/plain/path/results.sqlite"),
 ])
-def test_hide_password_by_hand(url: str, expected: str) -> None:
-    assert hide_password(url) == expected
-    assert "s3cret" not in hide_password(url) and "p@ss" not in hide_password(url)
+def test_mask_password_by_hand(url: str, expected: str) -> None:
+    assert mask_password(url) == expected
+    assert "s3cret" not in mask_password(url) and "p@ss" not in mask_password(url)
 
 
 def test_postgres_urls_are_recognised_and_normalised() -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from auxloss.integrations.mlflow import mlflow_keys, redact
+from auxloss._redact import mask_passwords
+from auxloss.integrations.mlflow import mlflow_keys
 
 try:
     import mlflow  # noqa: F401
@@ -57,11 +58,11 @@ def env(**extra: str) -> dict[str, str]:
 def test_redact_hides_the_password_of_every_url_and_keeps_the_rest():
     text = (f"auxloss run x.yaml --store postgresql://ana:{SECRET}@db.lan:5432/runs?sslmode=require "
             f"--mlflow http://bob:{SECRET}@mlflow:5000 --checkpoint-dir s3://bucket/ckpt?token={SECRET}&x=1")
-    assert redact(text) == ("auxloss run x.yaml --store postgresql://ana:***@db.lan:5432/runs?sslmode=require "
+    assert mask_passwords(text) == ("auxloss run x.yaml --store postgresql://ana:***@db.lan:5432/runs?sslmode=require "
                             "--mlflow http://bob:***@mlflow:5000 --checkpoint-dir s3://bucket/ckpt?token=***&x=1")
     # nothing to hide: unchanged (a user without a password, a plain path)
     for plain in ("postgresql://ana@db/runs", "file:/tmp/mlruns", "/shared/ckpt", "http://mlflow:5000"):
-        assert redact(plain) == plain
+        assert mask_passwords(plain) == plain
 
 
 def test_mlflow_keys_give_the_total_loss_its_own_name():

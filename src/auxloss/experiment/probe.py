@@ -65,7 +65,7 @@ def probe_variant(cfg: ExperimentConfig, variant: str, *, steps: int = 200, ever
                   lookahead_lr: float = 0.1) -> dict[str, Any]:
     """Probe one candidate variant; returns its measurements per auxiliary task."""
     from auxloss.experiment.build import build_run
-    from auxloss.train.trainer import move_to
+    from auxloss.train.batches import move_to
 
     built = build_run(cfg, variant, seed, device="cpu", check_weights=False)  # a shortened run on purpose
     model, objective = built.model, built.objective

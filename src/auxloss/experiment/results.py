@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from auxloss._redact import command_without_passwords
 from auxloss.experiment import stats
 from auxloss.experiment.config import ExperimentConfig
-from auxloss.experiment.redact import redact_command
 from auxloss.experiment.spec import BASELINE
 from auxloss.experiment.store import Store
 
@@ -98,6 +98,6 @@ def aggregate(summary: dict[str, Any], store: Store, *, command: str | None = No
         "runs": {"done": status.get("done", 0), "failed": status.get("failed", 0),
                  "pending": status.get("pending", 0) + status.get("running", 0)},
         # The command may hold a database URL: recorded without its password (results.json, the report).
-        "config": {**summary["config"], **({"command": redact_command(command)} if command else {})},
+        "config": {**summary["config"], **({"command": command_without_passwords(command)} if command else {})},
         "timing": {"total_seconds": seconds},
     }

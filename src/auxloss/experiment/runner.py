@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from auxloss._redact import without_password
 from auxloss.errors import AuxLossError
 from auxloss.experiment.config import ExperimentConfig, config_hash
-from auxloss.experiment.redact import without_password
 from auxloss.experiment.results import aggregate, load_histories
 from auxloss.experiment.spec import Experiment
 from auxloss.experiment.store import Store

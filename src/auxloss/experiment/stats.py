@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy import stats as _st
 
+from auxloss._checks import open_fraction
 from auxloss.errors import AuxLossError
 
 __all__ = [
@@ -75,13 +76,6 @@ def _finite_array(values: Iterable[float], what: str) -> np.ndarray:
             "fix or drop that seed before computing statistics."
         )
     return arr
-
-
-def _check_fraction(value: float, name: str) -> float:
-    value = float(value)
-    if not (0.0 < value < 1.0):
-        raise AuxLossError(f"{name} must lie strictly between 0 and 1, got {value!r}. E.g. use 0.95 / 0.05.")
-    return value
 
 
 def _sorted_seeds(seeds: Iterable[Hashable]) -> list[Any]:
@@ -149,7 +143,7 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, t
     Raises:
         AuxLossError: empty input, a non-finite value, or ``confidence`` not in (0, 1).
     """
-    confidence = _check_fraction(confidence, "confidence")
+    confidence = open_fraction("confidence", confidence, example="0.95 / 0.05")
     x = _finite_array(values, "values")
     n = x.size
     m = float(np.mean(x))
@@ -389,7 +383,7 @@ def compare(
         AuxLossError: empty/non-finite metrics, ``alpha`` not in (0, 1), or a variant sharing no seed with
             the baseline (the message lists the seeds each side has).
     """
-    alpha = _check_fraction(alpha, "alpha")
+    alpha = open_fraction("alpha", alpha, example="0.95 / 0.05")
     if not isinstance(variants, Mapping):
         raise AuxLossError(
             f"variants must be a mapping name -> {{seed: metric}}, got {type(variants).__name__}. "

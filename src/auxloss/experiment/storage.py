@@ -1,9 +1,10 @@
-"""Where experiments keep their state: database URLs, their redaction, and the lock shared by sweep workers.
+"""Where experiments keep their state: database URLs and the lock shared by sweep workers.
 
 Two stores use database URLs. The results store (:mod:`auxloss.experiment.store`) takes a file path or a
 ``postgresql://`` URL and talks to PostgreSQL through psycopg2. The weight sweep (:mod:`auxloss.experiment.sweep`)
 keeps its Optuna study in any SQLAlchemy URL (SQLite, PostgreSQL, MySQL) and serialises its workers with
-:class:`StudyLock`. Both write URLs into messages and result files, always through :func:`hide_password`.
+:class:`StudyLock`. Both write URLs into messages and result files, always through
+:func:`auxloss._redact.mask_password`.
 
 SQLAlchemy comes with Optuna; it is imported only by the functions that parse SQLAlchemy URLs, so the results
 store never needs it.
@@ -13,42 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
 
+from auxloss._redact import mask_password
 from auxloss.errors import AuxLossError
 
-__all__ = ["StudyLock", "hide_password", "libpq_dsn", "optuna_storage", "parse_url", "postgres_url",
+__all__ = ["StudyLock", "libpq_dsn", "optuna_storage", "parse_url", "postgres_url",
            "sqlite_file"]
 
-# scheme://user:password@host...: the user holds no ':', '/', '?', '#' or '@'. The password is matched lazily up
-# to the first '@' after which a host follows (no '@', '/', '?' or '#' before the path), so a raw '@' inside
-# the password is hidden with it, while a '@' later in the path or the query is not mistaken for the end of
-# the credentials.
-_CREDENTIALS = re.compile(
-    r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@]*):(?P<password>.*?)@(?P<tail>[^@/?#]*(?:[/?#].*)?)$",
-    re.DOTALL,
-)
-# libpq (and so psycopg2 and SQLAlchemy's PostgreSQL dialects) also reads a password from the query string.
-_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&#]*", re.IGNORECASE)
-
 _PG_PREFIXES = ("postgresql://", "postgresql+psycopg2://", "postgres://")
-
-
-def hide_password(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for messages and result files.
-
-    ``postgresql://user:secret@host/db`` becomes ``postgresql://user:***@host/db``; a ``password=`` query
-    parameter is hidden too. A URL without a password (a file path, ``sqlite:///...``,
-    ``postgresql://user@host/db``) comes back unchanged.
-    """
-    text = str(url)
-    match = _CREDENTIALS.match(text)
-    if match is not None:
-        text = f"{match['head']}:***@{match['tail']}"
-    return _QUERY_PASSWORD.sub(r"\1***", text)
 
 
 def postgres_url(location: str | Path) -> str | None:
@@ -83,7 +59,7 @@ def parse_url(url: str) -> Any:
     try:
         return make_url(url)
     except ArgumentError:
-        raise AuxLossError(f"storage {hide_password(url)!r} is not a database URL; use e.g. "
+        raise AuxLossError(f"storage {mask_password(url)!r} is not a database URL; use e.g. "
                            "'sqlite:///path/optuna.sqlite' or 'postgresql://user:password@host/db'.") from None
 
 
@@ -119,7 +95,7 @@ def optuna_storage(url: str, *, heartbeat_s: int, grace_s: int) -> Any:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
                                               grace_period=grace_s)
     except ImportError as exc:
-        raise AuxLossError(f"storage {hide_password(url)!r} needs a database driver that is not installed "
+        raise AuxLossError(f"storage {mask_password(url)!r} needs a database driver that is not installed "
                            f"({exc}); e.g. `pip install auxloss[postgres]` for PostgreSQL.") from None
 
 

@@ -21,8 +21,9 @@ from typing import Any
 from urllib.parse import quote
 
 from auxloss._faults import fault_point
+from auxloss._redact import mask_password
 from auxloss.errors import AuxLossError
-from auxloss.experiment.storage import hide_password, libpq_dsn, postgres_url
+from auxloss.experiment.storage import libpq_dsn, postgres_url
 
 __all__ = ["PostgresStore", "Store", "open_store"]
 
@@ -350,7 +351,7 @@ class PostgresStore(Store):
         except ImportError as exc:
             raise AuxLossError("a PostgreSQL results store needs psycopg2: pip install 'auxloss[postgres]'.") from exc
         self.url = url
-        self.path = Path(hide_password(url))  # for messages only
+        self.path = Path(mask_password(url))  # for messages only
         self.namespace = namespace
         self.schema = schema_name(namespace)
         self.stale_after = stale_after

@@ -39,11 +39,13 @@ from typing import Any
 
 import torch
 
+from auxloss._checks import int_at_least
+from auxloss._redact import mask_password
 from auxloss.errors import AuxLossError
 from auxloss.experiment import stats
 from auxloss.experiment.config import ExperimentConfig, VariantConfig
 from auxloss.experiment.report.sweep import format_sweep
-from auxloss.experiment.storage import StudyLock, hide_password, optuna_storage
+from auxloss.experiment.storage import StudyLock, optuna_storage
 from auxloss.experiment.usercode import is_user_reference
 
 __all__ = ["SEARCH_SEED_OFFSET", "WEIGHT_RANGE", "format_sweep", "run_sweep", "sweep_worker", "total_steps",
@@ -99,12 +101,6 @@ def _sweep_variant(cfg: ExperimentConfig, variant: str | None) -> VariantConfig:
         raise AuxLossError(f"variant {variant!r} has no auxiliary tasks, so it has no weights to search; sweep a "
                            f"variant with tasks ({with_tasks or 'none in this config'}) or add tasks to it.")
     return vcfg
-
-
-def _positive_int(value: Any, name: str, example: str, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise AuxLossError(f"{name} must be an integer >= {minimum}, got {value!r}; pass e.g. {example}.")
-    return value
 
 
 def _main_metric(cfg: ExperimentConfig) -> tuple[str, bool]:
@@ -311,8 +307,8 @@ def sweep_worker(cfg_json: ExperimentConfig | Mapping[str, Any] | str, storage_u
         torch.set_num_threads(threads)
     cfg = _as_config(cfg_json)
     vcfg = _sweep_variant(cfg, variant)
-    trials = _positive_int(trials, "trials", "trials=20 (--trials 20)")
-    search_seeds = _positive_int(search_seeds, "search_seeds", "search_seeds=1")
+    trials = int_at_least("trials", trials, example="trials=20 (--trials 20)")
+    search_seeds = int_at_least("search_seeds", search_seeds, example="search_seeds=1")
     lock = StudyLock(storage_url, study_name)
     storage, study = _open_study(cfg, vcfg.name, storage_url, study_name, search_seeds, schedule, lock)
     sampler = optuna.samplers.TPESampler(seed=_mixed_seed(sampler_seed, _counted(study)))
@@ -416,10 +412,10 @@ def run_sweep(
     cfg = _as_config(cfg)
     vcfg = _sweep_variant(cfg, variant)
     variant = vcfg.name
-    trials = _positive_int(trials, "trials", "trials=20 (--trials 20)")
-    workers = _positive_int(workers, "workers", "workers=2 (--workers 2)")
-    search_seeds = _positive_int(search_seeds, "search_seeds", "search_seeds=1")
-    eval_seeds = _positive_int(eval_seeds, "eval_seeds", "eval_seeds=3 (--eval-seeds 3)", minimum=0)
+    trials = int_at_least("trials", trials, example="trials=20 (--trials 20)")
+    workers = int_at_least("workers", workers, example="workers=2 (--workers 2)")
+    search_seeds = int_at_least("search_seeds", search_seeds, example="search_seeds=1")
+    eval_seeds = int_at_least("eval_seeds", eval_seeds, example="eval_seeds=3 (--eval-seeds 3)", minimum=0)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(out / STORAGE_FILE).resolve()}"
@@ -462,7 +458,7 @@ def run_sweep(
 
     summary: dict[str, Any] = {
         "study": study_name,
-        "storage": hide_password(url),
+        "storage": mask_password(url),
         "variant": variant,
         "metric": metric,
         "higher_is_better": higher,

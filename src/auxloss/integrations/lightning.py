@@ -147,7 +147,7 @@ class AuxLossMixin:
                     f"{type(weighting).__name__} learns its weights from the main task's loss on validation batches: "
                     "give trainer.fit a val_dataloaders (a split held out from training, never the test split)."
                 )
-            from auxloss.train.trainer import ValidationStream  # the trainer's, so both loops draw alike
+            from auxloss.train.batches import ValidationStream  # the trainer's, so both loops draw alike
 
             stream = ValidationStream(loader, self.device)  # type: ignore[attr-defined]
             self.__dict__["_auxloss_val_stream"] = stream

@@ -19,40 +19,27 @@ It logs only the steps and epochs that run has not logged yet (the tags ``auxlos
 duplicated and nothing lost.
 
 A URI with a password (``http://user:secret@host``, ``postgresql://...``) is never recorded as it is: every URI
-that goes into MLflow, and every message that names one, shows ``user:***@host`` (:func:`redact`).
+that goes into MLflow, and every message that names one, shows ``user:***@host``
+(:func:`auxloss._redact.mask_passwords`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from auxloss._redact import mask_passwords
 from auxloss.errors import AuxLossError
 from auxloss.train.callbacks import Callback
 
-__all__ = ["MlflowCallback", "MlflowTracker", "mlflow_keys", "redact"]
+__all__ = ["MlflowCallback", "MlflowTracker", "mlflow_keys"]
 
 #: MLflow's limits on the params, tags and metrics one ``log_batch`` call takes.
 _BATCH_PARAMS, _BATCH_TAGS, _BATCH_METRICS = 100, 100, 1000
-
-_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]*)@")
-_SECRET_QUERY = re.compile(r"(?P<key>(?:password|passwd|pwd|secret|token|sslpassword)=)[^&\s]*", re.IGNORECASE)
-
-
-def redact(text: str) -> str:
-    """``text`` with the password of every URL in it replaced by ``***`` (userinfo and ``password=`` queries).
-
-    >>> redact("auxloss run x.yaml --store postgresql://ana:s3cr3t@db:5432/runs?sslmode=require")
-    'auxloss run x.yaml --store postgresql://ana:***@db:5432/runs?sslmode=require'
-    """
-    text = _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    return _SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
-
 
 def _import_mlflow() -> Any:
     try:
@@ -114,7 +101,7 @@ class MlflowTracker:
         self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
         # A longer param (a long list of tasks) is left out of the params; config.yaml, an artifact, has it all.
         self._max_param = MAX_PARAM_VAL_LENGTH
-        self.uri, self.shown = uri, redact(uri)
+        self.uri, self.shown = uri, mask_passwords(uri)
         self.name, self.fingerprint, self.store = experiment, fingerprint, store
         self.client = self._call("open a client", client_cls, tracking_uri=uri)
         self.experiment_id = self._call("open the MLflow experiment", self._experiment)
@@ -128,7 +115,7 @@ class MlflowTracker:
             return fn(*args, **kwargs)
         except (MlflowException, OSError) as exc:
             raise AuxLossError(f"cannot {what} on the MLflow tracking server {self.shown!r}: "
-                               f"{redact(str(exc)).strip()[:400]}. Check the --mlflow URI and that the server "
+                               f"{mask_passwords(str(exc)).strip()[:400]}. Check the --mlflow URI and that the server "
                                "runs (or drop --mlflow).") from exc
 
     def _experiment(self) -> str:
@@ -197,11 +184,11 @@ class MlflowTracker:
         """Log the config (params and ``config.yaml``) and where things are on the parent run."""
         tags = {"auxloss.out": str(Path(out).resolve())}
         if command:
-            tags["auxloss.command"] = redact(command)
+            tags["auxloss.command"] = mask_passwords(command)
         if store:
-            tags["auxloss.store"] = redact(store)
+            tags["auxloss.store"] = mask_passwords(store)
         if checkpoint_dir:
-            tags["auxloss.checkpoint_dir"] = redact(str(checkpoint_dir))
+            tags["auxloss.checkpoint_dir"] = mask_passwords(str(checkpoint_dir))
         self._log(self.parent_id, params=flatten({k: v for k, v in config.items() if k != "variants"}),
                   tags=tags)
         if (Path(out) / "config.yaml").exists():

@@ -27,6 +27,7 @@ from auxloss._distributed import is_distributed, sync_tensors
 from auxloss.errors import AuxLossError
 from auxloss.objective import LossReport, Objective
 from auxloss.step import StepContext
+from auxloss.train.batches import ValidationStream, move_to, resolve_device
 from auxloss.train.callbacks import Callback
 from auxloss.train.checkpoint import (
     checkpoint_location,
@@ -37,47 +38,13 @@ from auxloss.train.checkpoint import (
 )
 from auxloss.train.logging import RunLogger
 from auxloss.train.options import TrainOptions
+from auxloss.train.progress import FitProgress
 
+# ValidationStream, move_to and resolve_device live in auxloss.train.batches; they stay importable from here.
 __all__ = ["FitResult", "Trainer", "ValidationStream", "move_to"]
 
 # Settings stored under another attribute name: ``optimizer`` is the optimizer that fit builds.
 _OPTION_ATTRIBUTE = {"optimizer": "optimizer_spec"}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch device (``"auto"``/``None``: CUDA when available, else CPU), checked to exist here.
-
-    A misspelt name (``gpu``) or a CUDA device on a CPU-only torch is an error naming the fix, before any run
-    starts, instead of torch's traceback from the first tensor moved there."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise AuxLossError(f"unknown device {device!r} ({str(exc).splitlines()[0]}); use 'auto', 'cpu', 'cuda', "
-                           "'cuda:N' or 'mps'.") from None
-    if resolved.type == "cuda":
-        if torch.version.cuda is None and not getattr(torch.version, "hip", None):
-            raise AuxLossError(f"device {device!r}: this torch ({torch.__version__}) is a CPU-only build; use "
-                               "--device cpu (or 'auto'), or install a CUDA build of torch.")
-        count = torch.cuda.device_count()
-        if count == 0 or (resolved.index is not None and resolved.index >= count):
-            raise AuxLossError(f"device {device!r}: {count} CUDA device(s) visible; use --device cpu or 'auto', or "
-                               f"one of cuda:0..cuda:{max(count - 1, 0)}.")
-    elif resolved.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise AuxLossError(f"device {device!r}: MPS is not available here; use --device cpu or 'auto'.")
-    return resolved
-
-
-def move_to(batch: Any, device: torch.device | str) -> Any:
-    """Move every tensor in a (nested) batch to ``device``."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to(v, device) for v in batch)
-    return batch
 
 
 @dataclasses.dataclass
@@ -301,7 +268,7 @@ class Trainer:
                             last_step=self.global_step) if self.log_dir is not None and self.is_main_process else None)
         if not resumed:
             self._call("on_fit_start")
-        progress = _Progress(self.progress and self.is_main_process, self.epochs, steps_per_epoch)
+        progress = FitProgress(self.progress and self.is_main_process, self.epochs, steps_per_epoch)
         try:
             while st["epoch"] < self.epochs and not st["stopped_early"]:
                 epoch = st["epoch"] + 1
@@ -470,7 +437,7 @@ class Trainer:
 
     def _train_epoch(
         self, model: nn.Module, objective: Objective, loader: Iterable[Any], logger: RunLogger | None,
-        progress: _Progress, st: dict[str, Any],
+        progress: FitProgress, st: dict[str, Any],
     ) -> dict[str, float]:
         assert self.optimizer is not None
         model.train()
@@ -591,42 +558,6 @@ class Trainer:
             logger.log_step(self.global_step, {k: float(v) for k, v in values.items()})
 
 
-class ValidationStream:
-    """An endless iterator over a validation loader's batches, moved to ``device``: what look-ahead weightings
-    (``needs_validation``) get in ``StepContext.validation``.
-
-    It leaves the global RNG as it found it (each pass's iterator is created and advanced under
-    :func:`torch.random.fork_rng`), so that the training batches and dropout masks match those of a run without it,
-    and ``position`` (batches taken in the current pass) checkpoints with the trainer: a resumed run continues with
-    the same validation batch when the loader's order is fixed (``shuffle=False``, the usual for validation).
-    """
-
-    def __init__(self, loader: Iterable[Any], device: torch.device | str, position: int = 0) -> None:
-        self.loader, self.device, self.position = loader, device, int(position)
-        self._iterator: Any = None
-
-    def __iter__(self) -> ValidationStream:
-        return self
-
-    def __next__(self) -> Any:
-        with torch.random.fork_rng(devices=[]):
-            if self._iterator is None:
-                self._iterator = iter(self.loader)
-                for _ in range(self.position):  # resuming inside a pass
-                    next(self._iterator, None)
-            batch = next(self._iterator, _END)
-            if batch is _END:  # a pass is over: start the next one
-                self._iterator, self.position = iter(self.loader), 0
-                batch = next(self._iterator, _END)
-                if batch is _END:
-                    raise AuxLossError("the validation split is empty: a look-ahead weighting needs at least one batch.")
-        self.position += 1
-        return move_to(batch, self.device)
-
-
-_END = object()
-
-
 def _length(loader: Iterable[Any]) -> int | None:
     """Batches per epoch, or ``None`` for a stream (a DataLoader over an iterable dataset without ``__len__``)."""
     try:
@@ -650,32 +581,3 @@ def _f64(value: Any) -> Any:
 
 def _prefix(prefix: str, values: Mapping[str, float]) -> dict[str, float]:
     return {f"{prefix}/{k}": v for k, v in values.items()}
-
-
-class _Progress:
-    """A rich progress bar over the whole fit, or nothing."""
-
-    def __init__(self, enabled: bool, epochs: int, steps_per_epoch: int) -> None:
-        self._bar = None
-        if not enabled:
-            return
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                             TimeRemainingColumn(), transient=True)
-        self._task = self._bar.add_task("train", total=epochs * steps_per_epoch, info="")
-        self._bar.start()
-
-    def step(self) -> None:
-        if self._bar is not None:
-            self._bar.advance(self._task)
-
-    def epoch_done(self, record: Mapping[str, Any], main: str) -> None:
-        if self._bar is not None:
-            val = record.get(f"val/metric/{main}")
-            info = f"epoch {record['epoch']}" + (f" val {val:.4f}" if isinstance(val, float) else "")
-            self._bar.update(self._task, info=info)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()

@@ -40,7 +40,6 @@ on the other steps one backward.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -48,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from auxloss._checks import positive_finite
 from auxloss._distributed import all_reduce_mean
 from auxloss.errors import AuxLossError
 from auxloss.step import LossReport, StepContext, StepPlan
@@ -57,6 +57,7 @@ from auxloss.weighting.grads import discover_params
 __all__ = ["AuxiLearn", "auxnet", "neumann_inverse_hvp"]
 
 NETS = ("linear", "nonlinear")
+_OWNER = "AuxiLearn"  # how argument errors name the class
 
 
 def auxnet(u: Tensor, weights: Sequence[Tensor], kind: str) -> Tensor:
@@ -78,14 +79,6 @@ def neumann_inverse_hvp(v: list[Tensor], hvp: Any, terms: int, lr: float) -> lis
         cur = [c - lr * h for c, h in zip(cur, hx)]
         p = [a + c for a, c in zip(p, cur)]
     return p
-
-
-def _positive(name: str, value: Any, *, zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-            value < 0 if zero else value <= 0):
-        raise AuxLossError(f"AuxiLearn: {name} must be a {'non-negative' if zero else 'positive'} finite number, "
-                           f"got {value!r}.")
-    return float(value)
 
 
 class AuxiLearn(LossWeighting):
@@ -123,10 +116,12 @@ class AuxiLearn(LossWeighting):
                 raise AuxLossError(f"AuxiLearn: {name} must be an integer >= {1 if name == 'every' else 0}, got "
                                    f"{value!r}.")
         self.net, self.hidden = net, hidden
-        self.lr, self.neumann_lr = _positive("lr", lr), _positive("neumann_lr", neumann_lr)
-        self.momentum, self.weight_decay = _positive("momentum", momentum, zero=True), _positive(
-            "weight_decay", weight_decay, zero=True)
-        self.max_grad_norm = None if max_grad_norm is None else _positive("max_grad_norm", max_grad_norm)
+        self.lr = positive_finite("lr", lr, owner=_OWNER)
+        self.neumann_lr = positive_finite("neumann_lr", neumann_lr, owner=_OWNER)
+        self.momentum = positive_finite("momentum", momentum, owner=_OWNER, zero_ok=True)
+        self.weight_decay = positive_finite("weight_decay", weight_decay, owner=_OWNER, zero_ok=True)
+        self.max_grad_norm = (
+            None if max_grad_norm is None else positive_finite("max_grad_norm", max_grad_norm, owner=_OWNER))
         self.every, self.neumann_terms, self.seed = every, neumann_terms, seed
         self.backward_steps = 0
         self.updates = 0

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from auxloss._checks import positive_finite
 from auxloss.errors import AuxLossError
 from auxloss.step import StepContext
 from auxloss.weighting.grads import Combination, PerTaskGradientWeighting, TaskStats
@@ -46,13 +47,6 @@ __all__ = ["OLAux", "olaux_update"]
 def olaux_update(weights: Tensor, accumulated: Tensor, beta: float) -> Tensor:
     """``max(0, w + β·Σ_t α_t·g_0ᵀg_k)``, where ``accumulated`` already holds ``Σ_t α_t·g_0ᵀg_k`` per task."""
     return (weights + beta * accumulated).clamp(min=0.0)
-
-
-def _positive(name: str, value: Any, *, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise AuxLossError(f"{name} must be a positive finite number{' or None' if allow_none else ''}, got {value!r}.")
 
 
 class OLAux(PerTaskGradientWeighting):
@@ -81,8 +75,8 @@ class OLAux(PerTaskGradientWeighting):
         stats_params: Iterable[Tensor] | None = None,
         params: nn.Module | Iterable[Tensor] | None = None,
     ) -> None:
-        _positive("beta", beta)
-        _positive("lr", lr, allow_none=True)
+        positive_finite("beta", beta)
+        positive_finite("lr", lr, none_ok=True)
         if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 1:
             raise AuxLossError(f"horizon must be a positive integer (optimizer steps), got {horizon!r}.")
         if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init) or init < 0:
@@ -104,7 +98,7 @@ class OLAux(PerTaskGradientWeighting):
 
     def set_lr(self, lr: float) -> None:
         """The model's current learning rate α (call before each backward when it follows a schedule)."""
-        _positive("lr", lr)
+        positive_finite("lr", lr)
         self.lr = float(lr)
 
     def _before_step(self, ctx: StepContext) -> None:

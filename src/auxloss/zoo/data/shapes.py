@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from auxloss._checks import int_in_range, unit_fraction
 from auxloss.errors import AuxLossError, close_matches
 from auxloss.zoo.data.common import SPLITS, DataRequest, DictDataset
 
@@ -115,25 +116,6 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
 def _balanced_labels(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     """``n`` labels in ``[0, k)``, as balanced as ``n`` allows, in random order."""
     return rng.permutation(np.arange(n) % k).astype(np.int64)
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise AuxLossError(f"{name} must be an integer; got {value!r} ({type(value).__name__}).")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"between {low} and {high}"
-        raise AuxLossError(f"{name} must be {bound}; got {value}.")
-    return int(value)
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise AuxLossError(f"{name} must be a number in [0, 1]; got {value!r}.") from None
-    if not 0.0 <= f <= 1.0:
-        raise AuxLossError(f"{name} must be in [0, 1]; got {value}.")
-    return f
 
 
 def _generate_shapes(
@@ -325,13 +307,13 @@ def _shapes_kwargs(
         raise AuxLossError(f"max_rotation must be between 0 and 45 degrees; got {max_rotation!r}.")
     return {
         # Below 16 px the largest objects cannot fit inside one quadrant-half with the required margins.
-        "image_size": _check_int("image_size", image_size, 16),
+        "image_size": int_in_range("image_size", image_size, 16),
         "noise": noise_f,
-        "label_noise": _check_fraction("label_noise", label_noise),
-        "n_shapes": _check_int("n_shapes", n_shapes, 2, len(SHAPES)),
-        "n_colours": _check_int("n_colours", n_colours, 1, len(COLOURS)),
-        "clutter": _check_fraction("clutter", clutter),
-        "correlation": _check_fraction("correlation", correlation),
+        "label_noise": unit_fraction("label_noise", label_noise),
+        "n_shapes": int_in_range("n_shapes", n_shapes, 2, len(SHAPES)),
+        "n_colours": int_in_range("n_colours", n_colours, 1, len(COLOURS)),
+        "clutter": unit_fraction("clutter", clutter),
+        "correlation": unit_fraction("correlation", correlation),
         "max_rotation": rot,
     }
 
@@ -436,8 +418,8 @@ def make_shapes(
         correlation: probability that the colour is tied to the shape, in [0, 1].
         max_rotation: largest absolute rotation in degrees, 0-45.
     """
-    n = _check_int("n", n, 1)
-    seed = _check_int("seed", seed, 0)
+    n = int_in_range("n", n, 1)
+    seed = int_in_range("seed", seed, 0)
     params = _shapes_kwargs(
         image_size, noise, label_noise, n_shapes, n_colours, clutter, correlation, max_rotation
     )
@@ -464,11 +446,11 @@ def make_shapes_splits(
     Returns:
         ``{"train": ..., "val": ..., "test": ...}``.
     """
-    seed = _check_int("seed", seed, 0)
+    seed = int_in_range("seed", seed, 0)
     sizes = {
-        "train": _check_int("n_train", n_train, 1),
-        "val": _check_int("n_val", n_val, 1),
-        "test": _check_int("n_test", n_test, 1),
+        "train": int_in_range("n_train", n_train, 1),
+        "val": int_in_range("n_val", n_val, 1),
+        "test": int_in_range("n_test", n_test, 1),
     }
     allowed = {
         "image_size",
