@@ -89,17 +89,20 @@ def test_each_replica_captures_its_own_chunk_and_gradients_add_up_like_one_devic
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
+def test_gathering_outputs_the_way_data_parallel_does_is_a_clear_error():
+    """DataParallel's gather (torch.nn.parallel.gather) rebuilds only tensors, dicts and namedtuples; on Outputs it
+    used to return Outputs(main=<map object>, aux={}) silently. The same call on CPU now names the fix."""
+    m = _aux_model()
+    parts = [m(torch.randn(4, 6)), m(torch.randn(4, 6))]
+    with pytest.raises(al.AuxLossError, match="DataParallel .* use DistributedDataParallel"):
+        torch.nn.parallel.gather(parts, "cpu")
+    with pytest.raises(al.AuxLossError, match="cannot be iterated or unpacked"):
+        list(parts[0])
+
+
 @two_gpus
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: torch's gather rebuilds only tensors, dicts and namedtuples, so nn.DataParallel("
-    "AuxModel) returns Outputs(main=<map object>) with no aux outputs; use DistributedDataParallel",
-)
-def test_data_parallel_gathers_the_outputs_of_its_replicas():
+def test_data_parallel_on_two_gpus_names_the_fix_instead_of_a_wrong_result():
     m = _aux_model().cuda(0)
     x = torch.randn(8, 6, device="cuda:0")
-    out = nn.DataParallel(m, device_ids=[0, 1])(x)
-    with torch.no_grad():
-        main, aux, _ = _by_hand(m, x)
-    torch.testing.assert_close(out.main, main)
-    torch.testing.assert_close(out.aux["t"], aux)
+    with pytest.raises(al.AuxLossError, match="use DistributedDataParallel"):
+        nn.DataParallel(m, device_ids=[0, 1])(x)

@@ -91,6 +91,16 @@ class Outputs:
                 "Use one of these as a task's `source`."
             ) from None
 
+    def __iter__(self) -> Any:
+        # Refused rather than left to __getitem__'s integer lookups: nn.DataParallel combines its replicas'
+        # outputs by iterating them (torch.nn.parallel.gather), and without this it silently returned
+        # Outputs(main=<map object>, aux={}).
+        raise AuxLossError(
+            "Outputs cannot be iterated or unpacked: read outputs.main, outputs.aux[name] and outputs.losses. "
+            "nn.DataParallel gathers its replicas' outputs by iterating them, so it cannot combine an AuxModel's "
+            "outputs: use DistributedDataParallel (torchrun), which auxloss supports."
+        )
+
 
 #: Which output a head reads when its layer runs several times in one forward (a weight-shared block, an RNN
 #: cell called in a loop): ``"first"``, ``"last"``, ``"all"`` (every call's output stacked along a new dim 1,
