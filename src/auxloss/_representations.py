@@ -6,26 +6,59 @@ See :meth:`auxloss.AuxModel.keep_representations` and :mod:`auxloss.weighting.re
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["CutGrad", "Representations"]
+__all__ = ["CutGrad", "GradBox", "Representations", "TapRepresentation", "keep_tap"]
+
+
+class GradBox:
+    """Where :class:`CutGrad` leaves the gradient that reached it (``None`` until the backward gets there)."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self) -> None:
+        self.grad: Tensor | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class TapRepresentation:
+    """One tap in a kept forward: the trunk's tensor, the head's input behind the cut, and the box where the
+    cut leaves the head's gradient during the backward."""
+
+    trunk: Tensor
+    head_input: Tensor
+    box: GradBox
 
 
 class CutGrad(torch.autograd.Function):
-    """Identity forward; no gradient flows back through it. A representation-level weighting feeds a head its
-    layer's output through it, takes the head's gradient at its input, and puts it into the trunk itself."""
+    """Identity forward; no gradient flows back through it. The gradient that reaches it (the head's) is left in a
+    :class:`GradBox` instead, for the representation-level weighting, which puts it into the trunk itself.
+
+    Autograd runs this node before the trunk tensor's own backward (that one waits for every consumer of the
+    tensor, this node included), so the box is filled by the time a hook on the trunk tensor fires.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, box: GradBox) -> Tensor:
+        ctx.box = box  # the box only: holding the TapRepresentation would make a reference cycle through the graph
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> None:
-        return None
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None]:
+        ctx.box.grad = grad
+        return None, None
+
+
+def keep_tap(feature: Tensor) -> TapRepresentation:
+    """Put ``feature`` behind a cut (when it requires grad) and describe it."""
+    box = GradBox()
+    head_input = CutGrad.apply(feature, box) if feature.requires_grad else feature
+    return TapRepresentation(feature, head_input, box)
 
 
 class _Kept(threading.local):
@@ -33,7 +66,7 @@ class _Kept(threading.local):
 
     def __init__(self) -> None:
         self.armed: frozenset[str] | None = None
-        self.kept: dict[str, tuple[Tensor, Tensor] | None] | None = None
+        self.kept: dict[str, TapRepresentation | None] | None = None
 
 
 class Representations:
@@ -67,10 +100,10 @@ class Representations:
         local.armed = None
         return armed
 
-    def store(self, kept: dict[str, tuple[Tensor, Tensor] | None]) -> None:
+    def store(self, kept: dict[str, TapRepresentation | None]) -> None:
         self._local.kept = kept
 
-    def take(self) -> dict[str, tuple[Tensor, Tensor] | None] | None:
+    def take(self) -> dict[str, TapRepresentation | None] | None:
         local = self._local
         kept, local.kept = local.kept, None
         return kept

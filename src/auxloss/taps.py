@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from auxloss._representations import CutGrad, Representations
+from auxloss._representations import Representations, TapRepresentation, keep_tap
 from auxloss.errors import AuxLossError, close_matches
 
 __all__ = ["AuxModel", "Call", "LayerInfo", "Outputs", "Tap", "attach", "emit", "list_layers", "select"]
@@ -373,7 +373,7 @@ class AuxModel(nn.Module):
         for hook in self._hooks:
             hook.start()
         keep = self._representations.begin()
-        kept: dict[str, tuple[Tensor, Tensor] | None] = {}
+        kept: dict[str, TapRepresentation | None] = {}
         try:
             if keep is not None and torch.compiler.is_compiling():
                 raise AuxLossError(
@@ -397,9 +397,8 @@ class AuxModel(nn.Module):
                 scale = self._trunk_grad_scales.get(name)
                 if keep is not None and name in keep:
                     if isinstance(feature, Tensor):  # the head's gradient reaches the trunk only through the weighting
-                        head_input = CutGrad.apply(feature) if feature.requires_grad else feature
-                        kept[name] = (feature, head_input)
-                        feature = head_input
+                        kept[name] = keep_tap(feature)
+                        feature = kept[name].head_input
                     else:
                         kept[name] = None
                 elif scale is not None and scale != 1.0 and isinstance(feature, Tensor) and feature.requires_grad:
@@ -442,9 +441,10 @@ class AuxModel(nn.Module):
             raise AuxLossError(f"no tap named {unknown}; the taps are {sorted(self._taps)}.")
         self._representations.arm(names)
 
-    def take_representations(self) -> dict[str, tuple[Tensor, Tensor] | None] | None:
-        """What the last forward kept for :meth:`keep_representations` (tap -> (trunk tensor, head input), ``None``
-        for a head that reads no tensor), or ``None`` when it kept nothing; handed over once."""
+    def take_representations(self) -> dict[str, TapRepresentation | None] | None:
+        """What the last forward kept for :meth:`keep_representations` (tap -> its trunk tensor, the head's input and
+        the head's gradient once the backward has run; ``None`` for a head that reads no tensor), or ``None`` when it
+        kept nothing; handed over once."""
         return self._representations.take()
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:

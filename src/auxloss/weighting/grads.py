@@ -373,12 +373,12 @@ class PerTaskGradientWeighting(GradientWeighting):
                              ctx: StepContext) -> None:
         """Representation mode (:mod:`~auxloss.weighting.representation`): statistics at the taps, one backward."""
         model = ctx.model if isinstance(ctx.model, AuxModel) else self.__dict__["_rep_model"]
-        inputs, groups, keys = collect_representations(f"{type(self).__name__}(mode='representation')", model,
-                                                       self._rep_taps, aux)
+        taps, groups, keys = collect_representations(f"{type(self).__name__}(mode='representation')", model,
+                                                     self._rep_taps, aux)
         for group, slot in zip(groups, self._representation_slots(keys)):
             group.slot = slot
         stats, combos, calls = representation_backward(
-            losses[main], [losses[n] for n in aux], aux, lambdas, inputs, groups,
+            losses[main], [losses[n] for n in aux], aux, lambdas, taps, groups,
             lambda st: self._combine(st, scale=ctx.scale), scale=ctx.scale, scaler=ctx.scaler)
         self.n_backward_calls += calls
         device = losses[main].device

@@ -63,10 +63,13 @@ class Projection(PerTaskGradientWeighting):
                 one = torch.ones((), dtype=torch.float64)
                 out.append(Combination(aux=one * s.lam, effective=one * s.lam, multiplier=one))
                 continue
-            dot, sq0, sqk = s.dot.sum(), s.sq0.sum(), s.sqk.sum()  # the full shared vectors
+            if s.all_in_stats:  # the statistics set is the full shared set: its (cached) sums are the ones
+                dot, sq0, cos = s.s_dot, s.s_sq0, s.s_cos
+            else:  # the full shared vectors
+                dot, sq0, sqk = s.dot.sum(), s.sq0.sum(), s.sqk.sum()
+                cos = cosine(dot, sq0, sqk)
             a = projection_coefficients(dot, sq0)
             lam = torch.full_like(dot, s.lam)
-            cos = cosine(dot, sq0, sqk)
             effective = torch.where(a < 0, lam * (1 - cos * cos), lam)
             keep = (s.s_dot >= 0).to(dot.dtype)  # the amortized gate, on the statistics set
             out.append(Combination(aux=lam, main=-s.lam * a, effective=effective, multiplier=keep))

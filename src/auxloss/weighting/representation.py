@@ -55,6 +55,7 @@ left alone, as in the parameter-level engine.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,7 @@ import torch
 from torch import Tensor
 
 from auxloss._distributed import is_distributed, sync_tensors, world_size
+from auxloss._representations import TapRepresentation
 from auxloss.errors import AuxLossError
 from auxloss.taps import AuxModel
 from auxloss.weighting.taskstats import Combination, TaskStats
@@ -128,8 +130,8 @@ def prepare_representations(who: str, model: Any, sources: Mapping[str, str], ma
 
 
 def collect_representations(who: str, model: Any, task_taps: Mapping[str, str], aux: Sequence[str]) -> tuple[
-        list[Tensor | None], list[RepresentationGroup], list[str]]:
-    """After the forward: each task's head input (``None`` without a live representation), the tapped tensors with
+        list[TapRepresentation | None], list[RepresentationGroup], list[str]]:
+    """After the forward: each task's kept tap (``None`` without a live representation), the tapped tensors with
     the tasks reading each (slots still unset), and a stable key per tensor (its taps' names)."""
     kept = model.take_representations() if isinstance(model, AuxModel) else None
     if kept is None or set(task_taps) != set(aux):
@@ -138,7 +140,7 @@ def collect_representations(who: str, model: Any, task_taps: Mapping[str, str], 
             "objective.before_step(StepContext(model=model)) before each training forward (the Trainer and the "
             "Lightning module do), then objective.backward(report, ctx) after it."
         )
-    inputs: list[Tensor | None] = []
+    taps: list[TapRepresentation | None] = []
     by_tensor: dict[int, RepresentationGroup] = {}
     groups: list[RepresentationGroup] = []
     for k, task in enumerate(aux):
@@ -149,14 +151,13 @@ def collect_representations(who: str, model: Any, task_taps: Mapping[str, str], 
                 f"{who}: tap {tap!r}'s head reads a layer output that is not a tensor; give the tap a select that "
                 "picks the tensor (an index or a key), or use mode='exact'."
             )
-        trunk, head_input = entry
-        if not trunk.requires_grad:  # a detached tap, a frozen trunk: nothing shared below the head
-            inputs.append(None)
+        if not entry.trunk.requires_grad:  # a detached tap, a frozen trunk: nothing shared below the head
+            taps.append(None)
             continue
-        inputs.append(head_input)
-        group = by_tensor.get(id(trunk))
+        taps.append(entry)
+        group = by_tensor.get(id(entry.trunk))
         if group is None:
-            group = by_tensor[id(trunk)] = RepresentationGroup(trunk, [], -1, "")
+            group = by_tensor[id(entry.trunk)] = RepresentationGroup(entry.trunk, [], -1, "")
             groups.append(group)
         group.tasks.append(k)
     keys = []
@@ -164,7 +165,7 @@ def collect_representations(who: str, model: Any, task_taps: Mapping[str, str], 
         names = sorted({task_taps[aux[k]] for k in group.tasks})
         keys.append("+".join(names))
         group.label = f"the output of tap(s) {names} (layer {model.taps[names[0]].layer!r})"
-    return inputs, groups, keys
+    return taps, groups, keys
 
 
 def _float(t: Tensor) -> Tensor:
@@ -209,12 +210,19 @@ def _head_gradients(losses: Sequence[Tensor], inputs: Sequence[Tensor | None], s
     return out, calls
 
 
+def _dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """``Σ a·b`` without a temporary the size of the representation where the layout allows."""
+    if a.dtype == b.dtype == acc and a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.view(-1), b.view(-1))
+    return (a * b).sum(dtype=acc)
+
+
 def representation_backward(
     main_loss: Tensor,
     aux_losses: Sequence[Tensor],
     names: Sequence[str],
     lambdas: Sequence[float],
-    head_inputs: Sequence[Tensor | None],
+    taps: Sequence[TapRepresentation | None],
     groups: Sequence[RepresentationGroup],
     combine: Combine,
     *,
@@ -223,13 +231,19 @@ def representation_backward(
 ) -> tuple[list[TaskStats], list[Combination], int]:
     """Back-propagate ``L_0 + Σ_k λ_k·L_k`` once, applying the rule at each tapped tensor (see the module notes).
 
-    ``head_inputs[k]``: what head k read (behind the gradient cut), ``None`` for a task without a live
-    representation (its head alone gets ``λ_k·g_k``). Returns each task's statistics and combination (for
-    telemetry and the cached multipliers) and the number of autograd calls made.
+    ``taps[k]``: what task k's head read, ``None`` for a task without a live representation (its head alone gets
+    ``λ_k·g_k``). Returns each task's statistics and combination (for telemetry and the cached multipliers) and the
+    number of autograd calls made.
     """
     device = main_loss.device
     n = len(aux_losses)
-    heads, calls = _head_gradients(aux_losses, head_inputs, scaler)
+    # The backward itself leaves S·λ_k·g_k at task k's cut (S: the accumulation scale times the GradScaler's s)
+    # before the hook on the trunk's tensor fires. Tasks whose gradient does not arrive there alone (several tasks
+    # on one tap: the cut sees their sum) or arrives scaled away (λ_k = 0) take theirs first, through the heads only.
+    readers = Counter(id(t) for t in taps if t is not None)
+    first = [k for k, t in enumerate(taps) if t is not None and (readers[id(t)] > 1 or lambdas[k] == 0.0)]
+    taken, calls = _head_gradients([aux_losses[k] for k in first], [taps[k].head_input for k in first], scaler)  # type: ignore[union-attr]
+    early = dict(zip(first, taken))
     stats: list[TaskStats | None] = [None] * n
     combos: list[Combination | None] = [None] * n
     empty = torch.zeros(0, device=device)
@@ -240,30 +254,36 @@ def representation_backward(
                 for k in alone]
         for k, s, c in zip(alone, solo, combine(solo)):
             stats[k], combos[k] = s, c
-    # The trunk's gradient holds the accumulation scale and the GradScaler's s; the heads' gradients only s.
     sigma = None if scaler is None else scaler.scale(torch.ones((), device=device, dtype=torch.float32))
+    big = scale if sigma is None else sigma * scale  # the factor between the trunk's gradient and the true one
 
     def handle(group: RepresentationGroup, u: Tensor | None) -> Tensor:
         if u is None:
             raise _unreached(group, names)
         group.fired = True
         uf = _float(u)
-        acc = torch.float64 if uf.dtype == torch.float64 else torch.float32
-        gs = [_float(heads[k]) for k in group.tasks]  # type: ignore[arg-type]
-        raw = torch.stack([(uf * uf).sum(dtype=acc), *((uf * g).sum(dtype=acc) for g in gs),
-                           *((g * g).sum(dtype=acc) for g in gs)])
-        m = len(gs)
-        if sigma is not None or scale != 1.0:  # u is s·scale times the true one, g_k is s times it
-            s_head = torch.ones((), dtype=acc, device=device) if sigma is None else sigma.to(acc)
-            s_main = s_head * scale
-            raw = raw / torch.cat([(s_main * s_main).view(1), (s_main * s_head).expand(m), (s_head * s_head).expand(m)])
+        acc = uf.dtype
+        vectors, factors = [], []  # per task: a vector and the factor between it and the true g_k
+        for k in group.tasks:
+            if k in early:
+                vectors.append(_float(early[k]))  # type: ignore[arg-type]
+                factors.append(1.0 if sigma is None else sigma)
+            else:
+                grad = taps[k].box.grad  # type: ignore[union-attr]
+                vectors.append(_float(grad) if grad is not None else torch.zeros_like(uf))
+                factors.append(big * lambdas[k])
+        m = len(vectors)
+        raw = torch.stack([_dot(uf, uf, acc), *(_dot(uf, x, acc) for x in vectors),
+                           *(_dot(x, x, acc) for x in vectors)])
+        divisors = [big * big, *(big * f for f in factors), *(f * f for f in factors)]
+        if any(isinstance(d, Tensor) for d in divisors):
+            raw = raw / torch.stack([torch.as_tensor(d, device=device).to(acc) for d in divisors])
+        elif any(d != 1.0 for d in divisors):
+            raw = raw / torch.tensor(divisors, dtype=acc, device=device)
         if is_distributed():
             raw = sync_tensors([raw], "sum")[0] / float(world_size()) ** 2  # type: ignore[operator]
         if bool(torch.isfinite(raw).all()):
-            sq0 = raw[0:1]
-            ones = torch.ones(1, dtype=torch.bool, device=device)
-            group_stats = [TaskStats(names[k], k, lambdas[k], [group.slot], raw[1 + i:2 + i], sq0,
-                                     raw[1 + m + i:2 + m + i], ones, all_in_stats=True)
+            group_stats = [TaskStats.single(names[k], k, lambdas[k], group.slot, raw[1 + i], raw[0], raw[1 + m + i])
                            for i, k in enumerate(group.tasks)]
             group_combos = combine(group_stats)
         else:  # fp16 overflow: the plain weighted sum, and no state moves
@@ -271,17 +291,13 @@ def representation_backward(
                            for k in group.tasks]
             group_combos = [_plain(lambdas[k], device) for k in group.tasks]
         main_extra: Tensor | None = None
-        out = u
         for k, s, c in zip(group.tasks, group_stats, group_combos):
             stats[k], combos[k] = s, c
             if c.main is not None:
                 main_extra = _scalar(c.main) if main_extra is None else main_extra + _scalar(c.main)
-        if main_extra is not None:
-            out = out * (1.0 + main_extra).to(u.dtype)
-        for k, c in zip(group.tasks, group_combos):
-            g = heads[k]
-            assert g is not None
-            out = out + (_scalar(c.aux) * scale).to(g.dtype) * g
+        out = u if main_extra is None else u * (1.0 + main_extra).to(u.dtype)
+        for x, f, c in zip(vectors, factors, group_combos):
+            out = out + (_scalar(c.aux) * (big / f)).to(u.dtype) * x.to(u.dtype)
         return out
 
     total = main_loss
@@ -299,6 +315,9 @@ def representation_backward(
     finally:
         for h in handles:
             h.remove()
+        for t in taps:
+            if t is not None:
+                t.box.grad = None
     missed = [g for g in groups if not g.fired]
     if missed:
         raise _unreached(missed[0], names)

@@ -45,6 +45,16 @@ class TaskStats:
     in_stats: Tensor
     all_in_stats: bool = False
 
+    @classmethod
+    def single(cls, name: str, index: int, lam: float, slot: int, dot: Tensor, sq0: Tensor, sqk: Tensor
+               ) -> TaskStats:
+        """The statistics of one tensor (index ``slot``), all of it in the statistics set, from 0-dim values: the
+        sums are the values themselves, so they are filled in without a reduction each."""
+        stats = cls(name, index, lam, [slot], dot.view(1), sq0.view(1), sqk.view(1),
+                    torch.ones(1, dtype=torch.bool, device=dot.device), all_in_stats=True)
+        stats.__dict__.update(s_dot=dot, s_sq0=sq0, s_sqk=sqk)  # the cached_property values
+        return stats
+
     @property
     def has_shared(self) -> bool:
         return len(self.shared) > 0
