@@ -254,7 +254,10 @@ def representation_backward(
                 for k in alone]
         for k, s, c in zip(alone, solo, combine(solo)):
             stats[k], combos[k] = s, c
-    sigma = None if scaler is None else scaler.scale(torch.ones((), device=device, dtype=torch.float32))
+    sigma = None  # the GradScaler's s, in float64 (λ_k·s in float32 would round λ_k), float32 on MPS (no float64)
+    if scaler is not None:
+        sigma = scaler.scale(torch.ones((), device=device, dtype=torch.float32))
+        sigma = sigma.to(torch.float32 if device.type == "mps" else torch.float64)
     big = scale if sigma is None else sigma * scale  # the factor between the trunk's gradient and the true one
 
     def handle(group: RepresentationGroup, u: Tensor | None) -> Tensor:
