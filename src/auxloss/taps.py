@@ -375,12 +375,6 @@ class AuxModel(nn.Module):
         keep = self._representations.begin()
         kept: dict[str, TapRepresentation | None] = {}
         try:
-            if keep is not None and torch.compiler.is_compiling():
-                raise AuxLossError(
-                    "a representation-level weighting (mode='representation') cannot run under torch.compile: the "
-                    "compiled backward hides the gradient at the taps. Use mode='exact' or 'amortized' with a "
-                    "compiled model, or leave the model uncompiled."
-                )
             main = self.model(*args, **kwargs)
             captured: dict[str, Any] = {}
             for hook in self._hooks:

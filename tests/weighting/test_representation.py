@@ -161,10 +161,9 @@ def test_tasks_sharing_a_tap_or_a_layer_are_each_compared_with_the_gradient_at_t
     model = al.attach(net, {"A": al.Tap("pair", nn.Linear(6, 3), select=0),
                             "B": al.Tap("pair", nn.Linear(6, 3), select=0)}).double()
     lams = {"a": 0.3, "b": 0.5, "c": 0.8, "d": 0.0}
-    source = {"a": "A", "b": "B", "c": "A", "d": "A"}
-    tasks = [al.Task(n, source=source[n], target="t" + str(i + 1) if i < 2 else "t1", weight=lams[n])
-             for i, n in enumerate(lams)]
-    tasks[2] = al.Task("c", source="A", target="t2", loss=lambda p, t: F.cross_entropy(p, t) * 2, weight=0.8)
+    tasks = [al.Task("a", source="A", target="t1", weight=0.3), al.Task("b", source="B", target="t2", weight=0.5),
+             al.Task("c", source="A", target="t2", loss=lambda p, t: 2 * F.cross_entropy(p, t), weight=0.8),
+             al.Task("d", source="A", target="t1", weight=0.0)]
     weighting = CosineGating(True, mode=REP)
     objective = al.Objective(aux=tasks, weighting=weighting)
     b = batch(4)
@@ -174,11 +173,11 @@ def test_tasks_sharing_a_tap_or_a_layer_are_each_compared_with_the_gradient_at_t
     losses = al.Objective(aux=tasks)(al.Outputs(main=net.out(h), aux={n: model.heads[n](h) for n in "AB"}), b).losses
     u = torch.autograd.grad(losses["main"], h, retain_graph=True)[0]
     inject = torch.zeros_like(h)
-    for n in lams:
+    for n, lam in lams.items():
         g = torch.autograd.grad(losses[n], h, retain_graph=True)[0]
         cos = float(u.flatten() @ g.flatten()) / float(u.norm() * g.norm())
         assert float(weighting.telemetry()[f"cos/{n}"]) == pytest.approx(cos, abs=1e-12)
-        inject = inject + max(0.0, cos) * lams[n] * g
+        inject = inject + max(0.0, cos) * lam * g
     trunk = list(net.pair.parameters())
     expected = torch.autograd.grad([losses["main"], h], trunk, grad_outputs=[torch.ones_like(losses["main"]), inject],
                                    retain_graph=True)

@@ -46,6 +46,11 @@ the main output, a tap shared by several tasks) the single backward uses ``m_k·
 the head's own parameters get ``m_k·λ_k·g_k`` too. Per-tensor or non-scalar rules (a projection, MetaBalance's
 per-tensor rescaling) are summarised by one scalar per task between refreshes.
 
+**Representation mode** (``mode="representation"``; gating, projection, OL-AUX and MetaBalance): the statistics
+are taken with respect to the taps' outputs instead of the parameters, inside the one backward pass of a
+fixed-weight step, every step; see :mod:`~auxloss.weighting.representation` for what it computes, when it equals
+this engine's update and what it refuses. ``every``, ``stats_params`` and ``params`` play no part there.
+
 **Gradient accumulation.** Each backward call is one micro-batch: the decision (gate, projection, rescaling) is
 taken on that micro-batch's own gradients, and the result times ``scale`` is added to ``p.grad``. For rules that
 are linear in the gradients with fixed coefficients this equals a decision on the whole batch only when the
@@ -157,8 +162,10 @@ class PerTaskGradientWeighting(GradientWeighting):
     """Base of the gradient-aware strategies: per-task gradients, shared parameters, amortization, telemetry.
 
     Args:
-        mode: ``"exact"`` (``1 + K`` backward calls every step) or ``"amortized"`` (exact every ``every`` backward
-            calls, one backward with cached weights in between).
+        mode: ``"exact"`` (``1 + K`` backward calls every step), ``"amortized"`` (exact every ``every`` backward
+            calls, one backward with cached weights in between) or ``"representation"`` (the statistics at the taps'
+            outputs, one backward every step; :mod:`~auxloss.weighting.representation`). :attr:`modes` lists those a
+            strategy offers.
         every: the refresh period of amortized mode, in backward calls.
         stats_params: tensors on which the statistics are computed (a subset of the shared parameters); ``None`` =
             all shared parameters.

@@ -18,6 +18,9 @@ multiple that keeps ``update·g_0 ≥ ‖g_0‖²`` for a conflicting task is 0,
 when the last refresh saw ``g_k·g_0 ≥ 0`` (on the statistics set), else 0. The effective weight reported in exact
 steps is the least-squares coefficient of the contribution on ``g_k``: ``λ_k·(1 − cos²)`` for a conflicting task,
 ``λ_k`` otherwise.
+
+Representation mode projects at each tap: ``g_k`` is task k's gradient at its tapped tensor and ``g_0`` the one
+reaching that tensor from above, so the guarantee holds there (see :mod:`~auxloss.weighting.representation`).
 """
 
 from __future__ import annotations

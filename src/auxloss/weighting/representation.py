@@ -2,17 +2,20 @@
 
 ``mode="representation"`` (gating, weighted gating, projection, OL-AUX, MetaBalance) takes each task's statistics
 with respect to the *representation* its head reads, the tapped layer's output ``r_k``, as MGDA-UB (Sener and
-Koltun 2018) and LibMTL's ``rep_grad`` do, instead of over the shared parameters. Per backward call:
+Koltun 2018) and LibMTL's ``rep_grad`` do, instead of over the shared parameters, and needs no backward pass
+beyond the fixed-weight step's one:
 
-1. **Heads.** The training forward fed each head ``r_k`` through a gradient cut
-   (:meth:`~auxloss.AuxModel.keep_representations`), so a head's gradient reaches its own parameters but not the
-   trunk. One :func:`torch.autograd.grad` call takes every auxiliary loss's gradient at its head's input,
-   ``g_k = ∂L_k/∂r_k``: it runs through the heads only.
-2. **One backward** of ``L_0 + Σ_k λ_k·L_k``. It gives each head's own parameters ``λ_k·g_k`` as usual. A hook on
-   each tapped tensor ``r`` fires when the gradient from the layers above has arrived there, ``u``: it computes the
-   statistics of every task whose head reads ``r`` from ``(u, g_k)``, asks the strategy for its rule
-   (:class:`~auxloss.weighting.taskstats.Combination`), and hands on ``u·(1 + Σ_k main_k) + Σ_k aux_k·g_k``, so
-   the trunk below gets the combined gradient. The trunk is traversed once, as in a fixed-weight step.
+1. **The forward** (armed by :meth:`PerTaskGradientWeighting.before_step` through
+   :meth:`~auxloss.AuxModel.keep_representations`) feeds each head ``r_k`` through a gradient cut, so a head's
+   gradient reaches its own parameters but not the trunk, and keeps both sides of the cut.
+2. **One backward** of ``L_0 + Σ_k λ_k·L_k``. The heads' nodes run first (the trunk's tensor waits for all its
+   consumers), so each cut has received ``λ_k·g_k`` (``g_k = ∂L_k/∂r_k``) and each head's own parameters their
+   ``λ_k·g_k`` by the time a hook on the tapped tensor ``r`` fires with the gradient from the layers above, ``u``.
+   The hook computes the statistics of every task whose head reads ``r`` from ``(u, g_k)``, asks the strategy for
+   its rule (:class:`~auxloss.weighting.taskstats.Combination`), and hands on ``u·(1 + Σ_k main_k) + Σ_k
+   aux_k·g_k``: the trunk below gets the combined gradient, and is traversed once, as in a fixed-weight step.
+   Tasks whose gradient cannot be read off the cut alone (several tasks on one tap: the cut sees their sum; a task
+   at weight 0) take theirs first, with :func:`torch.autograd.grad` through their heads only.
 
 **What "the main gradient" at a tap is.** ``u`` is the gradient that reaches ``r_k`` from above: ``∂L_0/∂r_k``
 when no other auxiliary task is tapped above ``r_k`` on the path to the main output (one tap, or taps on separate
@@ -22,14 +25,15 @@ the pure ``∂L_0/∂r_k`` there would take one more backward through the trunk 
 avoids. The update is exactly that of the rule applied tap by tap from the top, with those vectors: for a scalar
 multiplier ``m_k``, the gradient of ``L_0 + Σ_k m_k·λ_k·L_k`` on the trunk and ``λ_k·g_k`` on each head.
 
-**Exact, or an approximation of the parameter-level method?** For the same multipliers the update is identical
-to the parameter-level one (the trunk's gradient is linear in what reaches each tap), so gating and amortized-like
-decisions agree exactly whenever the two statistics agree. The statistics themselves differ: a dot product of
-representation gradients sums over the batch's samples, one over parameters couples the samples through the
-layers below (``J·Jᵀ``), so cosines, the projection's coefficient, OL-AUX's ``g_0ᵀg_k`` (another scale: retune β)
-and MetaBalance's norms (one "tensor" per tap, the representation) are those of the representation, not of the
-parameters. Parameters an auxiliary loss reaches other than through its tap (a head tied to a trunk weight) get
-the plain ``λ_k·g_k``.
+**Exact, or an approximation of the parameter-level method?** Given the same multipliers, the update is the
+parameter-level one exactly (the trunk's gradient is linear in what reaches each tap): when both engines gate a
+task the same way, they write the same gradients. The statistics differ: a dot product of representation
+gradients sums over the batch's samples one by one, while one over parameters couples the samples through the
+layers below (``Σ_ij δ0_i·J_i·J_jᵀ·δk_j``). So the cosines, the projection's coefficient (its guarantee
+``update·u ≥ ‖u‖²`` holds at the representation), OL-AUX's ``g_0ᵀg_k`` (on another scale: retune β) and
+MetaBalance's norms (one "tensor" per tapped tensor) are those of the representation: an approximation of the
+parameter-level rule, exact only where the two agree. Parameters an auxiliary loss reaches other than through its
+tap (a head tied to a trunk weight) get the plain ``λ_k·g_k``.
 
 **Scope.** Every auxiliary task must read a tap (not the main output, not an emitted loss) that the main task does
 not read and that is not ``call="all"``, and the main task's gradient must reach the tapped tensor: a selector
@@ -39,7 +43,9 @@ picked by an index or key work. A tap whose head reads a detached tensor (``Tap(
 shares nothing: its task gets ``λ_k`` on its head. ARML (products between tasks at different taps have no common
 space), BLOOP (a moving average of the main gradient across batches, whose samples differ), Auto-Lambda (a
 look-ahead step in parameter space) and the TorchJD bridge (aggregators over the parameter-space matrix) do not
-offer this mode. Not under ``torch.compile`` (the compiled backward hides the gradient at the taps).
+offer this mode. Under ``torch.compile`` the cut at each head breaks the graph there (TorchDynamo runs it eagerly)
+and a check on one small model gave the eager update; should a compiled graph hide the gradient at a tap, the step
+reports that the main gradient never reached it rather than training without the rule.
 
 **GradScaler, accumulation, DDP.** The heads' gradients are taken on the scaled losses and the hooks see scaled
 gradients; the statistics are divided back to the true domain (the accumulation scale included), and what is
