@@ -388,8 +388,6 @@ class PerTaskGradientWeighting(GradientWeighting):
             losses[main], [losses[n] for n in aux], aux, lambdas, taps, groups,
             lambda st: self._combine(st, scale=ctx.scale), scale=ctx.scale, scaler=ctx.scaler)
         self.n_backward_calls += calls
-        device = losses[main].device
-        self._cached = torch.stack([c.multiplier.detach().to(device, torch.float64).reshape(()) for c in combos])
         self._tele.update(task_telemetry(stats, combos))
 
     def _representation_slots(self, keys: list[str]) -> list[int]:

@@ -61,6 +61,7 @@ left alone, as in the parameter-level engine.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -291,7 +292,7 @@ def representation_backward(
             raw = raw / torch.tensor(divisors, dtype=acc, device=device)
         if is_distributed():
             raw = sync_tensors([raw], "sum")[0] / float(world_size()) ** 2  # type: ignore[operator]
-        if bool(torch.isfinite(raw).all()):
+        if all(math.isfinite(v) for v in raw.tolist()):  # one read of a few numbers (a sync, as in exact mode)
             group_stats = [TaskStats.single(names[k], k, lambdas[k], group.slot, raw[1 + i], raw[0], raw[1 + m + i])
                            for i, k in enumerate(group.tasks)]
             group_combos = combine(group_stats)
@@ -305,8 +306,8 @@ def representation_backward(
             if c.main is not None:
                 main_extra = _scalar(c.main) if main_extra is None else main_extra + _scalar(c.main)
         out = u if main_extra is None else u * (1.0 + main_extra).to(u.dtype)
-        for x, f, c in zip(vectors, factors, group_combos):
-            out = out + (_scalar(c.aux) * (big / f)).to(u.dtype) * x.to(u.dtype)
+        for x, f, c in zip(vectors, factors, group_combos):  # one fused multiply-add per task
+            out = torch.addcmul(out, x.to(u.dtype), (_scalar(c.aux) * (big / f)).to(u.dtype))
         return out
 
     total = main_loss
