@@ -399,3 +399,15 @@ def test_the_model_keeps_representations_for_one_training_forward_only():
     copy.deepcopy(model)  # EMA copies: the per-thread store is not copied
     with pytest.raises(al.AuxLossError, match="no tap named"):
         model.keep_representations(["nope"])
+
+
+def test_a_model_wrapped_in_dataparallel_is_unwrapped():
+    weighting = CosineGating(mode=REP)
+    model, objective = build(weighting)
+    wrapped = nn.DataParallel(model)  # on the CPU a plain call of the module: it stands for DDP's `.module`
+    b = batch(0)
+    ctx = StepContext(model=wrapped)
+    objective.before_step(ctx)
+    objective.backward(objective(wrapped(b["input"]), b), ctx)
+    expected, _ = hand_update(model, b, "gating")
+    assert_grads(model, expected)

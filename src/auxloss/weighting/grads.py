@@ -379,7 +379,7 @@ class PerTaskGradientWeighting(GradientWeighting):
     def _representation_step(self, main: str, aux: list[str], lambdas: list[float], losses: dict[str, Tensor],
                              ctx: StepContext) -> None:
         """Representation mode (:mod:`~auxloss.weighting.representation`): statistics at the taps, one backward."""
-        model = ctx.model if isinstance(ctx.model, AuxModel) else self.__dict__["_rep_model"]
+        model = ctx.model if ctx.model is not None else self.__dict__["_rep_model"]
         taps, groups, keys = collect_representations(f"{type(self).__name__}(mode='representation')", model,
                                                      self._rep_taps, aux)
         for group, slot in zip(groups, self._representation_slots(keys)):

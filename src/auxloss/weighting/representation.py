@@ -77,7 +77,7 @@ from auxloss.taps import AuxModel
 from auxloss.weighting.taskstats import Combination, TaskStats
 
 __all__ = ["REPRESENTATION", "RepresentationGroup", "collect_representations", "prepare_representations",
-           "representation_backward"]
+           "representation_backward", "unwrap"]
 
 REPRESENTATION = "representation"
 #: A strategy's rule: one combination per task from the tasks' statistics (called once per tapped tensor).
@@ -103,6 +103,7 @@ def prepare_representations(who: str, model: Any, sources: Mapping[str, str], ma
                             ) -> dict[str, str]:
     """Before the forward: check that every auxiliary task reads a tap of the kind this mode needs, and ask the
     model to keep those taps' representations in the coming forward. Returns each auxiliary task's tap."""
+    model = unwrap(model)
     if not isinstance(model, AuxModel):
         raise AuxLossError(
             f"{who} takes its statistics at the taps of an AuxModel, so the step needs the model: "
@@ -136,10 +137,22 @@ def prepare_representations(who: str, model: Any, sources: Mapping[str, str], ma
     return found
 
 
+def unwrap(model: Any) -> Any:
+    """The AuxModel inside a DDP or DataParallel wrapper (``.module``) or a compiled module (``._orig_mod``)."""
+    for _ in range(3):  # compile(DDP(...)) at most
+        inner = getattr(model, "module", None)
+        inner = getattr(model, "_orig_mod", None) if inner is None else inner
+        if isinstance(model, AuxModel) or inner is None:
+            break
+        model = inner
+    return model
+
+
 def collect_representations(who: str, model: Any, task_taps: Mapping[str, str], aux: Sequence[str]) -> tuple[
         list[TapRepresentation | None], list[RepresentationGroup], list[str]]:
     """After the forward: each task's kept tap (``None`` without a live representation), the tapped tensors with
     the tasks reading each (slots still unset), and a stable key per tensor (its taps' names)."""
+    model = unwrap(model)
     kept = model.take_representations() if isinstance(model, AuxModel) else None
     if kept is None or set(task_taps) != set(aux):
         raise AuxLossError(
