@@ -5,11 +5,14 @@ different blocks (``block1``, ``block2``), a batch of 32 images of 32×32. A ste
 and optimizer step. Reported, each as the median of per-round ratios:
 
 - loss-based strategies (``main_progress``, ``uncertainty``, ``dwa``, ``gradnorm``): ``vs_fixed``.
-- gradient-aware strategies (``gating``, ``projection``, ``olaux``, ``metabalance``): ``exact`` and
-  ``amortized10`` (``mode="amortized", every=10``), both against the fixed step, and ``exact_vs_raw``: the exact
-  mode against a hand-written step that makes the same ``1 + K`` :func:`torch.autograd.grad` calls and sums the
-  gradients into ``.grad``, with no statistics. That ratio is the engine's own overhead (target ≤ 1.05); the raw
-  step against the fixed one (``raw_vs_fixed``) is the price of the extra backward passes themselves.
+- gradient-aware strategies (``gating``, ``projection``, ``olaux``, ``metabalance``): ``exact``,
+  ``amortized10`` (``mode="amortized", every=10``) and ``representation`` (``mode="representation"``: the
+  statistics at the taps' outputs, every step, in one backward pass; target ≤ 1.15), all against the fixed step,
+  and ``exact_vs_raw``: the exact mode against a hand-written step that makes the same ``1 + K``
+  :func:`torch.autograd.grad` calls and sums the gradients into ``.grad``, with no statistics. That ratio is the
+  engine's own overhead (target ≤ 1.05); the raw step against the fixed one (``raw_vs_fixed``) is the price of the
+  extra backward passes themselves. The representation step also makes the step protocol's
+  ``objective.before_step(StepContext(model=model))`` call, which that mode needs (the fixed step does not).
 - LibMTL's PCGrad and GradNorm on the same model, against the fixed step, when LibMTL is installed.
 - ``control_fixed_vs_fixed``: the fixed step timed as if it were a strategy; its distance from 1 is the noise.
 
@@ -43,6 +46,7 @@ import torch
 from torch import nn
 
 import auxloss as al
+from auxloss.step import StepContext
 from auxloss.weighting import build_weighting
 from auxloss.zoo.models import SmallCNN
 
@@ -50,7 +54,7 @@ EVERY = 10
 LAMBDA = 0.3
 LOSS_BASED = ("main_progress", "uncertainty", "dwa", "gradnorm")
 GRADIENT = ("gating", "projection", "olaux", "metabalance")
-TARGETS = {"exact_vs_raw": 1.05, "amortized10_vs_fixed": 1.10}
+TARGETS = {"exact_vs_raw": 1.05, "amortized10_vs_fixed": 1.10, "representation_vs_fixed": 1.15}
 
 
 class Setup:
@@ -80,6 +84,22 @@ def auxloss_step(setup: Setup, x: torch.Tensor, batch: dict) -> Callable[[], Non
         report = objective(model(x), batch)
         opt.zero_grad(set_to_none=True)
         objective.backward(report)
+        opt.step()
+        objective.advance()
+
+    return step
+
+
+def protocol_step(setup: Setup, x: torch.Tensor, batch: dict) -> Callable[[], None]:
+    """The step with the protocol's ``before_step`` call, as the Trainer makes it (representation mode needs it)."""
+    model, objective, opt = setup.model, setup.objective, setup.opt
+    ctx = StepContext(model=model)
+
+    def step() -> None:
+        objective.before_step(ctx)
+        report = objective(model(x), batch)
+        opt.zero_grad(set_to_none=True)
+        objective.backward(report, ctx)
         opt.step()
         objective.advance()
 
@@ -223,7 +243,15 @@ def main() -> None:
                              "machine disturb far less than wall time; wall: elapsed time; auto (default): cpu on "
                              "the CPU, wall on an accelerator")
     parser.add_argument("--no-libmtl", action="store_true", help="skip LibMTL even when it is installed")
+    parser.add_argument("--only", default=None, help="comma-separated strategies to time (default: all), e.g. "
+                                                       "gating,projection")
     args = parser.parse_args()
+    only = None if args.only is None else set(args.only.split(","))
+    unknown = sorted((only or set()) - set(LOSS_BASED) - set(GRADIENT))
+    if unknown:
+        parser.error(f"--only: unknown strategies {unknown}; choose from {[*LOSS_BASED, *GRADIENT]}")
+    loss_based = [n for n in LOSS_BASED if only is None or n in only]
+    gradient = [n for n in GRADIENT if only is None or n in only]
     iters = -(-max(args.iters, 1) // EVERY) * EVERY
     device = torch.device(args.device)
     clock_name = args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" else "wall")
@@ -248,13 +276,15 @@ def main() -> None:
     }
     loss_specs: dict[str, Any] = {"main_progress": {"type": "main_progress"}, "uncertainty": {"type": "uncertainty"},
                                   "dwa": {"type": "dwa"}, "gradnorm": {"type": "gradnorm", "layer": "block1.conv2"}}
-    for name in LOSS_BASED:
+    for name in loss_based:
         steps[name] = auxloss_step(Setup(model, loss_specs[name]), x, batch)
-    for name in GRADIENT:
+    for name in gradient:
         extra = {"lr": 1e-3} if name == "olaux" else {}
         steps[f"{name}/exact"] = auxloss_step(Setup(model, {"type": name, "mode": "exact", **extra}), x, batch)
         steps[f"{name}/amortized10"] = auxloss_step(
             Setup(model, {"type": name, "mode": "amortized", "every": EVERY, **extra}), x, batch)
+        steps[f"{name}/representation"] = protocol_step(
+            Setup(model, {"type": name, "mode": "representation", **extra}), x, batch)
     libmtl, libmtl_note = (None, "skipped (--no-libmtl)") if args.no_libmtl else load_libmtl()
     if libmtl is not None:
         for name, cls in libmtl.items():
@@ -262,8 +292,8 @@ def main() -> None:
     print(f"libmtl: {libmtl_note}")
 
     # Adjacent groups: each compared variant is timed next to the step(s) it is compared with.
-    groups = [["fixed", name] for name in ("fixed_again", *LOSS_BASED)]
-    groups += [["fixed", "raw", f"{name}/exact", f"{name}/amortized10"] for name in GRADIENT]
+    groups = [["fixed", name] for name in ("fixed_again", *loss_based)]
+    groups += [["fixed", "raw", f"{name}/exact", f"{name}/amortized10", f"{name}/representation"] for name in gradient]
     if libmtl is not None:
         groups.append(["fixed", *(f"libmtl/{n}" for n in libmtl)])
 
@@ -296,33 +326,36 @@ def main() -> None:
 
     result: dict[str, Any] = {"fixed_ms": ms("fixed"), "raw_ms": ms("raw"), "raw_vs_fixed": med("raw", "fixed"),
                               "control_fixed_vs_fixed": med("fixed_again", "fixed")}
-    for name in LOSS_BASED:
+    for name in loss_based:
         result[name] = {"vs_fixed": med(name, "fixed"), "ms": ms(name)}
-    for name in GRADIENT:
+    for name in gradient:
         result[name] = {"exact": med(f"{name}/exact", "fixed"), "amortized10": med(f"{name}/amortized10", "fixed"),
+                        "representation": med(f"{name}/representation", "fixed"),
                         "exact_vs_raw": med(f"{name}/exact", "raw"),
-                        "ms": {"exact": ms(f"{name}/exact"), "amortized10": ms(f"{name}/amortized10")}}
+                        "ms": {"exact": ms(f"{name}/exact"), "amortized10": ms(f"{name}/amortized10"),
+                               "representation": ms(f"{name}/representation")}}
     if libmtl is None:
         result["libmtl"] = libmtl_note
     else:
         result["libmtl"] = {n: {"vs_fixed": med(f"libmtl/{n}", "fixed"), "ms": ms(f"libmtl/{n}")} for n in libmtl}
         result["libmtl"]["import"] = libmtl_note
-    missed = [f"{n}.{key}" for n in GRADIENT for key, target in
-              (("exact_vs_raw", TARGETS["exact_vs_raw"]), ("amortized10", TARGETS["amortized10_vs_fixed"]))
+    missed = [f"{n}.{key}" for n in gradient for key, target in
+              (("exact_vs_raw", TARGETS["exact_vs_raw"]), ("amortized10", TARGETS["amortized10_vs_fixed"]),
+               ("representation", TARGETS["representation_vs_fixed"]))
               if result[n][key] > target]
     result["targets"] = {**TARGETS, "missed": missed}
-    result.update({"rounds": args.rounds, "iters": iters, "batch": args.batch, "width": args.width,
+    result.update({"only": args.only, "rounds": args.rounds, "iters": iters, "batch": args.batch, "width": args.width,
                    "threads": args.threads, "clock": clock_name, "device": str(device), "torch": torch.__version__,
                    "machine": platform.machine()})
 
     print(f"fixed {result['fixed_ms']} ms, raw 1+K autograd.grad {result['raw_ms']} ms "
           f"(x{result['raw_vs_fixed']}); control fixed/fixed x{result['control_fixed_vs_fixed']}")
-    for name in LOSS_BASED:
+    for name in loss_based:
         print(f"  {name:<14} x{result[name]['vs_fixed']:<7} vs fixed")
-    for name in GRADIENT:
+    for name in gradient:
         res = result[name]
         print(f"  {name:<14} exact x{res['exact']:<7} amortized10 x{res['amortized10']:<7} "
-              f"exact/raw x{res['exact_vs_raw']}")
+              f"representation x{res['representation']:<7} exact/raw x{res['exact_vs_raw']}")
     if libmtl is not None:
         for n in libmtl:
             print(f"  libmtl {n:<14} x{result['libmtl'][n]['vs_fixed']} vs fixed")

@@ -1,4 +1,5 @@
-"""Under DDP every rank must take the same step: for exact and amortized gradient-aware weightings and for DWA."""
+"""Under DDP every rank must take the same step: for exact, amortized and representation-level gradient-aware weightings
+and for DWA."""
 
 import os
 
@@ -9,7 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-KINDS = ("exact", "amortized", "dwa", "torchjd")
+KINDS = ("exact", "amortized", "representation", "dwa", "torchjd")
 
 
 def _worker(rank, world, init_file, out, kind):
@@ -18,7 +19,7 @@ def _worker(rank, world, init_file, out, kind):
     try:
         import auxloss as al
         from auxloss.train import Trainer
-        from auxloss.weighting import DWA, CosineGating, TorchJD
+        from auxloss.weighting import DWA, CosineGating, MetaBalance, TorchJD
 
         torch.manual_seed(0)
         x = torch.randn(64, 8)
@@ -27,6 +28,8 @@ def _worker(rank, world, init_file, out, kind):
         model = al.attach(net, {"a": al.Tap("1", al.LinearHead(2)), "b": al.Tap("3", al.LinearHead(2))},
                           example_input=x[:1])
         weighting = {"exact": lambda: CosineGating(), "amortized": lambda: CosineGating(mode="amortized", every=3),
+                     # statistics at the taps, summed over the ranks inside the backward: the same state everywhere
+                     "representation": lambda: MetaBalance(mode="representation"),
                      "dwa": lambda: DWA(),
                      # symmetric, on the all-reduced matrix: every rank's aggregator sees the same J
                      "torchjd": lambda: TorchJD("UPGrad")}[kind]()

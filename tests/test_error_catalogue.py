@@ -615,6 +615,11 @@ ROWS.update({
     "W10": (_torchjd_missing, r"torchjd is not installed", r"pip install auxloss\[torchjd\]"),
     "W11": (lambda e: _torchjd(e, {"type": "torchjd", "aggregator": "ConFIG", "mode": "amortized"}, via_cli=False),
             r"ConFIG has none", r"Use mode='exact', or one of \[.*'UPGrad'"),
+    "W12": (lambda e: cli(e, GOOD + "    weighting: {type: arml, mode: representation}\n"),
+            r"ARML: mode must be one of \['exact', 'amortized'\], got 'representation'", r"no representation mode: "),
+    "W13": (lambda e: cli(e, GOOD.replace("source: aux1", "source: main")
+                          + "    weighting: {type: gating, mode: representation}\n"),
+            r"task 'aux1' reads 'main', not a tap", r"use mode='exact'"),
 })
 
 

@@ -249,8 +249,8 @@ class Objective(nn.Module):
         return self.main.loss_value(pred, self.main.resolve_target(named, self.main.target))
 
     def _complete(self, ctx: StepContext | None) -> StepContext:
-        """``ctx`` with the objective's own counters, the taps each auxiliary task reads alone, and
-        :meth:`main_loss`."""
+        """``ctx`` with the objective's own counters, the taps each auxiliary task reads alone, every task's source,
+        and :meth:`main_loss`."""
         ctx = ctx if ctx is not None else StepContext()
         readers: dict[str, int] = {}
         for task in self.tasks:
@@ -260,6 +260,7 @@ class Objective(nn.Module):
         return dataclasses.replace(
             ctx, step=self.step if ctx.step is None else ctx.step,
             epoch=self.epoch if ctx.epoch is None else ctx.epoch, own_taps=own_taps,
+            task_sources={t.name: t.source for t in self.tasks},
             main_loss=self.main_loss if ctx.main_loss is None else ctx.main_loss)
 
     def _combine(self, losses: Mapping[str, Tensor], weights: Mapping[str, Any], main_weight: Any = 1.0) -> Tensor:

@@ -45,6 +45,9 @@ class StepContext:
             amortized gradient-aware step put each task's multiplier on its tap's gradient into the trunk.
         own_taps: auxiliary task name -> the tap only that task reads (filled in by the objective); a tap read by
             several tasks cannot carry one task's multiplier.
+        task_sources: every task's name, the main one included -> the output it reads: ``"main"``, a tap name, or
+            ``"loss:<name>"`` for an emitted loss (filled in by the objective). A representation-level weighting
+            finds each task's tap there.
         scale: the factor on this micro-batch's gradients (``1/accumulate`` under gradient accumulation).
         scaler: the ``torch.amp.GradScaler``, or ``None``.
         distributed: whether DDP wraps the model (then the plan says whether to switch its sync off).
@@ -62,6 +65,7 @@ class StepContext:
     lr: float | None = None
     model: nn.Module | None = None
     own_taps: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    task_sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
     scale: float = 1.0
     scaler: Any = None
     distributed: bool = False

@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from auxloss._representations import Representations, TapRepresentation, keep_tap
 from auxloss.errors import AuxLossError, close_matches
 
 __all__ = ["AuxModel", "Call", "LayerInfo", "Outputs", "Tap", "attach", "emit", "list_layers", "select"]
@@ -334,6 +335,7 @@ class AuxModel(nn.Module):
         # Per-tap factors on the gradient a head sends back into the trunk (1 = untouched). Amortized
         # gradient-aware weightings use them so that the trunk gets m_k·λ_k·g_k while the head keeps λ_k·g_k.
         self._trunk_grad_scales: dict[str, float] = {}
+        self._representations = Representations()  # for representation-level weightings (keep_representations)
         self._stripped = False
 
         modules = dict(model.named_modules())
@@ -380,6 +382,8 @@ class AuxModel(nn.Module):
         sinks.append(emitted)
         for hook in self._hooks:
             hook.start()
+        keep = self._representations.begin()
+        kept: dict[str, TapRepresentation | None] = {}
         try:
             main = self.model(*args, **kwargs)
             captured: dict[str, Any] = {}
@@ -395,13 +399,21 @@ class AuxModel(nn.Module):
                     )
                 feature = captured[name]
                 scale = self._trunk_grad_scales.get(name)
-                if scale is not None and scale != 1.0 and isinstance(feature, Tensor) and feature.requires_grad:
+                if keep is not None and name in keep:
+                    if isinstance(feature, Tensor):  # the head's gradient reaches the trunk only through the weighting
+                        kept[name] = keep_tap(feature)
+                        feature = kept[name].head_input
+                    else:
+                        kept[name] = None
+                elif scale is not None and scale != 1.0 and isinstance(feature, Tensor) and feature.requires_grad:
                     feature = _ScaleGrad.apply(feature, scale)
                 aux[name] = head(feature)
         finally:
             for hook in self._hooks:
                 hook.stop()
             sinks.pop()
+        if keep is not None:
+            self._representations.store(kept)
         # Hugging Face MoE models return their load-balancing loss as `aux_loss` (output_router_logits=True).
         hf_aux = main.get("aux_loss") if isinstance(main, Mapping) else getattr(main, "aux_loss", None)
         if isinstance(hf_aux, Tensor) and "aux_loss" not in emitted:
@@ -418,6 +430,26 @@ class AuxModel(nn.Module):
         if unknown:
             raise AuxLossError(f"no tap named {unknown}; the taps are {sorted(self._taps)}.")
         self._trunk_grad_scales = dict(scales or {})
+
+    def keep_representations(self, taps: Iterable[str]) -> None:
+        """Ask the next forward with gradients to keep the named taps' representations (one-shot, this thread).
+
+        Used by representation-level weightings (``mode="representation"``): in that forward each named tap's head
+        reads its layer's output through a gradient cut, so the head's gradient reaches its own parameters but not
+        the trunk, and :meth:`take_representations` hands over, per tap, the trunk's tensor and the head's input.
+        The weighting then sends the head's gradient into the trunk itself, at the tap.
+        """
+        names = frozenset(taps)
+        unknown = sorted(names - set(self._taps))
+        if unknown:
+            raise AuxLossError(f"no tap named {unknown}; the taps are {sorted(self._taps)}.")
+        self._representations.arm(names)
+
+    def take_representations(self) -> dict[str, TapRepresentation | None] | None:
+        """What the last forward kept for :meth:`keep_representations` (tap -> its trunk tensor, the head's input and
+        the head's gradient once the backward has run; ``None`` for a head that reads no tensor), or ``None`` when it
+        kept nothing; handed over once."""
+        return self._representations.take()
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load an AuxModel checkpoint, or a checkpoint of the plain model (its trunk alone).

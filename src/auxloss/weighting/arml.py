@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +72,10 @@ class ARML(PerTaskGradientWeighting):
     ``alpha`` holds α (bound task order) and checkpoints with the objective. Telemetry: ``arml_alpha/<task>``, and
     the engine's ``cos``/``normratio``/``effw``.
     """
+
+    modes: ClassVar[tuple[str, ...]] = ("exact", "amortized")
+    unsupported_modes_reason: ClassVar[str] = (
+        "no representation mode: its weights come from products between every pair of tasks' gradients, and representation gradients of taps at different layers share no space")
 
     def __init__(
         self,

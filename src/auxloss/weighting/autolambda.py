@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +77,10 @@ class AutoLambda(PerTaskGradientWeighting):
     """
 
     needs_validation = True
+
+    modes: ClassVar[tuple[str, ...]] = ("exact", "amortized")
+    unsupported_modes_reason: ClassVar[str] = (
+        "no representation mode: its look-ahead is a step of the parameters")
 
     def __init__(
         self,

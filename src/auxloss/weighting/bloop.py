@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,10 @@ class BLOOP(PerTaskGradientWeighting):
         mode, every, stats_params, params: see :class:`~auxloss.weighting.grads.PerTaskGradientWeighting` and the
             module notes.
     """
+
+    modes: ClassVar[tuple[str, ...]] = ("exact", "amortized")
+    unsupported_modes_reason: ClassVar[str] = (
+        "no representation mode: it keeps a moving average of the main gradient across steps, and a representation gradient belongs to one batch's samples")
 
     def __init__(
         self,

@@ -46,6 +46,11 @@ the main output, a tap shared by several tasks) the single backward uses ``m_k·
 the head's own parameters get ``m_k·λ_k·g_k`` too. Per-tensor or non-scalar rules (a projection, MetaBalance's
 per-tensor rescaling) are summarised by one scalar per task between refreshes.
 
+**Representation mode** (``mode="representation"``; gating, projection, OL-AUX and MetaBalance): the statistics
+are taken with respect to the taps' outputs instead of the parameters, inside the one backward pass of a
+fixed-weight step, every step; see :mod:`~auxloss.weighting.representation` for what it computes, when it equals
+this engine's update and what it refuses. ``every``, ``stats_params`` and ``params`` play no part there.
+
 **Gradient accumulation.** Each backward call is one micro-batch: the decision (gate, projection, rescaling) is
 taken on that micro-batch's own gradients, and the result times ``scale`` is added to ``p.grad``. For rules that
 are linear in the gradients with fixed coefficients this equals a decision on the whole batch only when the
@@ -71,8 +76,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
@@ -83,6 +86,13 @@ from auxloss.errors import AuxLossError
 from auxloss.step import LossReport, StepContext, StepPlan
 from auxloss.taps import AuxModel
 from auxloss.weighting.base import GradientWeighting
+from auxloss.weighting.representation import (
+    REPRESENTATION,
+    collect_representations,
+    prepare_representations,
+    representation_backward,
+)
+from auxloss.weighting.taskstats import Combination, TaskStats, cosine, task_telemetry
 
 __all__ = [
     "Combination",
@@ -93,17 +103,10 @@ __all__ = [
     "per_task_gradients",
 ]
 
-MODES = ("exact", "amortized")
+MODES = ("exact", "amortized", REPRESENTATION)
 
 
 # -- pure helpers ------------------------------------------------------------------------------------------------
-def cosine(dot: Tensor, sq0: Tensor, sqk: Tensor) -> Tensor:
-    """``dot / (‖g_0‖·‖g_k‖)`` from the dot product and the squared norms; 0 where a norm is 0, clamped to [-1, 1]."""
-    denom = torch.sqrt(sq0 * sqk)
-    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.where(denom > 0, dot / safe, torch.zeros_like(dot)).clamp(-1.0, 1.0)
-
-
 def discover_params(losses: Iterable[Tensor]) -> list[Tensor]:
     """The leaf tensors requiring grad that the losses reach, in a deterministic order (depth first, first loss first).
 
@@ -154,77 +157,15 @@ def per_task_gradients(losses: Sequence[Tensor | None], params: Sequence[Tensor]
     return out, len(live)
 
 
-@dataclass
-class TaskStats:
-    """The statistics of one auxiliary task on its shared parameters, in the true (unscaled) gradient domain.
-
-    ``shared`` are indices into the parameter list; ``dot``, ``sq0``, ``sqk`` hold per shared tensor
-    ``g_0·g_k``, ``‖g_0‖²`` and ``‖g_k‖²``; ``in_stats`` marks the tensors of the statistics subset
-    (``all_in_stats``: every one of them, so that no mask is needed). The properties sum them over the subset
-    (``dot``/``sq0``/``sqk`` with an ``s_`` prefix) or over all shared tensors; each is computed once, on first use
-    (the statistics are not changed after construction).
-    """
-
-    name: str
-    index: int
-    lam: float
-    shared: list[int]
-    dot: Tensor
-    sq0: Tensor
-    sqk: Tensor
-    in_stats: Tensor
-    all_in_stats: bool = False
-
-    @property
-    def has_shared(self) -> bool:
-        return len(self.shared) > 0
-
-    def _subset_sum(self, values: Tensor) -> Tensor:
-        if self.all_in_stats:
-            return values.sum()
-        # a masked sum rather than boolean indexing, which would wait for the device
-        return torch.where(self.in_stats, values, torch.zeros_like(values)).sum()
-
-    @cached_property
-    def s_dot(self) -> Tensor:
-        return self._subset_sum(self.dot)
-
-    @cached_property
-    def s_sq0(self) -> Tensor:
-        return self._subset_sum(self.sq0)
-
-    @cached_property
-    def s_sqk(self) -> Tensor:
-        return self._subset_sum(self.sqk)
-
-    @cached_property
-    def s_cos(self) -> Tensor:
-        return cosine(self.s_dot, self.s_sq0, self.s_sqk)
-
-
-@dataclass
-class Combination:
-    """How one auxiliary task enters the update on its shared tensors.
-
-    ``aux``: the coefficient on ``g_k`` (a scalar, or one per shared tensor); ``main``: an amount added to the
-    coefficient of ``g_0`` on those tensors (``None`` for none; projection uses it, and it is never negative);
-    ``effective``: the effective weight for telemetry; ``multiplier``: ``m_k`` for amortized steps (the weight
-    is ``m_k·λ_k``).
-    """
-
-    aux: Tensor
-    effective: Tensor
-    multiplier: Tensor
-    main: Tensor | None = None
-
-
 # -- the engine ---------------------------------------------------------------------------------------------------
 class PerTaskGradientWeighting(GradientWeighting):
     """Base of the gradient-aware strategies: per-task gradients, shared parameters, amortization, telemetry.
 
     Args:
-        mode: ``"exact"`` (``1 + K`` backward calls every step) or ``"amortized"`` (exact every ``every`` backward
-            calls, one backward with cached weights in between).
+        mode: ``"exact"`` (``1 + K`` backward calls every step), ``"amortized"`` (exact every ``every`` backward
+            calls, one backward with cached weights in between) or ``"representation"`` (the statistics at the taps'
+            outputs, one backward every step; :mod:`~auxloss.weighting.representation`). :attr:`modes` lists those a
+            strategy offers.
         every: the refresh period of amortized mode, in backward calls.
         stats_params: tensors on which the statistics are computed (a subset of the shared parameters); ``None`` =
             all shared parameters.
@@ -237,6 +178,9 @@ class PerTaskGradientWeighting(GradientWeighting):
     # A config's `layer` names where the statistics are taken (the last shared block): `params` must cover every
     # trainable tensor, so a layer there would miss the rest.
     layer_argument: ClassVar[str | None] = "stats_params"
+    #: The modes this strategy offers, and why it does not offer the others (for the error).
+    modes: ClassVar[tuple[str, ...]] = MODES
+    unsupported_modes_reason: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -247,8 +191,15 @@ class PerTaskGradientWeighting(GradientWeighting):
         params: nn.Module | Iterable[Tensor] | None = None,
     ) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise AuxLossError(f"mode must be 'exact' or 'amortized', got {mode!r}.")
+        offered = type(self).modes
+        if mode not in offered:
+            why = f" ({type(self).unsupported_modes_reason})" if mode in MODES and type(self).unsupported_modes_reason else ""
+            raise AuxLossError(f"{type(self).__name__}: mode must be one of {list(offered)}, got {mode!r}{why}.")
+        if mode == REPRESENTATION and stats_params is not None:
+            raise AuxLossError(
+                f"{type(self).__name__}: stats_params (or a config's layer) names parameters, but mode='representation' "
+                "takes its statistics at the taps' outputs; drop stats_params, or use mode='exact'."
+            )
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise AuxLossError(f"every must be a positive integer (backward calls between refreshes), got {every!r}.")
         self.mode = mode
@@ -268,6 +219,9 @@ class PerTaskGradientWeighting(GradientWeighting):
         self._cached: Tensor | None = None  # m_k per aux task, for amortized steps
         self._tele: dict[str, Tensor] = {}
         self._scaled_at_taps: dict[str, float] = {}  # tasks whose m_k before_step put at their tap
+        self.__dict__["_rep_model"] = None  # representation mode: the AuxModel of before_step, and each task's tap
+        self._rep_taps: dict[str, str] = {}
+        self.__dict__["_rep_slots"] = {}  # representation mode: a stable placeholder "tensor" per tapped tensor
 
     @staticmethod
     def _tensor_list(values: Iterable[Tensor] | None, what: str) -> list[Tensor] | None:
@@ -307,6 +261,9 @@ class PerTaskGradientWeighting(GradientWeighting):
         A step that takes per-task gradients asks the loop to switch DDP's own synchronisation off: it all-reduces
         those gradients itself, and an amortized step is a plain backward, which DDP must reduce as usual.
         """
+        if self.mode == REPRESENTATION:
+            self._prepare_representations(ctx)
+            return StepPlan()  # one ordinary backward: DDP reduces the gradients itself
         exact = self._next_step_exact()
         scales: dict[str, float] = {}
         model = ctx.model
@@ -321,6 +278,12 @@ class PerTaskGradientWeighting(GradientWeighting):
             model.set_trunk_grad_scales({ctx.own_taps[n]: v for n, v in scales.items()})
         self._scaled_at_taps = scales
         return StepPlan(sync_gradients=not (exact and ctx.distributed))
+
+    def _prepare_representations(self, ctx: StepContext) -> None:
+        model = ctx.model
+        self._rep_taps = prepare_representations(f"{type(self).__name__}(mode='representation')", model,
+                                                 ctx.task_sources, self.main_name, self.aux_names)
+        self.__dict__["_rep_model"] = model
 
     def _next_step_exact(self) -> bool:
         """Whether the next :meth:`backward` takes per-task gradients (a refresh, or no cached multipliers yet)."""
@@ -380,10 +343,12 @@ class PerTaskGradientWeighting(GradientWeighting):
         lambdas = [float(report.weights[n]) for n in aux]  # the schedules' λ: Python floats already
         self._before_step(ctx)
         scale, scaler = ctx.scale, ctx.scaler
-        refresh = self.mode == "exact" or self.backward_steps % self.every == 0
+        refresh = self.mode != "amortized" or self.backward_steps % self.every == 0
         multipliers = None if refresh else self._amortized_multipliers()
         self.backward_steps += 1
-        if multipliers is None:
+        if self.mode == REPRESENTATION:
+            self._representation_step(main, aux, lambdas, losses, ctx)
+        elif multipliers is None:
             self._exact_backward(main, aux, lambdas, losses, scale=scale, scaler=scaler)
         else:
             self._single_backward(main, aux, lambdas, losses, multipliers, scale=scale, scaler=scaler)
@@ -410,6 +375,33 @@ class PerTaskGradientWeighting(GradientWeighting):
         if total.requires_grad:
             torch.autograd.backward(total)
             self.n_backward_calls += 1
+
+    def _representation_step(self, main: str, aux: list[str], lambdas: list[float], losses: dict[str, Tensor],
+                             ctx: StepContext) -> None:
+        """Representation mode (:mod:`~auxloss.weighting.representation`): statistics at the taps, one backward."""
+        model = ctx.model if ctx.model is not None else self.__dict__["_rep_model"]
+        taps, groups, keys = collect_representations(f"{type(self).__name__}(mode='representation')", model,
+                                                     self._rep_taps, aux)
+        for group, slot in zip(groups, self._representation_slots(keys)):
+            group.slot = slot
+        stats, combos, calls = representation_backward(
+            losses[main], [losses[n] for n in aux], aux, lambdas, taps, groups,
+            lambda st: self._combine(st, scale=ctx.scale), scale=ctx.scale, scaler=ctx.scaler)
+        self.n_backward_calls += calls
+        self._tele.update(task_telemetry(stats, combos))
+
+    def _representation_slots(self, keys: list[str]) -> list[int]:
+        """The slot of each tapped tensor (named by its taps): ``params_`` holds one stable placeholder per slot, so
+        that per-tensor state (MetaBalance's moving averages) follows the representations as it follows
+        parameters in the other modes."""
+        placeholders = self.__dict__["_rep_slots"]
+        order = sorted(set(keys))
+        slots = [placeholders.setdefault(key, torch.zeros(())) for key in order]
+        old = self.__dict__["params_"]
+        if old is None or len(old) != len(slots) or any(a is not b for a, b in zip(old, slots)):
+            self._params_changed(old, slots)
+            self.__dict__["params_"] = slots
+        return [order.index(key) for key in keys]
 
     def _exact_backward(self, main: str, aux: list[str], lambdas: list[float], losses: dict[str, Tensor], *,
                         scale: float, scaler: Any) -> None:
@@ -482,15 +474,7 @@ class PerTaskGradientWeighting(GradientWeighting):
         if finite:
             combos = self._combine(stats, scale=scale)
             self._cached = torch.stack([c.multiplier.detach().to(device, torch.float64) for c in combos])
-            for s, c in zip(stats, combos):
-                if not s.has_shared:
-                    continue
-                sq0, sqk = s.s_sq0, s.s_sqk
-                self._tele[f"cos/{s.name}"] = s.s_cos.detach()
-                self._tele[f"normratio/{s.name}"] = torch.where(
-                    sq0 > 0, torch.sqrt(sqk / torch.where(sq0 > 0, sq0, torch.ones_like(sq0))),
-                    torch.full_like(sq0, float("nan"))).detach()
-                self._tele[f"effw/{s.name}"] = c.effective.detach()
+            self._tele.update(task_telemetry(stats, combos))
         else:  # fp16 overflow: the plain weighted sum carries the inf to p.grad, and the GradScaler skips the step
             one = torch.ones((), dtype=torch.float64, device=device)
             combos = [Combination(aux=one * lam, effective=one * lam, multiplier=one) for lam in lambdas]

@@ -20,6 +20,10 @@ Subset and amortized mode: the moving averages are per tensor and kept for every
 narrows the telemetry and the amortized multiplier, which is the least-squares summary of the per-tensor factors,
 ``f̄_k = Σ_i f_k,i·‖g_k,i‖² / Σ_i ‖g_k,i‖²`` over the statistics set (also reported as ``effw = λ_k·f̄_k``). The
 moving averages only move on refresh steps.
+
+Representation mode: the "tensors" are the tapped tensors (one per tapped layer output, whichever tasks read it):
+``m_0`` is the moving norm of the gradient reaching it from above, ``m_k`` that of task k's gradient there, and the
+factor applies to everything task k sends into the trunk.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ Details of this implementation:
   raises.
 - Amortized mode: the products are only measured on refresh steps, and each stands for the ``every`` backward
   calls it covers (it is added ``every`` times over); amortized steps use the current ``w_k``.
+- Representation mode: ``g_0ᵀg_k`` is the product of the gradients at task k's tap (what reaches it from above,
+  and the head's), a sum over the batch's samples on another scale than the parameters' product: retune β.
 - Defaults (``beta=1.0``, ``horizon=5``, ``init=1.0``) are starting points chosen here, not the paper's tuned
   values: β needs tuning with the model's learning rate (the product ``β·α`` sets how fast the weights move).
 """

@@ -18,6 +18,9 @@ multiple that keeps ``update·g_0 ≥ ‖g_0‖²`` for a conflicting task is 0,
 when the last refresh saw ``g_k·g_0 ≥ 0`` (on the statistics set), else 0. The effective weight reported in exact
 steps is the least-squares coefficient of the contribution on ``g_k``: ``λ_k·(1 − cos²)`` for a conflicting task,
 ``λ_k`` otherwise.
+
+Representation mode projects at each tap: ``g_k`` is task k's gradient at its tapped tensor and ``g_0`` the one
+reaching that tensor from above, so the guarantee holds there (see :mod:`~auxloss.weighting.representation`).
 """
 
 from __future__ import annotations
@@ -63,10 +66,13 @@ class Projection(PerTaskGradientWeighting):
                 one = torch.ones((), dtype=torch.float64)
                 out.append(Combination(aux=one * s.lam, effective=one * s.lam, multiplier=one))
                 continue
-            dot, sq0, sqk = s.dot.sum(), s.sq0.sum(), s.sqk.sum()  # the full shared vectors
+            if s.all_in_stats:  # the statistics set is the full shared set: its (cached) sums are the ones
+                dot, sq0, cos = s.s_dot, s.s_sq0, s.s_cos
+            else:  # the full shared vectors
+                dot, sq0, sqk = s.dot.sum(), s.sq0.sum(), s.sqk.sum()
+                cos = cosine(dot, sq0, sqk)
             a = projection_coefficients(dot, sq0)
             lam = torch.full_like(dot, s.lam)
-            cos = cosine(dot, sq0, sqk)
             effective = torch.where(a < 0, lam * (1 - cos * cos), lam)
             keep = (s.s_dot >= 0).to(dot.dtype)  # the amortized gate, on the statistics set
             out.append(Combination(aux=lam, main=-s.lam * a, effective=effective, multiplier=keep))

@@ -141,6 +141,14 @@ def build_weighting(spec: Mapping[str, Any] | str | Weighting | None, *, model: 
     if clash:
         names = [k for k, b in WEIGHTINGS.items() if _split(b)[0] is cls]
         raise AuxLossError(f"weighting {kind!r} sets {clash} itself; choose the type name instead ({names}).")
+    if "mode" in params and "mode" not in accepted:
+        by_mode = {mode: [name for name, b in WEIGHTINGS.items() if mode in getattr(_split(b)[0], "modes", ())]
+                   for mode in ("exact", "amortized", "representation")}
+        raise AuxLossError(
+            f"weighting {kind!r} has no gradient mode (got mode={params['mode']!r}): it does not take per-task "
+            f"gradients. mode='exact' and 'amortized' are offered by {by_mode['amortized']}; mode='representation' "
+            f"by {by_mode['representation']}."
+        )
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     unknown = sorted(k for k in params if k not in accepted)
     if unknown and not takes_any:

@@ -171,6 +171,10 @@ class TorchJD(PerTaskGradientWeighting):
     # A config's `params` are the aggregator's arguments; the engine's `params` (tensors) has no config form.
     config_aliases: ClassVar[Mapping[str, str]] = MappingProxyType({"params": "aggregator_params"})
 
+    modes: ClassVar[tuple[str, ...]] = ("exact", "amortized")
+    unsupported_modes_reason: ClassVar[str] = (
+        "no representation mode: TorchJD's aggregators act on the matrix of per-task gradients over the parameters")
+
     def __init__(
         self,
         aggregator: str | nn.Module = "UPGrad",
