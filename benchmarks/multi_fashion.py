@@ -216,7 +216,10 @@ def run_method(method: str, seed: int, data: dict, size: dict, libmtl: dict[str,
                       callbacks=[timer])
     g = torch.Generator().manual_seed(seed)
     train = DataLoader(data["train"], batch_size=size["batch"], shuffle=True, generator=g, drop_last=True)
-    result = trainer.fit(model, objective, train, DataLoader(data["val"], batch_size=512),
+    # Validation batches as large as the training ones: Auto-Lambda's look-ahead takes one validation batch per
+    # step, so a larger one would bill it for more samples than the step trains on (evaluation is unchanged: its
+    # metrics are means over the whole split).
+    result = trainer.fit(model, objective, train, DataLoader(data["val"], batch_size=size["batch"]),
                          DataLoader(data["test"], batch_size=512))
     return {"accuracy": result.main_metric("test"), "step_s": timer.total / max(1, timer.steps),
             "steps": timer.steps}
