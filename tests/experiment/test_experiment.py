@@ -72,6 +72,41 @@ def test_config_errors_name_the_key_and_line(tmp_path):
         parse_config({"train": {"epoch": 3}})
 
 
+MERGED = """name: merged
+seeds: 1
+data: {name: shapes, n_train: 48, n_val: 32, n_test: 32, batch_size: 16, params: {image_size: 16}}
+model: {name: small_cnn, params: {width: 4}}
+train: &t {epochs: 2, lr: 0.01}
+variants:
+  - name: deep
+    taps: {aux1: {layer: block1, head: {type: linear}}}
+    tasks: [{name: aux1, source: aux1, weight: 0.3}]
+    train: {<<: *t, lr: 0.02}
+"""
+
+
+def test_yaml_merge_keys_may_be_overridden_but_real_duplicates_are_refused(tmp_path):
+    """Audit 2 row 28: `train: {<<: *t, lr: 0.02}` is YAML's merge with an override, not a duplicate key."""
+    path = tmp_path / "c.yaml"
+    path.write_text(MERGED)
+    cfg = load_config(path)
+    assert cfg.train.lr == 0.01 and cfg.variants[0].train == {"epochs": 2, "lr": 0.02}
+    # The same in block style.
+    path.write_text(MERGED.replace("train: &t {epochs: 2, lr: 0.01}", "train: &t\n  epochs: 2\n  lr: 0.01")
+                    .replace("train: {<<: *t, lr: 0.02}", "train:\n      <<: *t\n      lr: 0.02"))
+    assert load_config(path).variants[0].train == {"epochs": 2, "lr": 0.02}
+    # The same key twice at one level is still refused, with both lines; also next to a merge.
+    path.write_text(MERGED.replace("train: {<<: *t, lr: 0.02}", "train:\n      <<: *t\n      lr: 0.02\n"
+                                   "      lr: 0.03"))
+    with pytest.raises(AuxLossError, match=r"c\.yaml:13: duplicate key 'lr' at the same level: first on line 12, "
+                                           r"again on line 13"):
+        load_config(path)
+    path.write_text(MERGED + "train: {epochs: 1}\n")
+    with pytest.raises(AuxLossError, match=r"c\.yaml:11: duplicate key 'train' at the same level: first on line 5, "
+                                           r"again on line 11"):
+        load_config(path)
+
+
 def test_run_writes_results_resumes_and_refuses_another_experiment(tmp_path):
     cfg = parse_config(TINY)
     results = run_experiment(cfg, tmp_path, workers=1)

@@ -193,3 +193,54 @@ def _done_runs(out: Path) -> list[dict]:
 
     store = Store(out / "results.sqlite", stale_after=1.0, readonly=True)
     return store.runs("done")
+
+
+TRINH_YAML = """
+name: trb
+seeds: 1
+data: {name: digits-sequence, n_train: 32, n_val: 16, n_test: 16, batch_size: 16}
+model: {name: lstm_classifier, params: {hidden: 8}}
+train: {epochs: 1, lr: 0.01, eval_train: false, device: cpu}
+variants:
+  - name: trinh
+    taps: {t: {layer: rnn, head: {type: trinh, params: {segment: 4}}}}
+    tasks: [{name: t, source: t, weight: 0.5}]
+"""
+
+
+@pytest.mark.parametrize("keep", ["best", "all"])
+def test_a_trinh_head_with_extra_state_is_kept_and_loads_back(tmp_path: Path, keep: str) -> None:
+    """Audit 2 row 45: the Trinh head's state dict holds ``_extra_state`` (a dict with its generator's state), which
+    the keeper once called ``.detach()`` on, losing every Trinh run."""
+    from auxloss.experiment.assemble import build_run
+
+    cfg_path = tmp_path / "trb.yaml"
+    cfg_path.write_text(TRINH_YAML)
+    out = tmp_path / "trb"
+    assert main(["run", str(cfg_path), "--out", str(out), "--workers", "1", "--keep", keep]) == 0
+    results = json.loads((out / "results.json").read_text())
+    files = results["variants"][1]["weights"]["0"]
+    assert {"trunk", "heads"} <= set(files) and (keep == "best") == ("last_heads" not in files)
+    exp = experiment_from_config(load_config(cfg_path))
+    for part in ("heads", "last_heads") if keep == "all" else ("heads",):
+        saved = torch.load(out / files[part], weights_only=True)
+        assert isinstance(saved["t._extra_state"], dict) and saved["t._extra_state"]["seed"] is not None
+        heads = build_run(exp, "trinh", 0, device="cpu").model.heads
+        heads.load_state_dict(saved, strict=True)
+        back = heads.state_dict()
+        for key, value in saved.items():
+            if key.endswith("_extra_state"):
+                assert back[key]["seed"] == value["seed"]
+                assert torch.equal(back[key]["generator"], value["generator"])
+            else:
+                assert torch.equal(back[key], value), key
+    fresh = exp.model(0)
+    fresh.load_state_dict(torch.load(out / files["trunk"], weights_only=True), strict=True)
+
+
+def test_a_state_torch_cannot_read_back_is_a_clear_error(tmp_path: Path) -> None:
+    from auxloss.errors import AuxLossError
+    from auxloss.experiment.worker import _save_tensors
+
+    with pytest.raises(AuxLossError, match=r"'h._extra_state.fn' holds a builtin_function_or_method.*keep: none"):
+        _save_tensors({"h.w": torch.ones(2), "h._extra_state": {"fn": len}}, tmp_path / "x.pt")

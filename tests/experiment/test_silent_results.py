@@ -125,3 +125,33 @@ def test_printed_intervals_stay_within_the_metrics_range():
     assert "95% CIs cut to the range accuracy can take" in table
     results["variants"][0]["ci95"] = [mean - 0.01, mean + 0.01]
     assert "cut to the range" not in format_table(results)  # inside the range: untouched, no note
+
+
+def test_the_report_cuts_intervals_to_the_metrics_range_and_says_so(tmp_path):
+    """Audit 2 row 36: two seeds at 12.5% and 18.75% accuracy give the t-interval [-24.1, 55.3] points; the terminal
+    table cut it to [0.0, 55.3], the report printed `15.6 ± 39.7`."""
+    import math
+    import re
+
+    from scipy import stats as st
+
+    from auxloss.experiment.report import build_report
+
+    values = [0.125, 0.1875]
+    mean = sum(values) / 2
+    half = st.t.ppf(0.975, 1) * abs(values[0] - values[1]) / math.sqrt(2) / math.sqrt(2)
+    assert mean - half < -0.2  # the raw interval reaches far below 0
+    results = {"name": "det", "metric": "accuracy", "higher_is_better": True, "baseline": "baseline",
+               "split": "test", "comparisons": [],
+               "variants": [{"name": "baseline", "seeds": [0, 1], "main": values, "mean": mean,
+                             "ci95": [mean - half, mean + half]}]}
+    page = build_report(tmp_path, results, None).read_text(encoding="utf-8")
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    cell = next(line for line in md.splitlines() if line.startswith("| baseline")).split("|")[2].strip()
+    assert cell == f"{100 * mean:.1f} [0.0, {100 * (mean + half):.1f}]"
+    assert all(0.0 <= float(x) <= 100.0 for x in re.findall(r"-?\d+\.\d+", cell))
+    html_cell = re.search(r"<td[^>]*>baseline</td>\s*<td[^>]*>([^<]*)</td>", page).group(1)
+    assert html_cell == cell
+    for text in (md, page):
+        assert f"± {100 * half:.1f}" not in text
+        assert "95% CIs cut to the range accuracy can take" in text

@@ -338,16 +338,25 @@ class _DuplicateKey(yaml.YAMLError):
         self.problem, self.problem_mark = problem, mark
 
 
+#: The tag of YAML's merge key ``<<``, whose mapping's keys the explicit keys beside it may override.
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False) -> dict[str, Any]:
+    # Taken before construct_mapping, which splices the pairs of a `<<: *anchor` into node.value: only the keys
+    # written at this level can be duplicates; a merged key that an explicit one overrides is YAML's merge.
+    own = [key_node for key_node, _ in node.value if key_node.tag != _MERGE_TAG]
     mapping = loader.construct_mapping(node, deep=deep)
-    lines = {}
-    for key_node, _ in node.value:
+    lines: dict[Any, int] = {}
+    for key_node in own:
         key = loader.construct_object(key_node)
         line = key_node.start_mark.line + 1
         if key in lines:  # YAML keeps the last silently: a second `train:` would replace the first
             raise _DuplicateKey(f"duplicate key {key!r} at the same level: first on line {lines[key]}, again on line "
                                 f"{line}", key_node.start_mark)
         lines[key] = line
+    for key_node, _ in node.value:  # a merged key not overridden: its line in the anchor
+        lines.setdefault(loader.construct_object(key_node), key_node.start_mark.line + 1)
     loader.lines[id(mapping)] = lines  # type: ignore[attr-defined]
     return mapping
 

@@ -12,6 +12,7 @@ import math
 import os
 import time
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,31 @@ def _existing(folder: Path, tag: str) -> dict[str, Path]:
 
 def _save_tensors(state: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, tmp)
+    torch.save({k: _plain(v, k) for k, v in state.items()}, tmp)
     os.replace(tmp, path)
+
+
+#: Values ``torch.load(weights_only=True)`` reads back, besides tensors and containers of them.
+_PLAIN_TYPES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _plain(value: Any, key: str) -> Any:
+    """``value`` on the CPU, detached, with its containers walked. A state dict is not only tensors: a module's
+    ``get_extra_state()`` (the Trinh head's generator state and seed) puts any value under ``<prefix>_extra_state``."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, Mapping):
+        return {k: _plain(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [_plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if isinstance(value, tuple) else items
+    if isinstance(value, _PLAIN_TYPES):
+        return value
+    raise AuxLossError(
+        f"cannot keep the weights: the state dict's entry {key!r} holds a {type(value).__name__}, which "
+        "torch.load(weights_only=True) cannot read back. Have the module's get_extra_state() return tensors and "
+        "plain values (numbers, strings, lists, dicts), or train with keep: none."
+    )
 
 
 def as_experiment(exp: Experiment | ExperimentConfig) -> Experiment:

@@ -220,7 +220,7 @@ def seeds(ctx: ReportContext, path: Path) -> bool:
         _, values, mean, ci = variant_summary(ctx.variants[v])
         color = ctx.style(v)["color"]
         dots(ax1, i, values, color)
-        lo, hi = ci_pair(ci)
+        lo, hi = ci_pair(ctx.fmt.clip(ci)[0])  # the bar stays within the metric's range, as in the tables
         if mean is not None:
             yerr = None if lo is None or hi is None else [[s(mean - lo)], [s(hi - mean)]]
             ax1.errorbar(

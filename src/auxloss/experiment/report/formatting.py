@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from auxloss.experiment.stats import clip_interval, metric_bounds
+
 #: Fewer paired seeds than this and a paired t-test can only flag enormous, perfectly consistent effects;
 #: the report says so instead of letting "no detectable effect" read as "no effect".
 MIN_SEEDS = 3
@@ -154,6 +156,19 @@ class MetricFormat:
             return "n/a"
         f = self.delta if signed else self.value
         return f"[{f(lo)}, {f(hi)}]"
+
+    def clip(self, ci: Any) -> tuple[Any, bool]:
+        """``ci`` cut to the range the metric can take, and whether it was cut (a missing end: as it is). Every
+        printed or drawn interval of the metric goes through here, and a cut one gets :meth:`clipped_note`."""
+        lo, hi = ci_pair(ci)
+        if lo is None or hi is None:
+            return ci, False
+        return clip_interval((lo, hi), metric_bounds(self.metric))
+
+    @property
+    def clipped_note(self) -> str:
+        """The mark under a table that shows a cut interval."""
+        return f"95% CIs cut to the range {self.metric} can take (a t-interval near a bound reaches past it)"
 
     def mean_ci(self, mean: Any, ci: Any) -> str:
         """'70.0 ± 1.0' for a symmetric CI (the t-interval), '70.0 [68.0, 72.5]' otherwise."""

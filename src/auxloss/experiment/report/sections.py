@@ -75,10 +75,13 @@ def results_section(ctx: ReportContext, figs: Mapping[str, bool]) -> list[Block]
     seed_head = f"Per seed ({', '.join(seed_lists[0])})" if same_seeds else "Per seed (seed: value)"
     header = ["Variant", "Mean ± 95% CI", seed_head, "Δ vs baseline [95% CI]", "p", "Holm p", "d_z", "Verdict"]
     rows = []
+    clipped_any = False
     for v in ctx.order:
         if v not in ctx.variants:
             continue
         seeds, values, mean, ci = variant_summary(ctx.variants[v])
+        ci, clipped = fmt.clip(ci)  # within the metric's range, with the note under the table
+        clipped_any |= clipped
         if same_seeds:
             per_seed = ", ".join(fmt.value(x) for x in values)
         else:
@@ -118,6 +121,8 @@ def results_section(ctx: ReportContext, figs: Mapping[str, bool]) -> list[Block]
     )
     if rows:
         blocks.append(Table(header, rows, [False, True, True, True, True, True, True, False]))
+        if clipped_any:
+            blocks.append(Para([f"{fmt.clipped_note}."]))
     else:
         blocks.append(Para(["results.json lists no variants."]))
     if figs.get("seeds.png"):

@@ -41,8 +41,11 @@ def weights_section(ctx: ReportContext, report_dir: Path, root: Path) -> list[Bl
     intro = (f"The files each run kept{setting}, relative to this report's folder. The best trunk is your model "
              "alone with the weights of its best validation epoch (the ones evaluated above); it loads into your "
              "own model class with ")
-    heads = ". The heads file holds the auxiliary heads, keyed by tap name. Both hold plain tensors, read with "
-    blocks.append(Para([intro, ("code", "strict=True"), heads, ("code", "torch.load(path, weights_only=True)"), "."]))
+    heads = (". The heads file holds the auxiliary heads, keyed by tap name, with any extra state a head keeps "
+             "(the Trinh head's random generator under ")
+    plain = "), and loads into the variant's heads with load_state_dict(strict=True). Both hold plain values, read with "
+    blocks.append(Para([intro, ("code", "strict=True"), heads, ("code", "<tap>._extra_state"), plain,
+                        ("code", "torch.load(path, weights_only=True)"), "."]))
     items: list[list[Inline]] = []
     example = None
     for variant, files in kept.items():

@@ -19,7 +19,6 @@ from auxloss.experiment.report.formatting import (
     p_phrase,
     seeds_word,
 )
-from auxloss.experiment.stats import clip_interval, metric_bounds
 
 __all__ = ["TABLE_WIDTH", "format_table", "summary_sentences"]
 
@@ -91,9 +90,8 @@ def format_table(results: Mapping[str, Any]) -> str:
     for name in ctx.order:
         v = ctx.variants.get(name, {})
         _, _, mean, ci = variant_summary(v)
-        if None not in ci_pair(ci):  # shown within the metric's range, with a note
-            ci, clipped = clip_interval(ci_pair(ci), metric_bounds(fmt.metric))
-            clipped_any |= clipped
+        ci, clipped = fmt.clip(ci)  # shown within the metric's range, with a note
+        clipped_any |= clipped
         c = ctx.comparisons.get(name)
         if name == ctx.baseline:
             rows.append([name, fmt.value(mean), fmt.ci(ci), "(baseline)", "", ""])
@@ -131,5 +129,5 @@ def format_table(results: Mapping[str, Any]) -> str:
     if few:
         lines.append(f"* fewer than {MIN_SEEDS} paired seeds: too few for a reliable verdict (treat with caution)")
     if clipped_any:
-        lines.append(f"95% CIs cut to the range {fmt.metric} can take (a t-interval near a bound reaches past it)")
+        lines.append(fmt.clipped_note)
     return "\n".join(lines)
