@@ -310,6 +310,12 @@ ROWS = {
             r"not another program's database"),
     "O11": (lambda e: _second_run_on_one_folder(e), r"another `auxloss run` is working on",
             r"wait for it to finish .*AUXLOSS_SHARED_STORE=1"),
+    "O12": (lambda e: _second_run_on_one_folder(e, "shared"),
+            r"workers started with AUXLOSS_SHARED_STORE=1 are working on .*this command was started without it",
+            r"Start it with AUXLOSS_SHARED_STORE=1 to share the runs with them"),
+    "O13": (lambda e: _second_run_on_one_folder(e, "exclusive", AUXLOSS_SHARED_STORE="1"),
+            r"a plain `auxloss run` \(without AUXLOSS_SHARED_STORE=1\) is working on .*may not join it",
+            r"start every process on one folder with AUXLOSS_SHARED_STORE=1, or none"),
     "O8": (lambda e: _postgres_folder(e), r"are kept in a PostgreSQL database \('postgresql://u@db\.example/x'",
            r"pass it with --store URL"),
 }
@@ -350,19 +356,25 @@ def _cuda_on_cpu_torch(e):
     return cli(e, GOOD, "--device", "cuda")
 
 
-def _second_run_on_one_folder(e):
+def _second_run_on_one_folder(e, held="exclusive", **env):
+    """`auxloss run` (with ``env``) while another process holds the folder's lock as a plain command does
+    (``exclusive``) or as AUXLOSS_SHARED_STORE=1 workers do (``shared``)."""
     import fcntl
+    import os
+    import subprocess
+    import sys
 
     out = e["tmp"] / "out"
     out.mkdir()
-    with open(out / ".run.lock", "a") as held:  # what a first `auxloss run` on this folder holds while it works
-        fcntl.flock(held, fcntl.LOCK_EX)
-        other = __import__("subprocess").run(  # flock locks are per open file: the second command is another process
-            [__import__("sys").executable, "-m", "auxloss", "run", str(_write(e, GOOD)), "--out", str(out),
-             "--workers", "1"], capture_output=True, text=True, timeout=300,
-            env={**__import__("os").environ, "PYTHONPATH": str(Path(al.__file__).parents[1])}, check=False)
+    with open(out / ".run.lock", "a") as lock:  # what the first `auxloss run` on this folder holds while it works
+        fcntl.flock(lock, fcntl.LOCK_EX if held == "exclusive" else fcntl.LOCK_SH)
+        other = subprocess.run(  # flock locks are per open file: the second command is another process
+            [sys.executable, "-m", "auxloss", "run", str(_write(e, GOOD)), "--out", str(out), "--workers", "1"],
+            capture_output=True, text=True, timeout=300, check=False,
+            env={**{k: v for k, v in os.environ.items() if k != "AUXLOSS_SHARED_STORE"},
+                 "PYTHONPATH": str(Path(al.__file__).parents[1]), **env})
     assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr
-    assert not (out / "results.sqlite").exists() and not (out / "config.yaml").exists()  # nothing touched
+    assert sorted(p.name for p in out.iterdir()) == [".run.lock"]  # nothing touched
     return other.stderr.strip()
 
 
