@@ -316,6 +316,7 @@ ROWS = {
     "O13": (lambda e: _second_run_on_one_folder(e, "exclusive", AUXLOSS_SHARED_STORE="1"),
             r"a plain `auxloss run` \(without AUXLOSS_SHARED_STORE=1\) is working on .*may not join it",
             r"start every process on one folder with AUXLOSS_SHARED_STORE=1, or none"),
+    "O14": (lambda e: _force_with_a_broken_config(e), r"no layer named 'blok1'", r"Closest names"),
     "O8": (lambda e: _postgres_folder(e), r"are kept in a PostgreSQL database \('postgresql://u@db\.example/x'",
            r"pass it with --store URL"),
 }
@@ -376,6 +377,39 @@ def _second_run_on_one_folder(e, held="exclusive", **env):
     assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr
     assert sorted(p.name for p in out.iterdir()) == [".run.lock"]  # nothing touched
     return other.stderr.strip()
+
+
+def _force_with_a_broken_config(e):
+    """Audit 2, row 38: --force with a config that fails to build must keep the old results whole."""
+    import hashlib
+
+    out = e["tmp"] / "out"
+    e["capsys"].readouterr()
+    assert main(["run", str(_write(e, GOOD)), "--out", str(out), "--workers", "1"]) == 0
+    files = sorted(p for p in out.rglob("*") if p.is_file() and not p.name.startswith("."))
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    line = cli(e, GOOD.replace("layer: block1", "layer: blok1").replace("lr: 0.01", "lr: 0.02"), "--force", out=out)
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.exists()}
+    assert after == before  # the old runs, logs, weights, results.json and report: not one byte changed
+    assert [r["status"] for r in Store(out / "results.sqlite").runs(None)] == ["done", "done"]
+    return line
+
+
+def test_force_discards_the_old_report_with_the_old_runs(tmp_path):
+    """A report left after --force would describe runs that are gone until the new ones finish."""
+    from auxloss.experiment import runner
+    from auxloss.experiment.build import experiment_from_config
+    from auxloss.experiment.config import load_config
+
+    out = tmp_path / "out"
+    store = Store(out / "results.sqlite")
+    store.set_meta("config_hash", "0123456789abcdef")
+    for name in ("results.json", "report.html", "report.md", "figures/seeds.png"):
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text("old")
+    (tmp_path / "c.yaml").write_text(GOOD)
+    runner._prepare_store(experiment_from_config(load_config(tmp_path / "c.yaml")), out, force=True)
+    assert not any((out / name).exists() for name in ("results.json", "report.html", "report.md", "figures"))
 
 
 def _write(e, text):

@@ -200,9 +200,10 @@ def _run_local(job: _Local) -> dict[str, Any]:
     exp, out = job.exp, job.out
     # Nothing claims the folder before the first run has started: a config error met while building the first
     # run (an unknown dataset, a wrong layer name) removes what this call created, so the corrected config needs
-    # no --force.
+    # no --force. With --force the same checks come before the old results are discarded: a broken config keeps
+    # them.
     fresh = not job.store and not (out / STORE_FILE).exists() and not (out / "config.yaml").exists()
-    if fresh:
+    if fresh or job.force:
         _preflight(exp)
     db = _prepare_store(exp, out, job.force, job.store)
     _check_versions(db, job.rerun_stale)
@@ -366,6 +367,10 @@ def _prepare_store(exp: Experiment, out: Path, force: bool, url: str | None = No
                     Path(str(store_path) + suffix).unlink(missing_ok=True)
             # Their logs and checkpoints too: a run of the new config must never resume an old run's checkpoint.
             shutil.rmtree(out / "runs", ignore_errors=True)
+            # And their results and report, which would describe the discarded runs until the new ones finish.
+            for name in (RESULTS_FILE, "report.html", "report.md"):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "figures", ignore_errors=True)
     summary = exp.summary()  # validates the main metric before anything is written
     store = open_experiment_store(out, exp.name, url)
     store.set_meta("config_hash", fingerprint)
