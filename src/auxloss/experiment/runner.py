@@ -97,6 +97,9 @@ def run(
     """
     from auxloss.train import distributed as D
 
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise AuxLossError(f"workers must be a positive integer (processes training runs in parallel), got "
+                           f"{workers!r}.")
     out = Path(out)
     started = time.perf_counter()
     if store:
