@@ -69,3 +69,19 @@ def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "auxloss", "demo", "--list"], capture_output=True, text=True,
                           timeout=120, check=False)
     assert proc.returncode == 0 and "shapes" in proc.stdout
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """Audit 2, row 58: `auxloss run ... | head -1` printed a BrokenPipeError traceback once the runs were stored."""
+    (tmp_path / "c.yaml").write_text(TINY_YAML.replace("seeds: 2", "seeds: 1"))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "auxloss", "run", str(tmp_path / "c.yaml"), "--out", str(out),
+                             "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # what `head -1` reads before it exits
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=300)
+    assert first.startswith("cli-tiny: baseline + 1 variants")
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+    assert proc.returncode == 1  # as the Python docs' recipe for SIGPIPE: quiet, but not success
+    assert json.loads((out / "results.json").read_text())["runs"]["done"] == 2  # the runs were stored first

@@ -174,3 +174,42 @@ def test_results_json_is_replaced_whole(tmp_path):
     runner.write_atomic(path, json.dumps({"a": 2}))
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def _epochs(path):
+    """The epochs logged in ``path``; a last line torn by a kill is left out."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        json.loads(lines[-1])
+    except ValueError:
+        lines = lines[:-1]
+    return [json.loads(line)["epoch"] for line in lines]
+
+
+@pytest.mark.parametrize("first_shared", [True, False])
+def test_lock_a_plain_command_and_shared_store_workers_exclude_each_other(tmp_path, first_shared):
+    """Audit 2, row 31: one process with AUXLOSS_SHARED_STORE=1 and one without on one fresh --out. The second
+    must be refused with nothing of the first's touched, and no epoch may be trained twice."""
+    config = write_config(tmp_path, seeds=1, epochs=150)  # the first is still training when the second starts
+    out = tmp_path / "out"
+    first_env, second_env = (env(AUXLOSS_SHARED_STORE="1"), env()) if first_shared else \
+        (env(), env(AUXLOSS_SHARED_STORE="1"))
+    first = subprocess.Popen(run_command(config, out), env=first_env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    log = out / "runs" / "baseline" / "seed0" / "epochs.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while not log.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = subprocess.run(run_command(config, out), env=second_env, capture_output=True, text=True,
+                                timeout=600, check=False)
+        assert first.poll() is None, first.communicate()[1]  # the two overlapped: the test means something
+    finally:
+        first.kill()
+        first.communicate()
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert ("workers started with AUXLOSS_SHARED_STORE=1 are working on" if first_shared else
+            "a plain `auxloss run` (without AUXLOSS_SHARED_STORE=1) is working on") in second.stderr
+    logged = _epochs(log)
+    assert logged and logged == list(range(1, len(logged) + 1))  # each epoch once, in order
+    assert (out / "config.yaml").exists() and set(check_store(out, 150)) <= {"pending", "running"}

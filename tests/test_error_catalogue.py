@@ -190,6 +190,17 @@ ROWS = {
     "C20": (lambda e: cli(e, GOOD.replace("weight: 0.3", "weight: {type: curriculum, value: 0.3, start: 1000}")),
             r"task 'aux1' never gets a nonzero weight in this run: .* 0 at every one of the run's 2 optimizer steps",
             r"Make it start earlier \(before step 2\), or train for more epochs"),
+    "C21": (lambda e: cli(e, GOOD.replace("lr: 0.01", "lr: 1e300")),
+            r"c\.yaml:5: train: lr must be at most 3\.403e\+38, the largest float32", r"Fix that key"),
+    "C22": (lambda e: cli(e, GOOD, "--device", "meta"), r"device 'meta': auxloss does not train on 'meta' devices",
+            r"use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    "C23": (lambda e: cli(e, GOOD.replace("batch_size: 16", "batch_size: " + "1" + "0" * 30)),
+            r"c\.yaml:3: data\.batch_size: Input should be less than or equal to 9223372036854775807",
+            r"Fix that key"),
+    "C24": (lambda e: cli(e, GOOD, "--workers", "-1"), r"--workers must be at least 1 .*got -1",
+            r"processes training runs in parallel"),
+    "C25": (lambda e: cli(e, ""), r"c\.yaml: the config is empty \(it sets no key\)",
+            r"Write the experiment's keys \(name, data, model, train, variants\)"),
     # model
     "M1": (lambda e: api(lambda: tiny_model(a=al.Tap("blok1", al.LinearHead(3)))),
            r"no layer named 'blok1'.*Closest names: \['block1'", r"list_layers"),
@@ -276,6 +287,10 @@ ROWS = {
     "T7": (lambda e: api(lambda: _planted_checkpoint(e["tmp"])),
            r"checkpoint .*last\.pt' holds objects other than tensors and plain data .*GLOBAL .*system",
            r"delete the checkpoint folder"),
+    "T8": (lambda e: api(lambda: fit(tiny_model(), al.Objective(), torch.randn(8, 3, 16, 16),
+                                     torch.randint(0, 3, (8,)), lr=1e38)),
+           r"the optimizer step at step 0 \(epoch 1\) cannot be computed in float32 .*lr=1e\+38 is far too large",
+           r"Lower the learning rate"),
     # weights
     "W1": (lambda e: api(lambda: al.Task("a", weight=-0.3)),
            r"task 'a': Constant: value must be finite and >= 0, got -0\.3", r"Pass e\.g\. value=0\.1"),
@@ -310,6 +325,13 @@ ROWS = {
             r"not another program's database"),
     "O11": (lambda e: _second_run_on_one_folder(e), r"another `auxloss run` is working on",
             r"wait for it to finish .*AUXLOSS_SHARED_STORE=1"),
+    "O12": (lambda e: _second_run_on_one_folder(e, "shared"),
+            r"workers started with AUXLOSS_SHARED_STORE=1 are working on .*this command was started without it",
+            r"Start it with AUXLOSS_SHARED_STORE=1 to share the runs with them"),
+    "O13": (lambda e: _second_run_on_one_folder(e, "exclusive", AUXLOSS_SHARED_STORE="1"),
+            r"a plain `auxloss run` \(without AUXLOSS_SHARED_STORE=1\) is working on .*may not join it",
+            r"start every process on one folder with AUXLOSS_SHARED_STORE=1, or none"),
+    "O14": (lambda e: _force_with_a_broken_config(e), r"no layer named 'blok1'", r"Closest names"),
     "O8": (lambda e: _postgres_folder(e), r"are kept in a PostgreSQL database \('postgresql://u@db\.example/x'",
            r"pass it with --store URL"),
 }
@@ -350,20 +372,59 @@ def _cuda_on_cpu_torch(e):
     return cli(e, GOOD, "--device", "cuda")
 
 
-def _second_run_on_one_folder(e):
+def _second_run_on_one_folder(e, held="exclusive", **env):
+    """`auxloss run` (with ``env``) while another process holds the folder's lock as a plain command does
+    (``exclusive``) or as AUXLOSS_SHARED_STORE=1 workers do (``shared``)."""
     import fcntl
+    import os
+    import subprocess
+    import sys
 
     out = e["tmp"] / "out"
     out.mkdir()
-    with open(out / ".run.lock", "a") as held:  # what a first `auxloss run` on this folder holds while it works
-        fcntl.flock(held, fcntl.LOCK_EX)
-        other = __import__("subprocess").run(  # flock locks are per open file: the second command is another process
-            [__import__("sys").executable, "-m", "auxloss", "run", str(_write(e, GOOD)), "--out", str(out),
-             "--workers", "1"], capture_output=True, text=True, timeout=300,
-            env={**__import__("os").environ, "PYTHONPATH": str(Path(al.__file__).parents[1])}, check=False)
+    with open(out / ".run.lock", "a") as lock:  # what the first `auxloss run` on this folder holds while it works
+        fcntl.flock(lock, fcntl.LOCK_EX if held == "exclusive" else fcntl.LOCK_SH)
+        other = subprocess.run(  # flock locks are per open file: the second command is another process
+            [sys.executable, "-m", "auxloss", "run", str(_write(e, GOOD)), "--out", str(out), "--workers", "1"],
+            capture_output=True, text=True, timeout=300, check=False,
+            env={**{k: v for k, v in os.environ.items() if k != "AUXLOSS_SHARED_STORE"},
+                 "PYTHONPATH": str(Path(al.__file__).parents[1]), **env})
     assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr
-    assert not (out / "results.sqlite").exists() and not (out / "config.yaml").exists()  # nothing touched
+    assert sorted(p.name for p in out.iterdir()) == [".run.lock"]  # nothing touched
     return other.stderr.strip()
+
+
+def _force_with_a_broken_config(e):
+    """Audit 2, row 38: --force with a config that fails to build must keep the old results whole."""
+    import hashlib
+
+    out = e["tmp"] / "out"
+    e["capsys"].readouterr()
+    assert main(["run", str(_write(e, GOOD)), "--out", str(out), "--workers", "1"]) == 0
+    files = sorted(p for p in out.rglob("*") if p.is_file() and not p.name.startswith("."))
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    line = cli(e, GOOD.replace("layer: block1", "layer: blok1").replace("lr: 0.01", "lr: 0.02"), "--force", out=out)
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.exists()}
+    assert after == before  # the old runs, logs, weights, results.json and report: not one byte changed
+    assert [r["status"] for r in Store(out / "results.sqlite").runs(None)] == ["done", "done"]
+    return line
+
+
+def test_force_discards_the_old_report_with_the_old_runs(tmp_path):
+    """A report left after --force would describe runs that are gone until the new ones finish."""
+    from auxloss.experiment import runner
+    from auxloss.experiment.build import experiment_from_config
+    from auxloss.experiment.config import load_config
+
+    out = tmp_path / "out"
+    store = Store(out / "results.sqlite")
+    store.set_meta("config_hash", "0123456789abcdef")
+    for name in ("results.json", "report.html", "report.md", "figures/seeds.png"):
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text("old")
+    (tmp_path / "c.yaml").write_text(GOOD)
+    runner._prepare_store(experiment_from_config(load_config(tmp_path / "c.yaml")), out, force=True)
+    assert not any((out / name).exists() for name in ("results.json", "report.html", "report.md", "figures"))
 
 
 def _write(e, text):

@@ -499,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers is None:
             args.workers = _default_workers()
     try:
+        if getattr(args, "workers", None) is not None and args.workers < 1:
+            raise AuxLossError(f"--workers must be at least 1 (the number of processes training runs in "
+                               f"parallel), got {args.workers}.")
         code = int(args.func(args) or 0)
         from auxloss.train.distributed import shutdown
 
@@ -507,6 +510,12 @@ def main(argv: list[str] | None = None) -> int:
     except AuxLossError as exc:
         print(f"auxloss: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of stdout is gone (`auxloss run ... | head -1`); the runs are stored whatever is printed.
+        # As the Python docs advise (signal module, "Note on SIGPIPE"): point stdout at devnull so that the flush
+        # at exit fails no more, and leave quietly.
+        _quiet_stdout()
+        return 1
     except OSError as exc:
         # A full disk or an unwritable folder met outside the places that name it themselves (logs, the report).
         fix = _OS_FIXES.get(exc.errno or 0)
@@ -518,6 +527,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("auxloss: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
+
+
+def _quiet_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured): nothing is flushed to a pipe
+        pass
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,14 +56,16 @@ class DataConfig(_Strict):
     n_train: int = Field(500, ge=1)
     n_val: int = Field(500, ge=1)
     n_test: int = Field(2000, ge=1)
-    batch_size: int = Field(64, ge=1)
+    #: At most sys.maxsize (2**63 - 1): the DataLoader slices its sampler by it, and Python slices by no larger
+    #: number. A batch size above the split's size is one batch of the whole split.
+    batch_size: int = Field(64, ge=1, le=sys.maxsize)
     root: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     #: Seed of the data itself. ``None`` draws a new training subset per seed (the default: seeds then cover
     #: data variability too); an integer keeps one fixed dataset for every seed.
     data_seed: int | None = None
     #: Batch size of the validation and test loaders (evaluation needs no gradients: larger is faster).
-    eval_batch_size: int = Field(512, ge=1)
+    eval_batch_size: int = Field(512, ge=1, le=sys.maxsize)
     #: Names of the positions of a tuple batch (``(x, y)`` is ``input``, ``target``); dict batches keep their keys.
     batch_keys: list[str] = Field(default_factory=lambda: ["input", "target"], min_length=1)
     #: The batch key holding the model input.
@@ -463,8 +466,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     finally:
         if loader is not None:
             loader.dispose()
-    if data is None:  # an empty file: every default
-        data = {}
+    if data is None:  # an empty file (or only comments, or `null`): never the default experiment in its place
+        raise AuxLossError(f"{path}: the config is empty (it sets no key), so it describes no experiment. Write the "
+                           "experiment's keys (name, data, model, train, variants), e.g. starting from a file in "
+                           "examples/; docs/config.md lists every key.")
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     cfg = parse_config(data, source=str(path), lines=loader.lines)  # type: ignore[attr-defined]

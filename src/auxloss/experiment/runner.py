@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 RESULTS_FILE = "results.json"
+#: Held by every `auxloss run` on the folder while it works (see :func:`_single_command`).
+LOCK_FILE = ".run.lock"
 EXPERIMENT_FILE = "experiment.json"
 
 
@@ -95,6 +97,9 @@ def run(
     """
     from auxloss.train import distributed as D
 
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise AuxLossError(f"workers must be a positive integer (processes training runs in parallel), got "
+                           f"{workers!r}.")
     out = Path(out)
     started = time.perf_counter()
     if store:
@@ -116,9 +121,7 @@ def run(
         return _finish(exp, out, open_experiment_store(out, exp.name, store), command, started, tracker)
     local = _Local(exp, out, workers, device, force, progress, command, store, rerun_stale, started, devices,
                    checkpoint_dir, mlflow)
-    if os.environ.get("AUXLOSS_SHARED_STORE") == "1":
-        return _run_local(local)
-    with _single_command(out):
+    with _single_command(out, shared=os.environ.get("AUXLOSS_SHARED_STORE") == "1"):
         return _run_local(local)
 
 
@@ -142,9 +145,13 @@ class _Local:
 
 
 @contextlib.contextmanager
-def _single_command(out: Path) -> Iterator[None]:
-    """One `auxloss run` per output folder at a time (unless AUXLOSS_SHARED_STORE=1): a second one would reclaim
-    the first one's runs as interrupted and train them twice, writing their epochs twice."""
+def _single_command(out: Path, shared: bool = False) -> Iterator[None]:
+    """One `auxloss run` per output folder at a time, or any number that all set AUXLOSS_SHARED_STORE=1.
+
+    A plain command holds ``.run.lock`` exclusively, shared-store workers hold it shared: a plain command would
+    reclaim the others' runs as interrupted and train them twice (writing their epochs twice), and its cleanup
+    after an early error could delete the store under them. So the two modes exclude each other, whichever
+    starts first."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - no POSIX locks (Windows)
@@ -152,30 +159,54 @@ def _single_command(out: Path) -> Iterator[None]:
         return
     try:
         out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / ".run.lock", "a")  # noqa: SIM115 - held open by the `with` below, for the whole run
+        handle = open(out / LOCK_FILE, "a")  # noqa: SIM115 - held open by the `with` below, for the whole run
     except OSError as exc:
         raise AuxLossError(f"cannot use the output folder {str(out)!r}: {exc.strerror or exc}. Choose a writable "
                            "--out folder.") from exc
     with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
-            raise AuxLossError(f"another `auxloss run` is working on {str(out)!r}; wait for it to finish (then run "
-                               "again to pick up anything left), use another --out folder, or start every process "
-                               "with AUXLOSS_SHARED_STORE=1 to share the runs between them.") from None
+            raise AuxLossError(_busy_message(out, handle, shared)) from None
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _busy_message(out: Path, handle: Any, shared: bool) -> str:
+    """Why ``.run.lock`` is taken, from which lock the others hold: a shared one is held by shared-store workers."""
+    import fcntl
+
+    if shared:
+        return (f"a plain `auxloss run` (without AUXLOSS_SHARED_STORE=1) is working on {str(out)!r}, so this "
+                "shared-store worker may not join it: the plain command would reset this worker's runs and train "
+                "them a second time. Wait for it to finish, or use another --out folder; start every process on one "
+                "folder with AUXLOSS_SHARED_STORE=1, or none.")
+    try:  # a shared lock is granted only while no one holds it exclusively
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        others_shared = True
+    except OSError:
+        others_shared = False
+    if others_shared:
+        return (f"`auxloss run` workers started with AUXLOSS_SHARED_STORE=1 are working on {str(out)!r}, and this "
+                "command was started without it: it would reset their runs and train them a second time. Start it "
+                "with AUXLOSS_SHARED_STORE=1 to share the runs with them, wait for them to finish, or use another "
+                "--out folder.")
+    return (f"another `auxloss run` is working on {str(out)!r}; wait for it to finish (then run again to pick up "
+            "anything left), use another --out folder, or start every process with AUXLOSS_SHARED_STORE=1 to "
+            "share the runs between them.")
+
+
 def _run_local(job: _Local) -> dict[str, Any]:
     exp, out = job.exp, job.out
     # Nothing claims the folder before the first run has started: a config error met while building the first
     # run (an unknown dataset, a wrong layer name) removes what this call created, so the corrected config needs
-    # no --force.
+    # no --force. With --force the same checks come before the old results are discarded: a broken config keeps
+    # them.
     fresh = not job.store and not (out / STORE_FILE).exists() and not (out / "config.yaml").exists()
-    if fresh:
+    if fresh or job.force:
         _preflight(exp)
     db = _prepare_store(exp, out, job.force, job.store)
     _check_versions(db, job.rerun_stale)
@@ -339,6 +370,10 @@ def _prepare_store(exp: Experiment, out: Path, force: bool, url: str | None = No
                     Path(str(store_path) + suffix).unlink(missing_ok=True)
             # Their logs and checkpoints too: a run of the new config must never resume an old run's checkpoint.
             shutil.rmtree(out / "runs", ignore_errors=True)
+            # And their results and report, which would describe the discarded runs until the new ones finish.
+            for name in (RESULTS_FILE, "report.html", "report.md"):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "figures", ignore_errors=True)
     summary = exp.summary()  # validates the main metric before anything is written
     store = open_experiment_store(out, exp.name, url)
     store.set_meta("config_hash", fingerprint)

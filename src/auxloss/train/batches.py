@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from auxloss.errors import AuxLossError
+from auxloss.train.options import check_device
 
 __all__ = ["ValidationStream", "move_to", "resolve_device"]
 
@@ -23,13 +24,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
     A misspelt name (``gpu``) or a CUDA device on a CPU-only torch is an error naming the fix, before any run
     starts, instead of torch's traceback from the first tensor moved there."""
-    if device is None or device == "auto":
+    resolved = None if device is None else check_device(device)  # None for "auto"
+    if resolved is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise AuxLossError(f"unknown device {device!r} ({str(exc).splitlines()[0]}); use 'auto', 'cpu', 'cuda', "
-                           "'cuda:N' or 'mps'.") from None
     if resolved.type == "cuda":
         if torch.version.cuda is None and not getattr(torch.version, "hip", None):
             raise AuxLossError(f"device {device!r}: this torch ({torch.__version__}) is a CPU-only build; use "

@@ -24,7 +24,8 @@ from torch import nn
 
 from auxloss.errors import AuxLossError, close_matches
 
-__all__ = ["AMP_MODES", "LR_SCHEDULES", "OPTIMIZERS", "OptionSpec", "TrainOptions", "option_specs"]
+__all__ = ["AMP_MODES", "DEVICE_TYPES", "LR_SCHEDULES", "OPTIMIZERS", "OptionSpec", "TrainOptions", "check_device",
+           "option_specs"]
 
 #: Optimizers by name (the API also takes a callable ``params -> Optimizer``).
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -32,6 +33,29 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("cosine", "step")
 #: Mixed precision modes (the API also takes ``True``, meaning ``"bf16"``).
 AMP_MODES = (False, "bf16", "fp16")
+#: The device types auxloss trains on (and ``"auto"``: CUDA when available, else CPU). Others that torch names
+#: (``meta``, ``xla``, ``ipu``, ...) need their own training loop: tensors there cannot be read back, or need a
+#: backend that this loop does not drive.
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+#: The largest float32: optimizers multiply float32 tensors by the float settings (lr, weight_decay, ...), and a
+#: larger number cannot be converted.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_device(device: str | torch.device) -> torch.device | None:
+    """``device`` parsed, if it names a device type auxloss trains on (``None`` for ``"auto"``); whether that
+    device exists on this machine is :func:`auxloss.train.batches.resolve_device`'s check."""
+    if device == "auto":
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise AuxLossError(f"unknown device {device!r} ({str(exc).splitlines()[0]}); use 'auto', 'cpu', 'cuda', "
+                           "'cuda:N' or 'mps'.") from None
+    if resolved.type not in DEVICE_TYPES:
+        raise AuxLossError(f"device {str(device)!r}: auxloss does not train on {resolved.type!r} devices; use 'auto', "
+                           "'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    return resolved
 
 
 def _rules(*, ge: float | None = None, gt: float | None = None, choices: tuple[Any, ...] | None = None,
@@ -108,6 +132,7 @@ class TrainOptions:
             _check(spec, value)
             if spec.kind is float and value is not None:
                 object.__setattr__(self, spec.name, float(value))  # an int lr (lr=1) is a float lr
+        check_device(self.device)  # a device type auxloss cannot train on stops a config at load
 
     def items(self) -> Iterable[tuple[str, Any]]:
         """``(name, value)`` of every setting, in declaration order."""
@@ -189,6 +214,9 @@ def _check(spec: OptionSpec, value: Any) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         what = "a positive finite number" if spec.gt == 0 else "a non-negative finite number" if spec.ge == 0 \
             else f"a finite number >= {spec.ge}" if spec.ge is not None else f"a finite number > {spec.gt}"
+    if ok and spec.kind is float and abs(value) > FLOAT32_MAX:
+        raise AuxLossError(f"{spec.name} must be at most {FLOAT32_MAX:.4g}, the largest float32 (the optimizer "
+                           f"multiplies float32 tensors by it), got {value!r}.")
     if ok and spec.ge is not None:
         ok = value >= spec.ge
     if ok and spec.gt is not None:

@@ -542,11 +542,19 @@ class Trainer:
             if self.scaler is None and not math.isfinite(values["grad_norm"]) and self._skip_step(batch_idx, values):
                 return
         self._call("on_before_optimizer_step", optimizer)
-        if self.scaler is not None:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            optimizer.step()
+        try:
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+                self.scaler.update()
+            else:
+                optimizer.step()
+        except RuntimeError as exc:  # a finite lr too large for float32 once the optimizer scales it (Adam: x10)
+            if "without overflow" not in str(exc):
+                raise
+            raise AuxLossError(
+                f"the optimizer step at step {self.global_step} (epoch {self.epoch}) cannot be computed in float32 "
+                f"({exc}): lr={optimizer.param_groups[0].get('lr')!r} is far too large. Lower the learning rate "
+                "(usual values lie between 1e-5 and 1).") from None
         optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
