@@ -310,6 +310,12 @@ ROWS = {
             r"not another program's database"),
     "O11": (lambda e: _second_run_on_one_folder(e), r"another `auxloss run` is working on",
             r"wait for it to finish .*AUXLOSS_SHARED_STORE=1"),
+    "O12": (lambda e: cli(e, GOOD, "--store", "host=db dbname=x user=u password=hunter2-catalogue"),
+            r"--store looks like a libpq keyword connection string \(keys \['dbname', 'host', 'password', 'user'\]; "
+            + r"values not shown\)(?!.*hunter2)", r"give a postgresql:// URL .*PGPASSWORD or ~/\.pgpass"),
+    "O13": (lambda e: cli(e, GOOD, "--store", "mysql://u:hunter2-catalogue@h/db"),
+            r"--store 'mysql://u:\*\*\*@h/db' is not a results store auxloss can use(?!.*hunter2)",
+            r"give a PostgreSQL URL \(postgresql://"),
     "O8": (lambda e: _postgres_folder(e), r"are kept in a PostgreSQL database \('postgresql://u@db\.example/x'",
            r"pass it with --store URL"),
 }

@@ -89,6 +89,57 @@ def test_the_store_url_file_is_private_and_has_no_password(tmp_path):
     assert files_holding(out, secret) == []
 
 
+@pytest.mark.parametrize("dsn", [
+    "host=127.0.0.1 dbname=x user=u password={secret}",
+    "dbname=x password={secret}",
+    "host=127.0.0.1 port=1 dbname=x",
+])
+def test_a_libpq_keyword_string_is_refused_without_echoing_its_password(dsn, tmp_path, monkeypatch, capsys):
+    secret = f"pw-{uuid.uuid4().hex}"
+    monkeypatch.chdir(tmp_path)  # the old behaviour made an SQLite file named after the string, in the cwd
+    (tmp_path / "c.yaml").write_text(TINY.format(name="dsn"))
+    capsys.readouterr()
+    assert main(["run", "c.yaml", "--out", "out", "--workers", "1", "--store", dsn.format(secret=secret)]) == 2
+    err = capsys.readouterr().err
+    assert "looks like a libpq keyword connection string" in err and "postgresql://" in err
+    assert "PGPASSWORD or ~/.pgpass" in err and secret not in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # nothing created, no out folder either
+
+
+@pytest.mark.parametrize("location, expected", [
+    ("POSTGRESQL://u:p@h/db", "postgresql://u:p@h/db"),
+    ("Postgres://u@h/db", "postgresql://u@h/db"),
+    ("PostgreSQL+Psycopg2://u@h/db", "postgresql+psycopg2://u@h/db"),
+    ("sqlite:///runs/s.sqlite", Path("runs/s.sqlite")),
+    ("SQLite:////abs/s.sqlite", Path("/abs/s.sqlite")),
+    ("runs/a=b/results.sqlite", Path("runs/a=b/results.sqlite")),  # a plain path may hold a '='
+])
+def test_store_locations_are_read_case_insensitively(location, expected):
+    from auxloss.experiment.storage import store_location
+
+    assert store_location(location) == expected
+
+
+@pytest.mark.parametrize("location", ["mysql://u:hunter2xyz@h/db", "sqlite://", "sqlite:///:memory:"])
+def test_a_store_url_of_another_kind_is_refused(location):
+    from auxloss.experiment.storage import store_location
+
+    with pytest.raises(AuxLossError, match="is not a results store auxloss can use") as info:
+        store_location(location)
+    assert "hunter2xyz" not in str(info.value)
+
+
+def test_an_upper_case_scheme_is_postgres_and_its_password_lands_nowhere(tmp_path, monkeypatch):
+    secret = f"pw-{uuid.uuid4().hex}"
+    monkeypatch.chdir(tmp_path)
+    # Port 1 on the loopback: nothing listens. Read as PostgreSQL, it fails to connect (not an SQLite folder).
+    with pytest.raises(AuxLossError, match="cannot connect to the results store"):
+        run_experiment(tiny(), tmp_path / "out", store=f"POSTGRESQL://alice:{secret}@127.0.0.1:1/exp?connect_timeout=2")
+    assert (tmp_path / "out" / STORE_URL_FILE).read_text().strip() == "postgresql://alice@127.0.0.1:1/exp?connect_timeout=2"
+    assert files_holding(tmp_path, secret) == []
+    assert [str(p) for p in tmp_path.rglob("*") if secret in str(p)] == []
+
+
 def test_report_never_connects_to_the_url_a_folder_names_by_itself(tmp_path, capsys):
     out = tmp_path / "foreign"
     out.mkdir()

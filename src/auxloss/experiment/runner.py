@@ -24,6 +24,7 @@ from auxloss.errors import AuxLossError
 from auxloss.experiment.config import ExperimentConfig, config_hash
 from auxloss.experiment.results import aggregate, load_histories
 from auxloss.experiment.spec import Experiment
+from auxloss.experiment.storage import store_location
 from auxloss.experiment.store import Store
 from auxloss.experiment.worker import (
     STORE_FILE,
@@ -98,6 +99,10 @@ def run(
     out = Path(out)
     started = time.perf_counter()
     if store:
+        # Checked (and its scheme normalised) before anything is written: a string that is no store, such as a
+        # libpq "host=... password=..." string, must never become a file named after its password.
+        where = store_location(store)
+        store = where if isinstance(where, str) else str(where)
         out.mkdir(parents=True, exist_ok=True)
         # Where the runs are, for the user and `auxloss report --store`: without the password, readable by the
         # owner only (the host, user and database name are still worth keeping private).

@@ -23,7 +23,7 @@ from urllib.parse import quote
 from auxloss._faults import fault_point
 from auxloss._redact import mask_password
 from auxloss.errors import AuxLossError
-from auxloss.experiment.storage import libpq_dsn, postgres_url
+from auxloss.experiment.storage import libpq_dsn, store_location
 
 __all__ = ["PostgresStore", "Store", "open_store"]
 
@@ -427,8 +427,8 @@ def schema_name(experiment: str) -> str:
 
 
 def open_store(location: str | Path, *, namespace: str = "default", stale_after: float = 120.0) -> Store:
-    """A SQLite store for a file path, a PostgreSQL one for a ``postgresql://`` URL."""
-    url = postgres_url(location)
-    if url is not None:
-        return PostgresStore(url, namespace=namespace, stale_after=stale_after)
-    return Store(location, stale_after=stale_after)
+    """A SQLite store for a file path (or ``sqlite:///`` URL), a PostgreSQL one for a ``postgresql://`` URL."""
+    where = store_location(location)
+    if isinstance(where, str):
+        return PostgresStore(where, namespace=namespace, stale_after=stale_after)
+    return Store(where, stale_after=stale_after)
