@@ -316,6 +316,10 @@ ROWS = {
     "O13": (lambda e: cli(e, GOOD, "--store", "mysql://u:hunter2-catalogue@h/db"),
             r"--store 'mysql://u:\*\*\*@h/db' is not a results store auxloss can use(?!.*hunter2)",
             r"give a PostgreSQL URL \(postgresql://"),
+    "O14": (lambda e: _shared_store_other_config(e),
+            r"the shared store '.*:\*\*\*@.*' holds experiment 'catalogue-\w+' with a different config .* written "
+            + r"from another --out folder; it is left untouched, --force included",
+            r"Rename this experiment \(its config's name:\) or use another database"),
     "O8": (lambda e: _postgres_folder(e), r"are kept in a PostgreSQL database \('postgresql://u@db\.example/x'",
            r"pass it with --store URL"),
 }
@@ -423,6 +427,19 @@ def _postgres_folder(e):
     (out / "config.yaml").write_text("name: catalogue\n")
     (out / "store_url.txt").write_text("postgresql://u@db.example/x\n")
     return cli(e, None, "report", str(out))
+
+
+def _shared_store_other_config(e):
+    import os
+    import uuid
+
+    url = os.environ.get("AUXLOSS_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set AUXLOSS_TEST_POSTGRES_URL to a PostgreSQL database to run")
+    good = GOOD.replace("name: catalogue", f"name: catalogue-{uuid.uuid4().hex[:6]}")
+    (e["tmp"] / "a.yaml").write_text(good)
+    assert main(["run", str(e["tmp"] / "a.yaml"), "--out", str(e["tmp"] / "a"), "--workers", "1", "--store", url]) == 0
+    return cli(e, good.replace("lr: 0.01", "lr: 0.02"), "--store", url, "--force", out=e["tmp"] / "b")
 
 
 def _binary_config(e):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from auxloss._redact import argv_without_passwords, command_without_passwords, without_password
+from auxloss._redact import argv_without_passwords, command_without_passwords, mask_password, without_password
 from auxloss.cli import main
 from auxloss.errors import AuxLossError
 from auxloss.experiment.config import parse_config
@@ -231,6 +231,33 @@ def test_force_on_one_experiment_never_clears_a_look_alike(tmp_path, monkeypatch
     open_store(PG_URL, namespace=a)
     with pytest.raises(AuxLossError, match=f"holds the runs of experiment '{a}', not '{b}'; it is left untouched"):
         open_store(PG_URL, namespace=b)
+
+
+@pytest.mark.skipif(not PG_URL, reason="set AUXLOSS_TEST_POSTGRES_URL to a PostgreSQL database to run")
+def test_another_config_of_the_same_name_in_a_shared_store_is_never_cleared(tmp_path, capsys):
+    from auxloss.experiment.store import open_store
+
+    name = f"same-name-{uuid.uuid4().hex[:6]}"
+    run_experiment(tiny(name), tmp_path / "a", store=PG_URL)
+    other = tiny(name).model_copy(update={"alpha": 0.1})  # another config, the same experiment name
+    for force in (False, True):  # the old advice was "--force", which deleted a's runs
+        with pytest.raises(AuxLossError) as info:
+            run_experiment(other, tmp_path / "b", store=PG_URL, force=force)
+        message = str(info.value)
+        assert f"the shared store '{mask_password(PG_URL)}' holds" in message
+        assert f"holds experiment '{name}' with a different config" in message
+        assert "Rename this experiment" in message and "use another database" in message
+    assert len(open_store(PG_URL, namespace=name).runs("done")) == 2
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "a"), "--store", PG_URL]) == 0  # a's folder and runs still agree
+
+
+def test_force_on_a_local_folder_still_discards_its_old_config(tmp_path):
+    run_experiment(tiny("local"), tmp_path / "out")
+    other = tiny("local").model_copy(update={"alpha": 0.1})
+    with pytest.raises(AuxLossError, match="holds the results of another experiment .*pass --force"):
+        run_experiment(other, tmp_path / "out")
+    assert run_experiment(other, tmp_path / "out", force=True)["runs"]["done"] == 2
 
 
 # -- `auxloss report` on a folder someone else made ----------------------------------------------------------------

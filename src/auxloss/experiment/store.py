@@ -160,6 +160,11 @@ class Store:
                                f"{missing}); give the --out folder of an `auxloss run`, not another program's "
                                "database.")
 
+    @property
+    def location(self) -> str:
+        """Where the store is, for messages: the file, or the database URL with its password masked."""
+        return str(self.path)
+
     # -- metadata ------------------------------------------------------------------------------------------
     def get_meta(self, key: str) -> Any:
         with self._connect() as con:
@@ -351,7 +356,7 @@ class PostgresStore(Store):
         except ImportError as exc:
             raise AuxLossError("a PostgreSQL results store needs psycopg2: pip install 'auxloss[postgres]'.") from exc
         self.url = url
-        self.path = Path(mask_password(url))  # for messages only
+        self.path = Path(mask_password(url))  # kept for callers; messages use `location` (a Path drops a '/')
         self.namespace = namespace
         self.schema = schema_name(namespace)
         self.stale_after = stale_after
@@ -370,9 +375,13 @@ class PostgresStore(Store):
                 con.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", ("experiment", json.dumps(namespace)))
             elif json.loads(row[0]) != namespace:
                 raise AuxLossError(
-                    f"the PostgreSQL schema {self.schema!r} in {str(self.path)!r} holds the runs of experiment "
+                    f"the PostgreSQL schema {self.schema!r} in {self.location!r} holds the runs of experiment "
                     f"{json.loads(row[0])!r}, not {namespace!r}; it is left untouched. Rename this experiment "
                     "(its config's name:), or use another database.")
+
+    @property
+    def location(self) -> str:
+        return mask_password(self.url)
 
     @contextmanager
     def _connect(self) -> Iterator[Any]:
@@ -381,7 +390,7 @@ class PostgresStore(Store):
         try:
             raw = psycopg2.connect(libpq_dsn(self.url), connect_timeout=30)
         except psycopg2.OperationalError as exc:
-            raise AuxLossError(f"cannot connect to the results store {str(self.path)!r}: {str(exc).strip()}. Check "
+            raise AuxLossError(f"cannot connect to the results store {self.location!r}: {str(exc).strip()}. Check "
                                "the URL, that the server runs, and the user's password.") from exc
         raw.autocommit = True  # transactions are opened explicitly, as with SQLite
         try:
@@ -412,7 +421,7 @@ class PostgresStore(Store):
                 else:
                     con.execute("COMMIT")
         except psycopg2.Error as exc:
-            raise AuxLossError(f"cannot write the results store {str(self.path)!r}: {str(exc).strip()}.") from exc
+            raise AuxLossError(f"cannot write the results store {self.location!r}: {str(exc).strip()}.") from exc
 
 
 def schema_name(experiment: str) -> str:
