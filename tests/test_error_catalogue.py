@@ -320,6 +320,9 @@ ROWS = {
             r"the shared store '.*:\*\*\*@.*' holds experiment 'catalogue-\w+' with a different config .* written "
             + r"from another --out folder; it is left untouched, --force included",
             r"Rename this experiment \(its config's name:\) or use another database"),
+    "O15": (lambda e: _report_from_a_database_without_it(e),
+            r"the results store '.*:\*\*\*@.*' holds no experiment 'catalogue-\w+' \(no schema 'auxloss_catalogue_"
+            + r"\w+' of it\); nothing was written", r"Pass the --store database its runs were written to"),
     "O8": (lambda e: _postgres_folder(e), r"are kept in a PostgreSQL database \('postgresql://u@db\.example/x'",
            r"pass it with --store URL"),
 }
@@ -440,6 +443,18 @@ def _shared_store_other_config(e):
     (e["tmp"] / "a.yaml").write_text(good)
     assert main(["run", str(e["tmp"] / "a.yaml"), "--out", str(e["tmp"] / "a"), "--workers", "1", "--store", url]) == 0
     return cli(e, good.replace("lr: 0.01", "lr: 0.02"), "--store", url, "--force", out=e["tmp"] / "b")
+
+
+def _report_from_a_database_without_it(e):
+    import os
+    import uuid
+
+    url = os.environ.get("AUXLOSS_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set AUXLOSS_TEST_POSTGRES_URL to a PostgreSQL database to run")
+    (e["tmp"] / "c.yaml").write_text(GOOD.replace("name: catalogue", f"name: catalogue-{uuid.uuid4().hex[:6]}"))
+    assert main(["run", str(e["tmp"] / "c.yaml"), "--out", str(e["tmp"] / "out"), "--workers", "1"]) == 0
+    return cli(e, None, "report", str(e["tmp"] / "out"), "--store", url)
 
 
 def _binary_config(e):

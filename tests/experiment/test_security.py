@@ -260,6 +260,48 @@ def test_force_on_a_local_folder_still_discards_its_old_config(tmp_path):
     assert run_experiment(other, tmp_path / "out", force=True)["runs"]["done"] == 2
 
 
+def _pg_schemas(prefix_of: str) -> list[str]:
+    import psycopg2
+
+    from auxloss.experiment.storage import libpq_dsn
+    from auxloss.experiment.store import schema_name
+
+    con = psycopg2.connect(libpq_dsn(PG_URL))
+    try:
+        cur = con.cursor()
+        cur.execute("SELECT nspname FROM pg_namespace WHERE nspname = %s", (schema_name(prefix_of),))
+        return [row[0] for row in cur.fetchall()]
+    finally:
+        con.close()
+
+
+@pytest.mark.skipif(not PG_URL, reason="set AUXLOSS_TEST_POSTGRES_URL to a PostgreSQL database to run")
+def test_report_with_a_store_that_lacks_the_experiment_writes_nothing_anywhere(tmp_path, capsys):
+    import shutil
+
+    name = f"elsewhere-{uuid.uuid4().hex[:6]}"
+    out = tmp_path / "out"
+    run_experiment(tiny(name), out)  # its runs are in out/results.sqlite, not in the database
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["report", str(out), "--store", PG_URL]) == 2
+    err = capsys.readouterr().err
+    assert f"the results store '{mask_password(PG_URL)}' holds no experiment '{name}'" in err
+    assert "nothing was written" in err and "Traceback" not in err
+    assert snapshot(out) == before  # results.json and the report are the finished run's, not an empty one
+    assert _pg_schemas(name) == []  # and the database got no schema
+    # The database holds the name, with another config: the store is named, and again nothing is written.
+    run_experiment(tiny(name), tmp_path / "pg", store=PG_URL)
+    shutil.rmtree(out)
+    shutil.copytree(tmp_path / "pg", out)
+    (out / "config.yaml").write_text(yaml.safe_dump(tiny(name).model_copy(update={"alpha": 0.1}).model_dump(mode="json")))
+    before = snapshot(out)
+    assert main(["report", str(out), "--store", PG_URL]) == 2
+    assert f"the results store '{mask_password(PG_URL)}' holds experiment '{name}' with another config" in \
+        capsys.readouterr().err
+    assert snapshot(out) == before
+
+
 # -- `auxloss report` on a folder someone else made ----------------------------------------------------------------
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)

@@ -350,7 +350,7 @@ class PostgresStore(Store):
     Claims use ``SELECT ... FOR UPDATE SKIP LOCKED``; a finished run is written in one transaction, as with SQLite.
     """
 
-    def __init__(self, url: str, *, namespace: str, stale_after: float = 120.0) -> None:
+    def __init__(self, url: str, *, namespace: str, stale_after: float = 120.0, readonly: bool = False) -> None:
         try:
             import psycopg2  # noqa: F401
         except ImportError as exc:
@@ -360,6 +360,10 @@ class PostgresStore(Store):
         self.namespace = namespace
         self.schema = schema_name(namespace)
         self.stale_after = stale_after
+        self.readonly = readonly
+        if readonly:
+            self._check_holds_experiment()
+            return
         with self._connect() as con:
             con.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
         with self._transaction() as con:
@@ -383,6 +387,22 @@ class PostgresStore(Store):
     def location(self) -> str:
         return mask_password(self.url)
 
+    def _check_holds_experiment(self) -> None:
+        """``auxloss report``: the database holds this experiment's schema, with its tables and owner; else an
+        error. Nothing is created: a report given the wrong database must not leave a schema there."""
+        with self._connect() as con:
+            tables = {row[0] for row in con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = ?", (self.schema,))}
+            owner = None
+            if {"meta", "runs"} <= tables:
+                row = con.execute("SELECT value FROM meta WHERE key='experiment'").fetchone()
+                owner = json.loads(row[0]) if row else None
+        if owner != self.namespace:
+            raise AuxLossError(
+                f"the results store {self.location!r} holds no experiment {self.namespace!r} (no schema "
+                f"{self.schema!r} of it); nothing was written. Pass the --store database its runs were written to "
+                "(the folder's store_url.txt names it).")
+
     @contextmanager
     def _connect(self) -> Iterator[Any]:
         import psycopg2
@@ -395,6 +415,8 @@ class PostgresStore(Store):
         raw.autocommit = True  # transactions are opened explicitly, as with SQLite
         try:
             con = _PgConnection(raw)
+            if self.readonly:  # the server itself refuses any write from a report's connection
+                con.execute("SET default_transaction_read_only = on")
             if self._schema_ready(con):
                 con.execute(f'SET search_path TO "{self.schema}"')
             yield con
@@ -435,9 +457,12 @@ def schema_name(experiment: str) -> str:
     return f"auxloss_{readable}_{digest}"  # at most 8 + 38 + 1 + 16 = 63 ASCII bytes
 
 
-def open_store(location: str | Path, *, namespace: str = "default", stale_after: float = 120.0) -> Store:
-    """A SQLite store for a file path (or ``sqlite:///`` URL), a PostgreSQL one for a ``postgresql://`` URL."""
+def open_store(location: str | Path, *, namespace: str = "default", stale_after: float = 120.0,
+               readonly: bool = False) -> Store:
+    """A SQLite store for a file path (or ``sqlite:///`` URL), a PostgreSQL one for a ``postgresql://`` URL.
+
+    ``readonly``: only read an existing store (``auxloss report``); nothing is created or written."""
     where = store_location(location)
     if isinstance(where, str):
-        return PostgresStore(where, namespace=namespace, stale_after=stale_after)
-    return Store(where, stale_after=stale_after)
+        return PostgresStore(where, namespace=namespace, stale_after=stale_after, readonly=readonly)
+    return Store(where, stale_after=stale_after, readonly=readonly)
