@@ -421,7 +421,12 @@ def _foreign_sqlite(e):
     con = sqlite3.connect(out / "results.sqlite")
     con.execute("CREATE TABLE runs (id INTEGER)")
     con.close()
-    return cli(e, None, "report", str(out), "--out", str(e["tmp"] / "rep"))
+    report = cli(e, None, "report", str(out), "--out", str(e["tmp"] / "rep"))
+    # `auxloss run` into that folder meets the same check, before it writes anything (no tables, no WAL switch).
+    before = (out / "results.sqlite").read_bytes()
+    assert cli(e, GOOD, out=out) == report
+    assert (out / "results.sqlite").read_bytes() == before
+    return report
 
 
 def _postgres_folder(e):

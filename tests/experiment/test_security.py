@@ -375,6 +375,42 @@ def test_report_refuses_a_foreign_sqlite_file_and_leaves_it_alone(tmp_path, caps
     con.close()
 
 
+@pytest.mark.parametrize("linked", [False, True])
+def test_run_refuses_a_foreign_sqlite_file_and_leaves_it_byte_identical(tmp_path, capsys, linked):
+    import hashlib
+    import sqlite3
+
+    foreign = tmp_path / "customers.sqlite"
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE customers (id INTEGER, name TEXT)")
+    con.execute("INSERT INTO customers VALUES (1, 'ada')")
+    con.commit()
+    con.close()
+    out = tmp_path / "out"
+    out.mkdir()
+    if linked:
+        (out / "results.sqlite").symlink_to(foreign)
+    else:
+        foreign = foreign.rename(out / "results.sqlite")
+    digest = hashlib.sha256(foreign.read_bytes()).hexdigest()
+    (tmp_path / "c.yaml").write_text(TINY.format(name="fdb"))
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "c.yaml"), "--out", str(out), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "is an SQLite file but not an auxloss results store" in err and "not another program's database" in err
+    assert hashlib.sha256(foreign.read_bytes()).hexdigest() == digest
+    assert not Path(str(foreign) + "-wal").exists() and not (out / "config.yaml").exists()
+    con = sqlite3.connect(f"file:{foreign}?mode=ro", uri=True)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    con.close()
+
+
+def test_run_takes_an_empty_results_file_left_by_an_interrupted_start(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.sqlite").touch()  # created, then killed before its tables were
+    assert run_experiment(tiny(), tmp_path / "out")["runs"]["done"] == 2
+
+
 def test_report_refuses_a_store_whose_runs_belong_to_another_config(finished, tmp_path, capsys):
     import shutil
 

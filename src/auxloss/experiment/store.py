@@ -76,6 +76,10 @@ class Store:
         if readonly:
             self._check_readable()
             return
+        if self.path.exists():
+            # Another program's database (or a link to one) is refused before any write: the schema and the WAL
+            # switch below would change it. An empty one (a store whose creation was cut short) is taken.
+            self._check_readable(allow_empty=True)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -141,21 +145,28 @@ class Store:
             con.execute("SELECT 1 FROM sqlite_master LIMIT 1")
             return con
 
-    def _check_readable(self) -> None:
-        """An auxloss store, with the tables and columns this version reads; else a message, never a traceback."""
+    def _check_readable(self, allow_empty: bool = False) -> None:
+        """An auxloss store, with the tables and columns this version reads; else a message, never a traceback.
+
+        Read through a ``mode=ro`` connection whatever ``readonly`` says, so the check itself never writes.
+        ``allow_empty``: a database without any table passes (``auxloss run`` creates the tables)."""
         if not self.path.is_file():
             raise AuxLossError(f"{str(self.path)!r} does not exist; give the --out folder of a finished `auxloss run`.")
         try:
-            with self._connect() as con:
+            con = self._connect_readonly()
+            try:
                 columns = {table: {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
                            for table in ("meta", "runs")}
+                tables = con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
+            finally:
+                con.close()
         except sqlite3.DatabaseError as exc:
             raise AuxLossError(f"{str(self.path)!r} is not an auxloss results store ({exc}); give the --out folder "
                                "of an `auxloss run`.") from exc
         needed = {"meta": {"key", "value"},
                   "runs": {"variant", "seed", "status", "result", "history", "error", "attempts"}}
         missing = {t: sorted(needed[t] - columns[t]) for t in needed if needed[t] - columns[t]}
-        if missing:
+        if missing and not (allow_empty and tables == 0):
             raise AuxLossError(f"{str(self.path)!r} is an SQLite file but not an auxloss results store (missing "
                                f"{missing}); give the --out folder of an `auxloss run`, not another program's "
                                "database.")
