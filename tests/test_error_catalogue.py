@@ -310,17 +310,17 @@ ROWS = {
             r"not another program's database"),
     "O11": (lambda e: _second_run_on_one_folder(e), r"another `auxloss run` is working on",
             r"wait for it to finish .*AUXLOSS_SHARED_STORE=1"),
-    "O12": (lambda e: cli(e, GOOD, "--store", "host=db dbname=x user=u password=hunter2-catalogue"),
+    "O15": (lambda e: cli(e, GOOD, "--store", "host=db dbname=x user=u password=hunter2-catalogue"),
             r"--store looks like a libpq keyword connection string \(keys \['dbname', 'host', 'password', 'user'\]; "
             + r"values not shown\)(?!.*hunter2)", r"give a postgresql:// URL .*PGPASSWORD or ~/\.pgpass"),
-    "O13": (lambda e: cli(e, GOOD, "--store", "mysql://u:hunter2-catalogue@h/db"),
+    "O16": (lambda e: cli(e, GOOD, "--store", "mysql://u:hunter2-catalogue@h/db"),
             r"--store 'mysql://u:\*\*\*@h/db' is not a results store auxloss can use(?!.*hunter2)",
             r"give a PostgreSQL URL \(postgresql://"),
-    "O14": (lambda e: _shared_store_other_config(e),
+    "O17": (lambda e: _shared_store_other_config(e),
             r"the shared store '.*:\*\*\*@.*' holds experiment 'catalogue-\w+' with a different config .* written "
             + r"from another --out folder; it is left untouched, --force included",
             r"Rename this experiment \(its config's name:\) or use another database"),
-    "O15": (lambda e: _report_from_a_database_without_it(e),
+    "O18": (lambda e: _report_from_a_database_without_it(e),
             r"the results store '.*:\*\*\*@.*' holds no experiment 'catalogue-\w+' \(no schema 'auxloss_catalogue_"
             + r"\w+' of it\); nothing was written", r"Pass the --store database its runs were written to"),
     "O8": (lambda e: _postgres_folder(e), r"are kept in a PostgreSQL database \('postgresql://u@db\.example/x'",
