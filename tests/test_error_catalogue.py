@@ -332,6 +332,19 @@ ROWS = {
             r"a plain `auxloss run` \(without AUXLOSS_SHARED_STORE=1\) is working on .*may not join it",
             r"start every process on one folder with AUXLOSS_SHARED_STORE=1, or none"),
     "O14": (lambda e: _force_with_a_broken_config(e), r"no layer named 'blok1'", r"Closest names"),
+    "O15": (lambda e: cli(e, GOOD, "--store", "host=db dbname=x user=u password=hunter2-catalogue"),
+            r"--store looks like a libpq keyword connection string \(keys \['dbname', 'host', 'password', 'user'\]; "
+            + r"values not shown\)(?!.*hunter2)", r"give a postgresql:// URL .*PGPASSWORD or ~/\.pgpass"),
+    "O16": (lambda e: cli(e, GOOD, "--store", "mysql://u:hunter2-catalogue@h/db"),
+            r"--store 'mysql://u:\*\*\*@h/db' is not a results store auxloss can use(?!.*hunter2)",
+            r"give a PostgreSQL URL \(postgresql://"),
+    "O17": (lambda e: _shared_store_other_config(e),
+            r"the shared store '.*:\*\*\*@.*' holds experiment 'catalogue-\w+' with a different config .* written "
+            + r"from another --out folder; it is left untouched, --force included",
+            r"Rename this experiment \(its config's name:\) or use another database"),
+    "O18": (lambda e: _report_from_a_database_without_it(e),
+            r"the results store '.*:\*\*\*@.*' holds no experiment 'catalogue-\w+' \(no schema 'auxloss_catalogue_"
+            + r"\w+' of it\); nothing was written", r"Pass the --store database its runs were written to"),
     "O8": (lambda e: _postgres_folder(e), r"are kept in a PostgreSQL database \('postgresql://u@db\.example/x'",
            r"pass it with --store URL"),
 }
@@ -469,7 +482,12 @@ def _foreign_sqlite(e):
     con = sqlite3.connect(out / "results.sqlite")
     con.execute("CREATE TABLE runs (id INTEGER)")
     con.close()
-    return cli(e, None, "report", str(out), "--out", str(e["tmp"] / "rep"))
+    report = cli(e, None, "report", str(out), "--out", str(e["tmp"] / "rep"))
+    # `auxloss run` into that folder meets the same check, before it writes anything (no tables, no WAL switch).
+    before = (out / "results.sqlite").read_bytes()
+    assert cli(e, GOOD, out=out) == report
+    assert (out / "results.sqlite").read_bytes() == before
+    return report
 
 
 def _postgres_folder(e):
@@ -478,6 +496,31 @@ def _postgres_folder(e):
     (out / "config.yaml").write_text("name: catalogue\n")
     (out / "store_url.txt").write_text("postgresql://u@db.example/x\n")
     return cli(e, None, "report", str(out))
+
+
+def _shared_store_other_config(e):
+    import os
+    import uuid
+
+    url = os.environ.get("AUXLOSS_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set AUXLOSS_TEST_POSTGRES_URL to a PostgreSQL database to run")
+    good = GOOD.replace("name: catalogue", f"name: catalogue-{uuid.uuid4().hex[:6]}")
+    (e["tmp"] / "a.yaml").write_text(good)
+    assert main(["run", str(e["tmp"] / "a.yaml"), "--out", str(e["tmp"] / "a"), "--workers", "1", "--store", url]) == 0
+    return cli(e, good.replace("lr: 0.01", "lr: 0.02"), "--store", url, "--force", out=e["tmp"] / "b")
+
+
+def _report_from_a_database_without_it(e):
+    import os
+    import uuid
+
+    url = os.environ.get("AUXLOSS_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set AUXLOSS_TEST_POSTGRES_URL to a PostgreSQL database to run")
+    (e["tmp"] / "c.yaml").write_text(GOOD.replace("name: catalogue", f"name: catalogue-{uuid.uuid4().hex[:6]}"))
+    assert main(["run", str(e["tmp"] / "c.yaml"), "--out", str(e["tmp"] / "out"), "--workers", "1"]) == 0
+    return cli(e, None, "report", str(e["tmp"] / "out"), "--store", url)
 
 
 def _binary_config(e):

@@ -163,7 +163,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         described = json.loads((out / EXPERIMENT_FILE).read_text())
         name, fingerprint, summary = described.get("name", "experiment"), None, None
     if args.store:
-        store = open_experiment_store(out, name, args.store)
+        # Only read: a database that does not hold this experiment is an error, never given a new schema.
+        store = open_experiment_store(out, name, args.store, readonly=True)
+        if store.get_meta("config_hash") is None or not store.status():
+            raise AuxLossError(f"the results store {store.location!r} holds no runs of experiment {name!r}; nothing "
+                               f"was written. Pass the --store database the runs of {str(out)!r} were written to "
+                               "(its store_url.txt names it).")
     elif (out / STORE_URL_FILE).exists():
         store = open_experiment_store(out, name)  # raises: the URL must come from the user
     else:
@@ -171,6 +176,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     stored_name, stored_fingerprint = store.get_meta("name"), store.get_meta("config_hash")
     if (stored_name is not None and stored_name != name) or (
             fingerprint is not None and stored_fingerprint is not None and stored_fingerprint != fingerprint):
+        if args.store:  # the database may be the wrong one, not the folder
+            raise AuxLossError(f"the results store {store.location!r} holds experiment {stored_name!r} with another "
+                               f"config ({stored_fingerprint}) than {str(out)!r} ({name!r}, config {fingerprint}); "
+                               "nothing was written. Pass the --store database the runs of this folder were "
+                               "written to (its store_url.txt names it).")
         raise AuxLossError(f"the results store of {str(out)!r} holds the runs of another experiment ({stored_name!r}, "
                            f"config {stored_fingerprint}) than its config.yaml ({name!r}, config {fingerprint}); "
                            "the folder was mixed up by hand. Give the --out folder of a single `auxloss run`.")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from auxloss._redact import argv_without_passwords, command_without_passwords, without_password
+from auxloss._redact import argv_without_passwords, command_without_passwords, mask_password, without_password
 from auxloss.cli import main
 from auxloss.errors import AuxLossError
 from auxloss.experiment.config import parse_config
@@ -87,6 +87,57 @@ def test_the_store_url_file_is_private_and_has_no_password(tmp_path):
     assert text.strip() == "postgresql://alice@127.0.0.1:1/exp?connect_timeout=2"
     assert stat.S_IMODE((out / STORE_URL_FILE).stat().st_mode) == 0o600
     assert files_holding(out, secret) == []
+
+
+@pytest.mark.parametrize("dsn", [
+    "host=127.0.0.1 dbname=x user=u password={secret}",
+    "dbname=x password={secret}",
+    "host=127.0.0.1 port=1 dbname=x",
+])
+def test_a_libpq_keyword_string_is_refused_without_echoing_its_password(dsn, tmp_path, monkeypatch, capsys):
+    secret = f"pw-{uuid.uuid4().hex}"
+    monkeypatch.chdir(tmp_path)  # the old behaviour made an SQLite file named after the string, in the cwd
+    (tmp_path / "c.yaml").write_text(TINY.format(name="dsn"))
+    capsys.readouterr()
+    assert main(["run", "c.yaml", "--out", "out", "--workers", "1", "--store", dsn.format(secret=secret)]) == 2
+    err = capsys.readouterr().err
+    assert "looks like a libpq keyword connection string" in err and "postgresql://" in err
+    assert "PGPASSWORD or ~/.pgpass" in err and secret not in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # nothing created, no out folder either
+
+
+@pytest.mark.parametrize("location, expected", [
+    ("POSTGRESQL://u:p@h/db", "postgresql://u:p@h/db"),
+    ("Postgres://u@h/db", "postgresql://u@h/db"),
+    ("PostgreSQL+Psycopg2://u@h/db", "postgresql+psycopg2://u@h/db"),
+    ("sqlite:///runs/s.sqlite", Path("runs/s.sqlite")),
+    ("SQLite:////abs/s.sqlite", Path("/abs/s.sqlite")),
+    ("runs/a=b/results.sqlite", Path("runs/a=b/results.sqlite")),  # a plain path may hold a '='
+])
+def test_store_locations_are_read_case_insensitively(location, expected):
+    from auxloss.experiment.storage import store_location
+
+    assert store_location(location) == expected
+
+
+@pytest.mark.parametrize("location", ["mysql://u:hunter2xyz@h/db", "sqlite://", "sqlite:///:memory:"])
+def test_a_store_url_of_another_kind_is_refused(location):
+    from auxloss.experiment.storage import store_location
+
+    with pytest.raises(AuxLossError, match="is not a results store auxloss can use") as info:
+        store_location(location)
+    assert "hunter2xyz" not in str(info.value)
+
+
+def test_an_upper_case_scheme_is_postgres_and_its_password_lands_nowhere(tmp_path, monkeypatch):
+    secret = f"pw-{uuid.uuid4().hex}"
+    monkeypatch.chdir(tmp_path)
+    # Port 1 on the loopback: nothing listens. Read as PostgreSQL, it fails to connect (not an SQLite folder).
+    with pytest.raises(AuxLossError, match="cannot connect to the results store"):
+        run_experiment(tiny(), tmp_path / "out", store=f"POSTGRESQL://alice:{secret}@127.0.0.1:1/exp?connect_timeout=2")
+    assert (tmp_path / "out" / STORE_URL_FILE).read_text().strip() == "postgresql://alice@127.0.0.1:1/exp?connect_timeout=2"
+    assert files_holding(tmp_path, secret) == []
+    assert [str(p) for p in tmp_path.rglob("*") if secret in str(p)] == []
 
 
 def test_report_never_connects_to_the_url_a_folder_names_by_itself(tmp_path, capsys):
@@ -182,6 +233,75 @@ def test_force_on_one_experiment_never_clears_a_look_alike(tmp_path, monkeypatch
         open_store(PG_URL, namespace=b)
 
 
+@pytest.mark.skipif(not PG_URL, reason="set AUXLOSS_TEST_POSTGRES_URL to a PostgreSQL database to run")
+def test_another_config_of_the_same_name_in_a_shared_store_is_never_cleared(tmp_path, capsys):
+    from auxloss.experiment.store import open_store
+
+    name = f"same-name-{uuid.uuid4().hex[:6]}"
+    run_experiment(tiny(name), tmp_path / "a", store=PG_URL)
+    other = tiny(name).model_copy(update={"alpha": 0.1})  # another config, the same experiment name
+    for force in (False, True):  # the old advice was "--force", which deleted a's runs
+        with pytest.raises(AuxLossError) as info:
+            run_experiment(other, tmp_path / "b", store=PG_URL, force=force)
+        message = str(info.value)
+        assert f"the shared store '{mask_password(PG_URL)}' holds" in message
+        assert f"holds experiment '{name}' with a different config" in message
+        assert "Rename this experiment" in message and "use another database" in message
+    assert len(open_store(PG_URL, namespace=name).runs("done")) == 2
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "a"), "--store", PG_URL]) == 0  # a's folder and runs still agree
+
+
+def test_force_on_a_local_folder_still_discards_its_old_config(tmp_path):
+    run_experiment(tiny("local"), tmp_path / "out")
+    other = tiny("local").model_copy(update={"alpha": 0.1})
+    with pytest.raises(AuxLossError, match="holds the results of another experiment .*pass --force"):
+        run_experiment(other, tmp_path / "out")
+    assert run_experiment(other, tmp_path / "out", force=True)["runs"]["done"] == 2
+
+
+def _pg_schemas(prefix_of: str) -> list[str]:
+    import psycopg2
+
+    from auxloss.experiment.storage import libpq_dsn
+    from auxloss.experiment.store import schema_name
+
+    con = psycopg2.connect(libpq_dsn(PG_URL))
+    try:
+        cur = con.cursor()
+        cur.execute("SELECT nspname FROM pg_namespace WHERE nspname = %s", (schema_name(prefix_of),))
+        return [row[0] for row in cur.fetchall()]
+    finally:
+        con.close()
+
+
+@pytest.mark.skipif(not PG_URL, reason="set AUXLOSS_TEST_POSTGRES_URL to a PostgreSQL database to run")
+def test_report_with_a_store_that_lacks_the_experiment_writes_nothing_anywhere(tmp_path, capsys):
+    import shutil
+
+    name = f"elsewhere-{uuid.uuid4().hex[:6]}"
+    out = tmp_path / "out"
+    run_experiment(tiny(name), out)  # its runs are in out/results.sqlite, not in the database
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["report", str(out), "--store", PG_URL]) == 2
+    err = capsys.readouterr().err
+    assert f"the results store '{mask_password(PG_URL)}' holds no experiment '{name}'" in err
+    assert "nothing was written" in err and "Traceback" not in err
+    assert snapshot(out) == before  # results.json and the report are the finished run's, not an empty one
+    assert _pg_schemas(name) == []  # and the database got no schema
+    # The database holds the name, with another config: the store is named, and again nothing is written.
+    run_experiment(tiny(name), tmp_path / "pg", store=PG_URL)
+    shutil.rmtree(out)
+    shutil.copytree(tmp_path / "pg", out)
+    (out / "config.yaml").write_text(yaml.safe_dump(tiny(name).model_copy(update={"alpha": 0.1}).model_dump(mode="json")))
+    before = snapshot(out)
+    assert main(["report", str(out), "--store", PG_URL]) == 2
+    assert f"the results store '{mask_password(PG_URL)}' holds experiment '{name}' with another config" in \
+        capsys.readouterr().err
+    assert snapshot(out) == before
+
+
 # -- `auxloss report` on a folder someone else made ----------------------------------------------------------------
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
@@ -253,6 +373,42 @@ def test_report_refuses_a_foreign_sqlite_file_and_leaves_it_alone(tmp_path, caps
     con = sqlite3.connect(f"file:{out / 'results.sqlite'}?mode=ro", uri=True)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     con.close()
+
+
+@pytest.mark.parametrize("linked", [False, True])
+def test_run_refuses_a_foreign_sqlite_file_and_leaves_it_byte_identical(tmp_path, capsys, linked):
+    import hashlib
+    import sqlite3
+
+    foreign = tmp_path / "customers.sqlite"
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE customers (id INTEGER, name TEXT)")
+    con.execute("INSERT INTO customers VALUES (1, 'ada')")
+    con.commit()
+    con.close()
+    out = tmp_path / "out"
+    out.mkdir()
+    if linked:
+        (out / "results.sqlite").symlink_to(foreign)
+    else:
+        foreign = foreign.rename(out / "results.sqlite")
+    digest = hashlib.sha256(foreign.read_bytes()).hexdigest()
+    (tmp_path / "c.yaml").write_text(TINY.format(name="fdb"))
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "c.yaml"), "--out", str(out), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "is an SQLite file but not an auxloss results store" in err and "not another program's database" in err
+    assert hashlib.sha256(foreign.read_bytes()).hexdigest() == digest
+    assert not Path(str(foreign) + "-wal").exists() and not (out / "config.yaml").exists()
+    con = sqlite3.connect(f"file:{foreign}?mode=ro", uri=True)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    con.close()
+
+
+def test_run_takes_an_empty_results_file_left_by_an_interrupted_start(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.sqlite").touch()  # created, then killed before its tables were
+    assert run_experiment(tiny(), tmp_path / "out")["runs"]["done"] == 2
 
 
 def test_report_refuses_a_store_whose_runs_belong_to_another_config(finished, tmp_path, capsys):

@@ -24,6 +24,7 @@ from auxloss.errors import AuxLossError
 from auxloss.experiment.config import ExperimentConfig, config_hash
 from auxloss.experiment.results import aggregate, load_histories
 from auxloss.experiment.spec import Experiment
+from auxloss.experiment.storage import store_location
 from auxloss.experiment.store import Store
 from auxloss.experiment.worker import (
     STORE_FILE,
@@ -103,6 +104,10 @@ def run(
     out = Path(out)
     started = time.perf_counter()
     if store:
+        # Checked (and its scheme normalised) before anything is written: a string that is no store, such as a
+        # libpq "host=... password=..." string, must never become a file named after its password.
+        where = store_location(store)
+        store = where if isinstance(where, str) else str(where)
         out.mkdir(parents=True, exist_ok=True)
         # Where the runs are, for the user and `auxloss report --store`: without the password, readable by the
         # owner only (the host, user and database name are still worth keeping private).
@@ -357,6 +362,14 @@ def _prepare_store(exp: Experiment, out: Path, force: bool, url: str | None = No
         store = open_experiment_store(out, exp.name, url)
         previous = store.get_meta("config_hash")
         if previous is not None and previous != fingerprint:
+            if shared_db and not _folder_wrote(out, previous):
+                # The runs came from another --out folder: they are someone's experiment, not this folder's old
+                # results, so --force (which discards a folder's own old results) must not clear them.
+                raise AuxLossError(
+                    f"the shared store {store.location!r} holds experiment {exp.name!r} with a different config "
+                    f"(config {previous}, this one {fingerprint}), written from another --out folder; it is left "
+                    "untouched, --force included. Rename this experiment (its config's name:) or use another "
+                    "database.")
             if not force:
                 raise AuxLossError(
                     f"{str(out)!r} holds the results of another experiment ({store.get_meta('name')!r}, a different "
@@ -383,7 +396,8 @@ def _prepare_store(exp: Experiment, out: Path, force: bool, url: str | None = No
         import yaml
 
         write_atomic(out / "config.yaml", yaml.safe_dump(dict(exp.config), sort_keys=False))
-    write_atomic(out / EXPERIMENT_FILE, json.dumps(summary, indent=2, default=repr))
+    # The fingerprint too: it tells later that this folder wrote the runs of that config (see _folder_wrote).
+    write_atomic(out / EXPERIMENT_FILE, json.dumps({**summary, "config_hash": fingerprint}, indent=2, default=repr))
     runs = [(v, s) for s in range(exp.seeds) for v in exp.variant_names]
     store.add_runs(runs)
     # This call is the only one working on `out` unless the user started others: any run marked running is
@@ -394,3 +408,10 @@ def _prepare_store(exp: Experiment, out: Path, force: bool, url: str | None = No
     return store
 
 
+def _folder_wrote(out: Path, fingerprint: str) -> bool:
+    """Whether ``out`` itself last ran the experiment ``fingerprint`` (its experiment.json records it)."""
+    try:
+        recorded = json.loads((out / EXPERIMENT_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and recorded.get("config_hash") == fingerprint

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,23 +23,67 @@ from auxloss._redact import mask_password
 from auxloss.errors import AuxLossError
 
 __all__ = ["StudyLock", "libpq_dsn", "optuna_storage", "parse_url", "postgres_url",
-           "sqlite_file"]
+           "sqlite_file", "store_location"]
 
-_PG_PREFIXES = ("postgresql://", "postgresql+psycopg2://", "postgres://")
+#: URL schemes of a PostgreSQL results store (compared lower-cased: schemes are case-insensitive, RFC 3986), and
+#: the one each is read as. ``postgres`` is Heroku's spelling; SQLAlchemy's ``+psycopg2`` is kept for
+#: :func:`libpq_dsn` to drop when connecting.
+_PG_SCHEMES = {"postgresql": "postgresql", "postgres": "postgresql", "postgresql+psycopg2": "postgresql+psycopg2"}
+_SQLITE_SCHEME = "sqlite"
+_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<rest>.*)$", re.DOTALL)
+# libpq's keyword/value connection string ("host=db dbname=x password=..."). auxloss takes URLs only: taken as a
+# file path, such a string named a new SQLite file after the password, and the password went into the results.
+_LIBPQ_KEYWORD = re.compile(r"(?:^|\s)(?P<key>[A-Za-z_]+)\s*=")
+_LIBPQ_FIRST_KEY = re.compile(r"^\s*(?P<key>[A-Za-z_]+)\s*=")
+_LIBPQ_PASSWORD = re.compile(r"password\s*=", re.IGNORECASE)
+_LIBPQ_KEYS = frozenset({"host", "hostaddr", "port", "dbname", "user", "password", "passfile", "sslmode",
+                         "service", "connect_timeout", "options", "application_name", "target_session_attrs"})
+
+
+def store_location(location: str | Path) -> str | Path:
+    """What ``--store`` names: a PostgreSQL URL (``str``, scheme normalised) or an SQLite file (``Path``).
+
+    Accepted: ``postgresql://``, ``postgres://`` and ``postgresql+psycopg2://`` URLs, in any letter case;
+    ``sqlite:///relative/path`` and ``sqlite:////absolute/path``; a plain file path. Refused before anything is
+    written: any other scheme, in-memory SQLite, and a libpq keyword string (``host=... password=...``), whose
+    message names its keys but never echoes a value.
+    """
+    if isinstance(location, Path):
+        return location
+    text = str(location)
+    match = _SCHEME.match(text)
+    if match is not None:
+        scheme, rest = match["scheme"].lower(), match["rest"]
+        if scheme in _PG_SCHEMES:
+            return f"{_PG_SCHEMES[scheme]}://{rest}"
+        if scheme == _SQLITE_SCHEME and rest.startswith("/") and rest.strip("/") and rest != "/:memory:":
+            return Path(rest[1:])  # SQLAlchemy's form: sqlite:///rel/x.sqlite, sqlite:////abs/x.sqlite
+        raise AuxLossError(
+            f"--store {mask_password(text)!r} is not a results store auxloss can use: give a PostgreSQL URL "
+            "(postgresql://user@host:5432/db, the password in PGPASSWORD or ~/.pgpass), an SQLite file "
+            "(sqlite:///path/results.sqlite), or a file path.")
+    keys = sorted({m["key"].lower() for m in _LIBPQ_KEYWORD.finditer(text)})
+    known = [key for key in keys if key in _LIBPQ_KEYS]  # only libpq's own words are shown: never a value
+    first = _LIBPQ_FIRST_KEY.match(text)
+    if _LIBPQ_PASSWORD.search(text) or (keys and any(c.isspace() for c in text)) or (
+            first is not None and first["key"].lower() in _LIBPQ_KEYS):
+        raise AuxLossError(
+            f"--store looks like a libpq keyword connection string (keys {known}; values not shown), "
+            "which auxloss does not take: give a postgresql:// URL instead, e.g. "
+            "postgresql://user@host:5432/dbname, with the password in PGPASSWORD or ~/.pgpass (never on the "
+            "command line).")
+    return Path(text)
 
 
 def postgres_url(location: str | Path) -> str | None:
-    """The ``postgresql://`` URL when ``location`` names a PostgreSQL database, ``None`` for a file path.
+    """The ``postgresql://`` URL when ``location`` names a PostgreSQL database, ``None`` for an SQLite file.
 
     ``postgres://`` (Heroku's spelling) is read as ``postgresql://``; ``postgresql+psycopg2://`` (SQLAlchemy's)
-    is kept, and :func:`libpq_dsn` drops the driver when connecting.
+    is kept, and :func:`libpq_dsn` drops the driver when connecting. Schemes are case-insensitive. A location
+    :func:`store_location` refuses raises its error.
     """
-    text = str(location)
-    if not text.startswith(_PG_PREFIXES):
-        return None
-    if text.startswith("postgres://"):
-        return "postgresql://" + text[len("postgres://"):]
-    return text
+    where = store_location(location)
+    return where if isinstance(where, str) else None
 
 
 def libpq_dsn(url: str) -> str:

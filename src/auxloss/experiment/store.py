@@ -23,7 +23,7 @@ from urllib.parse import quote
 from auxloss._faults import fault_point
 from auxloss._redact import mask_password
 from auxloss.errors import AuxLossError
-from auxloss.experiment.storage import libpq_dsn, postgres_url
+from auxloss.experiment.storage import libpq_dsn, store_location
 
 __all__ = ["PostgresStore", "Store", "open_store"]
 
@@ -76,6 +76,10 @@ class Store:
         if readonly:
             self._check_readable()
             return
+        if self.path.exists():
+            # Another program's database (or a link to one) is refused before any write: the schema and the WAL
+            # switch below would change it. An empty one (a store whose creation was cut short) is taken.
+            self._check_readable(allow_empty=True)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -141,24 +145,36 @@ class Store:
             con.execute("SELECT 1 FROM sqlite_master LIMIT 1")
             return con
 
-    def _check_readable(self) -> None:
-        """An auxloss store, with the tables and columns this version reads; else a message, never a traceback."""
+    def _check_readable(self, allow_empty: bool = False) -> None:
+        """An auxloss store, with the tables and columns this version reads; else a message, never a traceback.
+
+        Read through a ``mode=ro`` connection whatever ``readonly`` says, so the check itself never writes.
+        ``allow_empty``: a database without any table passes (``auxloss run`` creates the tables)."""
         if not self.path.is_file():
             raise AuxLossError(f"{str(self.path)!r} does not exist; give the --out folder of a finished `auxloss run`.")
         try:
-            with self._connect() as con:
+            con = self._connect_readonly()
+            try:
                 columns = {table: {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
                            for table in ("meta", "runs")}
+                tables = con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
+            finally:
+                con.close()
         except sqlite3.DatabaseError as exc:
             raise AuxLossError(f"{str(self.path)!r} is not an auxloss results store ({exc}); give the --out folder "
                                "of an `auxloss run`.") from exc
         needed = {"meta": {"key", "value"},
                   "runs": {"variant", "seed", "status", "result", "history", "error", "attempts"}}
         missing = {t: sorted(needed[t] - columns[t]) for t in needed if needed[t] - columns[t]}
-        if missing:
+        if missing and not (allow_empty and tables == 0):
             raise AuxLossError(f"{str(self.path)!r} is an SQLite file but not an auxloss results store (missing "
                                f"{missing}); give the --out folder of an `auxloss run`, not another program's "
                                "database.")
+
+    @property
+    def location(self) -> str:
+        """Where the store is, for messages: the file, or the database URL with its password masked."""
+        return str(self.path)
 
     # -- metadata ------------------------------------------------------------------------------------------
     def get_meta(self, key: str) -> Any:
@@ -345,16 +361,20 @@ class PostgresStore(Store):
     Claims use ``SELECT ... FOR UPDATE SKIP LOCKED``; a finished run is written in one transaction, as with SQLite.
     """
 
-    def __init__(self, url: str, *, namespace: str, stale_after: float = 120.0) -> None:
+    def __init__(self, url: str, *, namespace: str, stale_after: float = 120.0, readonly: bool = False) -> None:
         try:
             import psycopg2  # noqa: F401
         except ImportError as exc:
             raise AuxLossError("a PostgreSQL results store needs psycopg2: pip install 'auxloss[postgres]'.") from exc
         self.url = url
-        self.path = Path(mask_password(url))  # for messages only
+        self.path = Path(mask_password(url))  # kept for callers; messages use `location` (a Path drops a '/')
         self.namespace = namespace
         self.schema = schema_name(namespace)
         self.stale_after = stale_after
+        self.readonly = readonly
+        if readonly:
+            self._check_holds_experiment()
+            return
         with self._connect() as con:
             con.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
         with self._transaction() as con:
@@ -370,9 +390,29 @@ class PostgresStore(Store):
                 con.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", ("experiment", json.dumps(namespace)))
             elif json.loads(row[0]) != namespace:
                 raise AuxLossError(
-                    f"the PostgreSQL schema {self.schema!r} in {str(self.path)!r} holds the runs of experiment "
+                    f"the PostgreSQL schema {self.schema!r} in {self.location!r} holds the runs of experiment "
                     f"{json.loads(row[0])!r}, not {namespace!r}; it is left untouched. Rename this experiment "
                     "(its config's name:), or use another database.")
+
+    @property
+    def location(self) -> str:
+        return mask_password(self.url)
+
+    def _check_holds_experiment(self) -> None:
+        """``auxloss report``: the database holds this experiment's schema, with its tables and owner; else an
+        error. Nothing is created: a report given the wrong database must not leave a schema there."""
+        with self._connect() as con:
+            tables = {row[0] for row in con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = ?", (self.schema,))}
+            owner = None
+            if {"meta", "runs"} <= tables:
+                row = con.execute("SELECT value FROM meta WHERE key='experiment'").fetchone()
+                owner = json.loads(row[0]) if row else None
+        if owner != self.namespace:
+            raise AuxLossError(
+                f"the results store {self.location!r} holds no experiment {self.namespace!r} (no schema "
+                f"{self.schema!r} of it); nothing was written. Pass the --store database its runs were written to "
+                "(the folder's store_url.txt names it).")
 
     @contextmanager
     def _connect(self) -> Iterator[Any]:
@@ -381,11 +421,13 @@ class PostgresStore(Store):
         try:
             raw = psycopg2.connect(libpq_dsn(self.url), connect_timeout=30)
         except psycopg2.OperationalError as exc:
-            raise AuxLossError(f"cannot connect to the results store {str(self.path)!r}: {str(exc).strip()}. Check "
+            raise AuxLossError(f"cannot connect to the results store {self.location!r}: {str(exc).strip()}. Check "
                                "the URL, that the server runs, and the user's password.") from exc
         raw.autocommit = True  # transactions are opened explicitly, as with SQLite
         try:
             con = _PgConnection(raw)
+            if self.readonly:  # the server itself refuses any write from a report's connection
+                con.execute("SET default_transaction_read_only = on")
             if self._schema_ready(con):
                 con.execute(f'SET search_path TO "{self.schema}"')
             yield con
@@ -412,7 +454,7 @@ class PostgresStore(Store):
                 else:
                     con.execute("COMMIT")
         except psycopg2.Error as exc:
-            raise AuxLossError(f"cannot write the results store {str(self.path)!r}: {str(exc).strip()}.") from exc
+            raise AuxLossError(f"cannot write the results store {self.location!r}: {str(exc).strip()}.") from exc
 
 
 def schema_name(experiment: str) -> str:
@@ -426,9 +468,12 @@ def schema_name(experiment: str) -> str:
     return f"auxloss_{readable}_{digest}"  # at most 8 + 38 + 1 + 16 = 63 ASCII bytes
 
 
-def open_store(location: str | Path, *, namespace: str = "default", stale_after: float = 120.0) -> Store:
-    """A SQLite store for a file path, a PostgreSQL one for a ``postgresql://`` URL."""
-    url = postgres_url(location)
-    if url is not None:
-        return PostgresStore(url, namespace=namespace, stale_after=stale_after)
-    return Store(location, stale_after=stale_after)
+def open_store(location: str | Path, *, namespace: str = "default", stale_after: float = 120.0,
+               readonly: bool = False) -> Store:
+    """A SQLite store for a file path (or ``sqlite:///`` URL), a PostgreSQL one for a ``postgresql://`` URL.
+
+    ``readonly``: only read an existing store (``auxloss report``); nothing is created or written."""
+    where = store_location(location)
+    if isinstance(where, str):
+        return PostgresStore(where, namespace=namespace, stale_after=stale_after, readonly=readonly)
+    return Store(where, stale_after=stale_after, readonly=readonly)

@@ -248,7 +248,7 @@ class _Heartbeat(Callback):
         self.beat(force=True)
 
 
-def open_experiment_store(out: str | Path, name: str, url: str | None = None) -> Store:
+def open_experiment_store(out: str | Path, name: str, url: str | None = None, *, readonly: bool = False) -> Store:
     """The store of the experiment under ``out``: SQLite in the folder, or the database at ``url``.
 
     A folder whose runs are in a database (``run_experiment(store=...)``) names it in ``out/store_url.txt``, without
@@ -257,7 +257,7 @@ def open_experiment_store(out: str | Path, name: str, url: str | None = None) ->
     """
     out = Path(out)
     if url:
-        return open_store(url, namespace=name, stale_after=stale_after())
+        return open_store(url, namespace=name, stale_after=stale_after(), readonly=readonly)
     if (out / STORE_URL_FILE).exists():
         recorded = (out / STORE_URL_FILE).read_text(errors="replace").strip()
         raise AuxLossError(f"the runs of {str(out)!r} are kept in a PostgreSQL database ({recorded!r}, from "
