@@ -186,11 +186,16 @@ def _epochs(path):
     return [json.loads(line)["epoch"] for line in lines]
 
 
+LONG_RUN = 100_000
+
+
 @pytest.mark.parametrize("first_shared", [True, False])
 def test_lock_a_plain_command_and_shared_store_workers_exclude_each_other(tmp_path, first_shared):
     """Audit 2, row 31: one process with AUXLOSS_SHARED_STORE=1 and one without on one fresh --out. The second
     must be refused with nothing of the first's touched, and no epoch may be trained twice."""
-    config = write_config(tmp_path, seeds=1, epochs=150)  # the first is still training when the second starts
+    # Far more epochs than the test waits for: the first is still training when the second starts and ends on any
+    # machine, and it is killed at the end.
+    config = write_config(tmp_path, seeds=1, epochs=LONG_RUN)
     out = tmp_path / "out"
     first_env, second_env = (env(AUXLOSS_SHARED_STORE="1"), env()) if first_shared else \
         (env(), env(AUXLOSS_SHARED_STORE="1"))
@@ -212,4 +217,4 @@ def test_lock_a_plain_command_and_shared_store_workers_exclude_each_other(tmp_pa
             "a plain `auxloss run` (without AUXLOSS_SHARED_STORE=1) is working on") in second.stderr
     logged = _epochs(log)
     assert logged and logged == list(range(1, len(logged) + 1))  # each epoch once, in order
-    assert (out / "config.yaml").exists() and set(check_store(out, 150)) <= {"pending", "running"}
+    assert (out / "config.yaml").exists() and set(check_store(out, LONG_RUN)) <= {"pending", "running"}

@@ -34,8 +34,12 @@ _URL_CREDENTIALS = re.compile(
     r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@]*):(?P<password>.*?)@(?P<tail>[^@/?#]*(?:[/?#].*)?)$",
     re.DOTALL,
 )
-# libpq (and so psycopg2 and SQLAlchemy's PostgreSQL dialects) also reads a password from the query string.
-_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&#]*", re.IGNORECASE)
+#: The query keys whose values are secrets, for every function here: libpq's (and so psycopg2's and SQLAlchemy's)
+#: ``password`` and ``sslpassword``, common spellings of it, and the tokens tracking servers take. One list, so
+#: that what is masked in messages is also what is removed from what is recorded.
+SECRET_QUERY_KEYS = ("password", "passwd", "pass", "pwd", "sslpassword", "secret", "token")
+_KEYS = "|".join(sorted(SECRET_QUERY_KEYS, key=len, reverse=True))
+_QUERY_PASSWORD = re.compile(rf"([?&](?:{_KEYS})=)[^&#]*", re.IGNORECASE)
 
 
 def mask_password(url: str) -> str:
@@ -57,7 +61,7 @@ def mask_password(url: str) -> str:
 # cannot be told from the host's); the query keys cover the tokens tracking servers take as well.
 
 _TEXT_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]*)@")
-_TEXT_SECRET_QUERY = re.compile(r"(?P<key>(?:password|passwd|pwd|secret|token|sslpassword)=)[^&\s]*", re.IGNORECASE)
+_TEXT_SECRET_QUERY = re.compile(rf"(?P<key>(?<![A-Za-z_])(?:{_KEYS})=)[^&\s]*", re.IGNORECASE)
 
 
 def mask_passwords(text: str) -> str:
@@ -89,7 +93,7 @@ def without_password(url: str) -> str:
             netloc, changed = f"{creds.split(':', 1)[0]}@{host}", True
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        kept = [(k, v) for k, v in pairs if k.lower() not in ("password", "pass", "pwd")]
+        kept = [(k, v) for k, v in pairs if k.lower() not in SECRET_QUERY_KEYS]
         if len(kept) != len(pairs):
             query, changed = urlencode(kept), True
     # Rebuilt only when a password was removed: urlunsplit normalises some URLs (sqlite:///x loses a slash).

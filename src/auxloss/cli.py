@@ -516,11 +516,16 @@ def main(argv: list[str] | None = None) -> int:
         from auxloss.train.distributed import shutdown
 
         shutdown()  # under torchrun: every rank leaves the process group together
+        # Flush here rather than at interpreter exit: with a buffered stdout (a pipe) a reader that is gone
+        # shows up now, as the BrokenPipeError below, and not as "Exception ignored" at exit.
+        sys.stdout.flush()
         return code
     except AuxLossError as exc:
         print(f"auxloss: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
+        if not _stdout_is_broken():
+            raise  # a pipe of something else (a worker, a socket): not a reader of ours that left
         # The reader of stdout is gone (`auxloss run ... | head -1`); the runs are stored whatever is printed.
         # As the Python docs advise (signal module, "Note on SIGPIPE"): point stdout at devnull so that the flush
         # at exit fails no more, and leave quietly.
@@ -537,6 +542,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("auxloss: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
+
+
+def _stdout_is_broken() -> bool:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def _quiet_stdout() -> None:

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from auxloss._redact import argv_without_passwords, command_without_passwords, mask_password, without_password
+from auxloss._redact import (
+    argv_without_passwords,
+    command_without_passwords,
+    mask_password,
+    mask_passwords,
+    without_password,
+)
 from auxloss.cli import main
 from auxloss.errors import AuxLossError
 from auxloss.experiment.config import parse_config
@@ -420,3 +426,13 @@ def test_report_refuses_a_store_whose_runs_belong_to_another_config(finished, tm
     capsys.readouterr()
     assert main(["report", str(out)]) == 2
     assert "holds the runs of another experiment ('sec'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["password", "passwd", "pwd", "sslpassword", "token", "secret"])
+def test_masked_and_removed_query_secrets_are_the_same_keys(key):
+    """Review: the masking of messages knew `token` and `sslpassword` while the removal for recorded URLs did not,
+    so `--mlflow https://h/?token=X` reached results.json verbatim."""
+    url = f"postgresql://u@h/db?sslmode=require&{key}=S3CRET-value"
+    assert "S3CRET" not in without_password(url) and "sslmode=require" in without_password(url)
+    assert "S3CRET" not in command_without_passwords(f"auxloss run c.yaml --store {url}")
+    assert "S3CRET" not in mask_passwords(f"--store {url}")

@@ -357,6 +357,8 @@ def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
 def _prepare_store(exp: Experiment, out: Path, force: bool, url: str | None = None) -> Store:
     store_path = out / STORE_FILE
     fingerprint = exp.identity()
+    # Validates the main metric before anything is written, and before --force discards old results below.
+    summary = exp.summary()
     shared_db = bool(url)
     if store_path.exists() or shared_db:
         store = open_experiment_store(out, exp.name, url)
@@ -387,7 +389,6 @@ def _prepare_store(exp: Experiment, out: Path, force: bool, url: str | None = No
             for name in (RESULTS_FILE, "report.html", "report.md"):
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / "figures", ignore_errors=True)
-    summary = exp.summary()  # validates the main metric before anything is written
     store = open_experiment_store(out, exp.name, url)
     store.set_meta("config_hash", fingerprint)
     store.set_meta("name", exp.name)

@@ -42,10 +42,11 @@ DEVICE_TYPES = ("cpu", "cuda", "mps")
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def check_device(device: str | torch.device) -> torch.device | None:
-    """``device`` parsed, if it names a device type auxloss trains on (``None`` for ``"auto"``); whether that
-    device exists on this machine is :func:`auxloss.train.batches.resolve_device`'s check."""
-    if device == "auto":
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` parsed, if it names a device type auxloss trains on (``None`` for ``"auto"``, and for ``None``,
+    which has always meant ``"auto"``); whether that device exists on this machine is
+    :func:`auxloss.train.batches.resolve_device`'s check."""
+    if device is None or device == "auto":
         return None
     try:
         resolved = torch.device(device)
