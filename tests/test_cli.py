@@ -72,12 +72,15 @@ def test_python_dash_m_entry_point():
     assert proc.returncode == 0 and "shapes" in proc.stdout
 
 
-def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
-    """Audit 2, row 58: `auxloss run ... | head -1` printed a BrokenPipeError traceback once the runs were stored."""
+@pytest.mark.parametrize("buffered", [True, False])
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path, buffered):
+    """Audit 2, row 58: `auxloss run ... | head -1` printed a BrokenPipeError traceback once the runs were stored.
+    Buffered stdout (a pipe's default) fails at the flush, unbuffered (PYTHONUNBUFFERED=1) at the first print."""
     (tmp_path / "c.yaml").write_text(TINY_YAML.replace("seeds: 2", "seeds: 1"))
     out = tmp_path / "out"
-    # stdout buffered, as in a real pipe (PYTHONUNBUFFERED would hide an exit-time flush error)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen([sys.executable, "-m", "auxloss", "run", str(tmp_path / "c.yaml"), "--out", str(out),
                              "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     first = proc.stdout.readline()  # what `head -1` reads before it exits

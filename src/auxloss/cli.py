@@ -9,6 +9,7 @@ import argparse
 import errno
 import json
 import os
+import select
 import shlex
 import sys
 import time
@@ -545,13 +546,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stdout_is_broken() -> bool:
+    """Whether stdout's reader is gone, so that a BrokenPipeError of another pipe is not taken for it.
+
+    A buffered stdout still holds the text that failed, and flushing it fails again. An unbuffered one
+    (``PYTHONUNBUFFERED``) holds nothing, so the pipe itself is asked: poll() reports an error on the write end of
+    a pipe whose reader has closed it.
+    """
     try:
         sys.stdout.flush()
     except BrokenPipeError:
         return True
     except (OSError, ValueError):
         return False
-    return False
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        events = poller.poll(0)
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows), or no file descriptor (captured)
+        return False
+    return any(event & select.POLLERR for _, event in events)
 
 
 def _quiet_stdout() -> None:

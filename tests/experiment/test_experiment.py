@@ -160,5 +160,5 @@ def test_store_claims_each_run_once(tmp_path):
 def test_store_in_a_non_database_file_is_named(tmp_path):
     bad = tmp_path / "results.sqlite"
     bad.write_text("not a database" * 100)
-    with pytest.raises(AuxLossError, match="not a valid auxloss results store"):
+    with pytest.raises(AuxLossError, match=r"is not an auxloss results store \(file is not a database\)"):
         Store(bad)
