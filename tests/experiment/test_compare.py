@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _user_model import Net, make_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
@@ -19,20 +20,6 @@ from auxloss.experiment.spec import Variant
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "my_project"
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
-        self.out = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.body(x))
-
-
-def make_model(seed: int) -> nn.Module:
-    return Net()
 
 
 def make_data(seed: int) -> dict[str, Dataset]:

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 import pytest
 import torch
-from torch import nn
+from _user_model import Net, make_model
 from torch.utils.data import TensorDataset
 
 import auxloss as al
@@ -34,20 +34,6 @@ variants:
     taps: {aux1: {layer: block1, head: {type: linear}}}
     tasks: [{name: aux1, source: aux1, weight: 0.3}]
 """
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
-        self.out = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.body(x))
-
-
-def make_model(seed: int) -> nn.Module:
-    return Net()
 
 
 def make_data(seed: int) -> dict[str, TensorDataset]:
