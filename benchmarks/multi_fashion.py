@@ -39,11 +39,13 @@ import importlib
 import importlib.util
 import json
 import math
+import multiprocessing
 import platform
 import statistics
 import sys
 import time
 import types
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,7 @@ from torch.utils.data import DataLoader
 
 import auxloss as al
 from auxloss.errors import AuxLossError
-from auxloss.experiment.stats import compare, mean_ci
+from auxloss.experiment.stats import clip_interval, compare, mean_ci
 from auxloss.train.callbacks import Callback
 from auxloss.train.trainer import Trainer
 from auxloss.weighting import WEIGHTINGS, build_weighting
@@ -172,6 +174,14 @@ class LibMTLWeighting(GradientWeighting):
         self.impl.epoch = epoch  # LibMTL's epochs count from 0: the next epoch's index
 
 
+def _children_cpu() -> float:
+    """CPU seconds of the finished worker processes (``--jobs``), for the total the run cost."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 # -- one run ---------------------------------------------------------------------------------------------------------
 class StepTimer(Callback):
     """CPU time of each training step, from the batch's start to the end of its optimizer step."""
@@ -223,6 +233,28 @@ def run_method(method: str, seed: int, data: dict, size: dict, libmtl: dict[str,
                          DataLoader(data["test"], batch_size=512))
     return {"accuracy": result.main_metric("test"), "step_s": timer.total / max(1, timer.steps),
             "steps": timer.steps}
+
+
+def run_seed(seed: int, task: dict[str, Any], libmtl: dict[str, type] | None = None) -> dict[str, dict[str, Any]]:
+    """Every method on one seed, in an order that rotates with the seed; a method that fails is recorded, not
+    raised (one failure must not lose the others' results). Runs in a worker process with ``--jobs``."""
+    torch.set_num_threads(task["threads"])
+    if libmtl is None:  # a fresh worker process: LibMTL's modules are loaded again there
+        libmtl = load_libmtl(task["libmtl"])[0] if task["libmtl"] else {}
+    size, methods = task["size"], task["methods"]
+    data = build_splits("multi-fashion", DataRequest(size["n_train"], size["n_val"], size["n_test"], seed,
+                                                     root=task["root"]))
+    shift = seed % len(methods)
+    results: dict[str, dict[str, Any]] = {}
+    for m in methods[shift:] + methods[:shift]:
+        try:
+            out = run_method(m, seed, data, size, libmtl)
+        except Exception as exc:  # noqa: BLE001
+            results[m] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+            continue
+        results[m] = out
+        print(f"seed {seed} {m:28s} acc {out['accuracy']:.4f}  step {1000 * out['step_s']:.1f} ms", flush=True)
+    return results
 
 
 def method_list(selected: list[str] | None, libmtl: dict[str, type]) -> list[str]:
@@ -283,13 +315,16 @@ def libmtl_agreement(rows: list[dict[str, Any]], acc: dict[str, dict[int, float]
 def fmt_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| method | main test acc. (95% CI) | Δ vs baseline (95% CI) | verdict | step / fixed |",
              "|---|---|---|---|---|"]
+    any_clipped = False
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | not run: {r['error']} | | | |")
             continue
-        ci = r["ci95"]
-        acc = f"{100 * r['accuracy']:.2f} ({100 * ci[0]:.2f}–{100 * ci[1]:.2f})" if math.isfinite(ci[0]) else \
-            f"{100 * r['accuracy']:.2f}"
+        # An accuracy lies in [0, 1]: the t-interval is clipped there for display (marked *), as auxloss's reports do.
+        ci, clipped = clip_interval(r["ci95"], (0.0, 1.0))
+        any_clipped |= clipped
+        acc = f"{100 * r['accuracy']:.2f} ({100 * ci[0]:.2f}–{100 * ci[1]:.2f}){'*' if clipped else ''}" \
+            if math.isfinite(ci[0]) else f"{100 * r['accuracy']:.2f}"
         if "delta" in r:
             dl, dh = r["delta_ci95"]
             delta = f"{100 * r['delta']:+.2f} ({100 * dl:+.2f}, {100 * dh:+.2f})"
@@ -298,6 +333,8 @@ def fmt_table(rows: list[dict[str, Any]]) -> str:
             delta, verdict = "—", "(reference)"
         ratio = f"{r['step_vs_fixed']:.2f}" if r.get("step_vs_fixed") is not None else "—"
         lines.append(f"| {r['method']} | {acc} | {delta} | {verdict} | {ratio} |")
+    if any_clipped:
+        lines.append("\n\\* the interval reached past [0, 100] and is shown clipped there.")
     return "\n".join(lines)
 
 
@@ -308,7 +345,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     parser.add_argument("--no-libmtl", action="store_true", help="skip LibMTL even when it is installed")
     parser.add_argument("--root", default=str(FASHION_MNIST_DEFAULT_ROOT), help="the Fashion-MNIST IDX folder")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="seeds trained at once, one process each (default 1; 2 on a 2-core machine)")
     parser.add_argument("--out", default=None, help="write results.json (for `auxloss probe --results`) here")
     args = parser.parse_args()
     if not fashion_mnist_available(args.root):
@@ -326,20 +365,24 @@ def main() -> None:
     acc: dict[str, dict[int, float]] = {m: {} for m in methods}
     step: dict[str, dict[int, float]] = {m: {} for m in methods}
     errors: dict[str, str] = {}
-    for seed in range(size["seeds"]):
-        data = build_splits("multi-fashion", DataRequest(size["n_train"], size["n_val"], size["n_test"], seed,
-                                                         root=args.root))
-        shift = seed % len(methods)
-        for m in methods[shift:] + methods[:shift]:
-            if m in errors:
-                continue
-            try:
-                out = run_method(m, seed, data, size, libmtl)
-            except Exception as exc:  # noqa: BLE001  (one method failing must not lose the others' results)
-                errors[m] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                continue
-            acc[m][seed], step[m][seed] = out["accuracy"], out["step_s"]
-            print(f"seed {seed} {m:28s} acc {out['accuracy']:.4f}  step {1000 * out['step_s']:.1f} ms", flush=True)
+    jobs = max(1, min(args.jobs, size["seeds"]))
+    task = {"methods": methods, "size": size, "root": args.root, "threads": args.threads,
+            "libmtl": [] if args.no_libmtl else sorted({name for name, _ in LIBMTL_CLASSES.values()})}
+    if jobs == 1:
+        per_seed = [run_seed(seed, task, libmtl) for seed in range(size["seeds"])]
+    else:
+        # One process per seed, `jobs` at a time, each with its own thread count: every ratio is still taken
+        # between methods of one seed, run back to back in one process.
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            per_seed = list(pool.map(run_seed, range(size["seeds"]), [task] * size["seeds"]))
+    for seed, results in enumerate(per_seed):
+        for m, out in results.items():
+            if "error" in out:
+                errors.setdefault(m, out["error"])
+            else:
+                acc[m][seed], step[m][seed] = out["accuracy"], out["step_s"]
+    for m in errors:  # a method that failed on any seed is reported as failed, not on fewer seeds
+        acc[m], step[m] = {}, {}
     rows = summarise(methods, acc, step, errors)
     agreement = libmtl_agreement(rows, acc)
     seconds = time.perf_counter() - started
@@ -356,7 +399,8 @@ def main() -> None:
                   f"| {'yes' if a['agree_within_noise'] else 'no'} | {ratio} |")
     summary = {"date": datetime.date.today().isoformat(), "seconds": round(seconds, 1), "size": size,
                "lambda": LAMBDA, "libmtl": how, "rows": rows, "libmtl_agreement": agreement,
-               "torch": torch.__version__, "machine": platform.machine(), "threads": args.threads}
+               "torch": torch.__version__, "machine": platform.machine(), "threads": args.threads, "jobs": jobs,
+               "cpu_seconds": round(time.process_time() + _children_cpu(), 1)}
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 For each case a full experiment is run (every variant against the baseline, paired by seed) and the probe is run on
 the same config at its default budget (20% of the experiment's training steps). Reported per case: the probe's
-cost, Spearman's ρ between the probe's scores and the measured deltas (with 3 or more candidates), and the hit rate
+cost, Spearman's ρ between the probe's ranking and the measured deltas (with 3 or more candidates), and the hit rate
 of its recommendation: a candidate is a hit when the probe recommends it and its measured delta is positive, or
 does not recommend it and the delta is not positive.
 
@@ -91,7 +91,8 @@ def validate(name: str, cfg: Any, out: Path) -> dict[str, Any]:
     best_measured = max(deltas, key=deltas.get)
     return {
         "case": name,
-        "candidates": [{"variant": c["variant"], "score": c["score"], "cosine": c["cosine"],
+        "candidates": [{"variant": c["variant"], "score": c["score"], "loss_gain": c["loss_gain"],
+                        "affinity": c["affinity"], "cosine": c["cosine"],
                         "recommended": c["recommended"], "delta": deltas[c["variant"]],
                         "verdict": verdicts[c["variant"]]} for c in summary["candidates"]],
         "spearman_rho": summary["agreement"]["spearman_rho"],
@@ -120,12 +121,14 @@ def main() -> None:
         print(f"{name}: rho {row['spearman_rho']}, hit rate {row['hit_rate']:.2f}, cost {row['cost_fraction']:.1%}",
               flush=True)
     print()
-    print("| case | candidate | probe score | cosine | recommended | measured Δ | verdict |")
-    print("|---|---|---|---|---|---|---|")
+    print("| case | candidate | probe: main metric Δ | probe: held-out loss fall | affinity | cosine | recommended "
+          "| measured Δ | verdict |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         for c in row["candidates"]:
-            print(f"| {row['case']} | {c['variant']} | {c['score']:+.4f} | {c['cosine']:+.3f} | "
-                  f"{'yes' if c['recommended'] else 'no'} | {100 * c['delta']:+.2f} | {c['verdict']} |")
+            print(f"| {row['case']} | {c['variant']} | {100 * c['score']:+.2f} | {100 * c['loss_gain']:+.1f}% | "
+                  f"{c['affinity']:+.4f} | {c['cosine']:+.3f} | {'yes' if c['recommended'] else 'no'} | "
+                  f"{100 * c['delta']:+.2f} | {c['verdict']} |")
     print()
     print("| case | Spearman ρ | hit rate | top-ranked is the best measured | probe cost |")
     print("|---|---|---|---|---|")

@@ -132,33 +132,69 @@ def _budget_cfg(n_train: int, epochs: int, seeds: int = 3):
 
 
 def test_the_plan_keeps_the_probe_within_its_budget():
-    from auxloss.experiment.probe import experiment_steps, plan_probe
+    from auxloss.experiment.probe import experiment_steps, plan_probe, run_steps
 
     cfg = _budget_cfg(n_train=640, epochs=10)
     # 640 / 32 = 20 steps an epoch, 10 epochs, 3 seeds, 2 variants + the baseline
-    assert experiment_steps(cfg) == 20 * 10 * 3 * 3 == 1800
+    assert run_steps(cfg) == 200 and experiment_steps(cfg) == 200 * 3 * 3 == 1800
     plan = plan_probe(cfg)
-    # budget 0.2 * 1800 = 360 step-equivalents; 10 measurements cost 2 steps per auxiliary task each:
-    # 10·2·1 + 10·2·2 = 60, so (360 - 60) // 2 = 150 steps per candidate, measured every 15 steps
-    assert (plan["steps"], plan["every"]) == (150, 15)
-    assert plan["probe_steps"] == 150 + 10 * 2 + 150 + 10 * 4 == 360
+    # budget 0.2 * 1800 = 360 step-equivalents. Three runs (baseline, one, two) with 3 evaluations of 32 validation
+    # samples each (ceil(32 / (3 * 32)) = 1 step apiece): 9. Five measurements cost 2 steps per auxiliary task:
+    # 5*2*1 + 5*2*2 = 30. So (360 - 9 - 30) // 3 = 107 steps per run, measured every ceil(107 / 5) = 22 steps.
+    assert (plan["steps"], plan["every"]) == (107, 22)
+    assert plan["probe_steps"] == 3 * 107 + 9 + 5 * 2 + 5 * 4 == 360
     assert plan["cost_fraction"] == pytest.approx(0.2) and not plan["over_budget"]
-    big = plan_probe(_budget_cfg(n_train=6400, epochs=10))
-    assert big["steps"] == 200 and big["cost_fraction"] < 0.2  # capped: more steps tell no more
-    tight = plan_probe(cfg, budget=0.05)  # 90 steps: 10 measurements leave 15 each; 5 leave 30 (>= 10)
-    assert (tight["steps"], tight["every"]) == (15, 2) and tight["probe_steps"] <= 90
+    whole = plan_probe(_budget_cfg(n_train=640, epochs=10), budget=1.0)
+    assert whole["steps"] == 200  # never longer than one run of the experiment (200 steps)
+    tight = plan_probe(cfg, budget=0.04)  # 72: five measurements leave (72 - 9 - 30) // 3 = 11 steps, every 3
+    assert (tight["steps"], tight["every"]) == (11, 3) and tight["probe_steps"] == 33 + 9 + 4 * 2 + 4 * 4 <= 72
     tiny = plan_probe(_budget_cfg(n_train=64, epochs=2, seeds=1))  # 2·2·1·3 = 12 steps in all: nothing fits
-    assert tiny["steps"] == 10 and tiny["over_budget"]
+    assert tiny["steps"] == 4 and tiny["over_budget"]  # a whole run (4 steps), the most a race can use
     with pytest.raises(al.AuxLossError, match="budget must be"):
         plan_probe(cfg, budget=1.5)
 
 
 def test_the_probe_counts_its_own_steps(tmp_path):
-    cfg = _budget_cfg(n_train=640, epochs=2, seeds=2)  # 20 · 2 · 2 · 3 = 240 steps; budget 48
+    cfg = _budget_cfg(n_train=640, epochs=2)  # 20 · 2 · 3 · 3 = 360 steps; budget 72
     summary = run_probe(cfg, tmp_path)
-    # 10 or 5 measurements leave too few steps; 3 leave (48 - 3·2 - 3·4) // 2 = 15 steps, every 5
-    assert [(c["steps"], c["measurements"]) for c in summary["candidates"]] == [(15, 3), (15, 3)]
-    counted = sum(c["steps"] + c["measurements"] * 2 * len(c["tasks"]) for c in summary["candidates"])
-    assert summary["probe_steps"] == counted == 48
-    assert summary["cost_fraction"] == pytest.approx(0.2)
+    # (72 - 9 - 30) // 3 = 11 steps per run, measured every 3: 4 measurements per candidate
+    assert [(c["steps"], c["measurements"]) for c in summary["candidates"]] == [(11, 4), (11, 4)]
+    assert summary["baseline"]["steps"] == 11 and len(summary["baseline"]["validation"]) == 3
+    counted = 11 + 3 + sum(c["steps"] + c["measurements"] * 2 * len(c["tasks"]) + 3 for c in summary["candidates"])
+    assert summary["probe_steps"] == counted == 66
+    assert summary["cost_fraction"] == pytest.approx(66 / 360)
     assert "of the full experiment's training steps" in (tmp_path / "probe.md").read_text()
+
+
+def test_race_is_the_mean_relative_loss_fall_and_the_signed_metric_change():
+    from auxloss.experiment.probe import race
+
+    base = [{"step": 5, "loss": 2.0, "metric": 0.50}, {"step": 8, "loss": 1.0, "metric": 0.60}]
+    cand = [{"step": 5, "loss": 1.5, "metric": 0.55}, {"step": 8, "loss": 1.2, "metric": 0.58}]
+    r = race(base, cand)
+    assert r["loss_gain"] == pytest.approx(((2.0 - 1.5) / 2.0 + (1.0 - 1.2) / 1.0) / 2)  # (0.25 - 0.2) / 2
+    assert r["metric_delta"] == pytest.approx(((0.55 - 0.50) + (0.58 - 0.60)) / 2)
+    lower = race(base, cand, higher_is_better=False)  # an error metric: a rise is worse
+    assert lower["metric_delta"] == pytest.approx(-r["metric_delta"])
+    no_metric = race([{**b, "metric": None} for b in base], [{**c, "metric": None} for c in cand])
+    assert no_metric["metric_delta"] is None and no_metric["loss_gain"] == pytest.approx(r["loss_gain"])
+    with pytest.raises(al.AuxLossError, match="same steps"):
+        race(base, cand[:1])
+
+
+def test_a_candidate_at_weight_zero_ties_the_baseline_exactly(tmp_path):
+    # The race is paired: same weights, same batches, same optimizer. A task at weight 0 adds exact zeros to the
+    # gradient, so its run is the baseline's, step for step, and the race must say so to the last bit.
+    cfg = parse_config({
+        "name": "probe-zero",
+        "data": {"name": "shapes", "n_train": 128, "n_val": 64, "n_test": 32, "batch_size": 32,
+                 "params": {"image_size": 16}},
+        "model": {"name": "small_cnn", "params": {"width": 4}},
+        "train": {"epochs": 3},
+        "variants": [{"name": "off", "taps": {"c": {"layer": "block2", "head": {"type": "linear"}}},
+                      "tasks": [{"name": "c", "source": "c", "target": "colour", "weight": 0.0}]}],
+    })
+    summary = run_probe(cfg, tmp_path, steps=8, every=4)
+    (off,) = summary["candidates"]
+    assert [v["loss"] for v in off["validation"]] == [v["loss"] for v in summary["baseline"]["validation"]]
+    assert off["loss_gain"] == 0.0 and off["metric_delta"] == 0.0 and not off["recommended"]

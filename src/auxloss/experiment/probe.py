@@ -1,7 +1,14 @@
 """Choose auxiliary tasks before a full experiment: ``auxloss probe CONFIG``.
 
-Each variant of the config is a candidate. For each one, a short run (a few hundred steps, one seed) trains the
-main task with the candidate's auxiliary tasks and measures, every few steps, on the current batch:
+Each variant of the config is a candidate. The probe runs a short **paired race**: the baseline and every candidate
+train for the same number of steps, on one seed, from the same initial weights and in the same batch order (the
+experiment's own pairing), and each reads the main task's loss and metric on the *validation* split at three points
+in the second half of its run. A candidate's score is the change of the held-out main metric against the
+baseline's at the same steps, averaged over the three points (the relative fall of the held-out main loss breaks
+ties, and scores a main task without a metric); it is recommended when the score is positive. This is the full
+experiment's question, asked on a shorter run of one seed.
+
+Along the way, every few steps and on the current batch, it also measures diagnostics that say *why*:
 
 - the **gradient cosine** between the main task's and the auxiliary task's gradients on the shared parameters;
 - the **look-ahead affinity** of Fifty et al. 2021 ("Efficiently Identifying Task Groupings", TAG): take one SGD
@@ -11,9 +18,12 @@ main task with the candidate's auxiliary tasks and measures, every few steps, on
   learned almost at once is *too easy* (it stops shaping the features); one whose loss barely moves is *too
   hard* (or unrelated to what the trunk can represent).
 
-Candidates are ranked by affinity and the ones worth a full experiment are recommended. When the same output
-folder (or ``--results``) holds a finished experiment's ``results.json``, the probe's ranking is compared with the
-full experiment's deltas (Spearman's rank correlation).
+The affinity and the cosine used to be the score. Checked against full experiments
+(``benchmarks/probe_validation.py``) they ranked the candidates no better than chance: one look-ahead step early in
+training barely moves the main loss, and deep supervision's benefit builds up over many steps.
+
+When the same output folder (or ``--results``) holds a finished experiment's ``results.json``, the probe's ranking
+is compared with the full experiment's deltas (Spearman's rank correlation).
 """
 
 from __future__ import annotations
@@ -33,7 +43,8 @@ from auxloss.experiment.config import ExperimentConfig
 from auxloss.taps import AuxModel, Outputs
 from auxloss.tasks import batch_as_dict
 
-__all__ = ["DEFAULT_BUDGET", "experiment_steps", "plan_probe", "probe_variant", "run_probe"]
+__all__ = ["DEFAULT_BUDGET", "experiment_steps", "plan_probe", "probe_variant", "race", "run_probe",
+           "run_steps"]
 
 
 def _shared_grads(model: nn.Module, main_loss: Tensor, aux_loss: Tensor
@@ -61,23 +72,53 @@ def _main_loss(objective: Any, outputs: Any, batch: Any) -> float:
     return float(task.loss_value(pred, target))
 
 
-def probe_variant(cfg: ExperimentConfig, variant: str, *, steps: int = 200, every: int = 10, seed: int = 0,
-                  lookahead_lr: float = 0.1) -> dict[str, Any]:
-    """Probe one candidate variant; returns its measurements per auxiliary task."""
+#: Where the race reads the held-out main loss, as fractions of the run's steps. Three readings in the second half,
+#: averaged, damp the noise of a single late reading; the first half is left out because every run starts from the
+#: same weights, so its readings say mostly how fast the runs start, not where they are heading.
+RACE_POINTS = (0.5, 0.75, 1.0)
+
+
+def _race_steps(steps: int) -> list[int]:
+    """The steps (1-based counts of finished steps) after which the race evaluates, for a run of ``steps``."""
+    return sorted({max(1, math.ceil(f * steps)) for f in RACE_POINTS})
+
+
+def _evaluation_cost(n_val: int, batch_size: int) -> int:
+    """One evaluation of the validation split, in training steps: a forward pass over ``n_val`` samples, and a
+    training step (forward and backward) on ``batch_size`` samples costs about three forwards."""
+    return max(1, math.ceil(n_val / (3 * batch_size)))
+
+
+def _validation_size(built: Any, cfg: ExperimentConfig) -> int:
+    try:
+        return len(built.loaders["val"].dataset)
+    except (TypeError, AttributeError):  # a stream: the config's size
+        return cfg.data.n_val
+
+
+def _short_run(cfg: ExperimentConfig, variant: str, *, steps: int, seed: int, every: int | None = None,
+               lookahead_lr: float = 0.1) -> dict[str, Any]:
+    """Train ``variant`` (or the baseline) for ``steps`` steps from the run's own start, reading the main task's
+    validation loss and metric at :func:`_race_steps`; with ``every``, measure the diagnostics every ``every``
+    steps."""
     from auxloss.experiment.build import build_run
     from auxloss.train.batches import move_to
 
     built = build_run(cfg, variant, seed, device="cpu", check_weights=False)  # a shortened run on purpose
     model, objective = built.model, built.objective
-    if not isinstance(model, AuxModel) or not objective.aux_tasks:
+    probing = every is not None
+    if probing and (not isinstance(model, AuxModel) or not objective.aux_tasks):
         raise AuxLossError(f"variant {variant!r} has no auxiliary task to probe.")
     optimizer = built.trainer.build_optimizer(list(model.parameters()) + list(objective.parameters()))
-    names = [t.name for t in objective.aux_tasks]
+    names = [t.name for t in objective.aux_tasks] if probing else []
     cos: dict[str, list[float]] = {n: [] for n in names}
     affinity: dict[str, list[float]] = {n: [] for n in names}
     losses: dict[str, list[float]] = {n: [] for n in names}
     metrics: dict[str, list[float]] = {n: [] for n in names}
     shared_names: dict[str, list[str]] = {}
+    checkpoints = _race_steps(steps)
+    validation: list[dict[str, float | None]] = []
+    main = objective.main.name
     started = time.perf_counter()
     step = measurements = 0
     model.train()
@@ -88,8 +129,8 @@ def probe_variant(cfg: ExperimentConfig, variant: str, *, steps: int = 200, ever
             batch = move_to(batch, "cpu")
             x = objective.inputs(batch)
             report = objective(model(x), batch)
-            main_loss = report.losses[objective.main.name]
-            if step % every == 0:
+            main_loss = report.losses[main]
+            if probing and step % every == 0:
                 measurements += 1
                 for name in names:
                     aux_loss = report.losses[name]
@@ -113,21 +154,57 @@ def probe_variant(cfg: ExperimentConfig, variant: str, *, steps: int = 200, ever
             optimizer.step()
             objective.advance()
             step += 1
+            if step in checkpoints:
+                values = built.trainer.evaluate(model, objective, built.loaders["val"])
+                validation.append({"step": step, "loss": values[f"loss/{main}"],
+                                   "metric": values.get(f"metric/{main}")})
     seconds = time.perf_counter() - started
-    tasks = {}
-    for name in names:
-        task = next(t for t in objective.aux_tasks if t.name == name)
-        tasks[name] = _summarise(cos[name], affinity[name], losses[name], metrics[name],
-                                 bounded_accuracy=task.higher_is_better and task.metric_name in
-                                 ("accuracy", "binary_accuracy"))
-        tasks[name]["shared_parameters"] = len(shared_names.get(name, []))
+    n_val = _validation_size(built, cfg)
+    evaluation = _evaluation_cost(n_val, cfg.data.batch_size)
+    out: dict[str, Any] = {
+        "variant": variant, "steps": steps, "validation": validation, "seconds": seconds,
+        "higher_is_better": objective.main.higher_is_better,
+        "step_equivalents": steps + measurements * _measurement_cost(len(names)) + len(validation) * evaluation}
     try:
-        batches = len(built.loaders["train"])
+        out["batches_per_epoch"] = len(built.loaders["train"])
     except TypeError:  # a stream: the full experiment's length is unknown
-        batches = None
-    return {"variant": variant, "steps": steps, "measurements": measurements, "every": every,
-            "step_equivalents": steps + measurements * _measurement_cost(len(names)), "seconds": seconds,
-            "batches_per_epoch": batches, "tasks": tasks}
+        out["batches_per_epoch"] = None
+    if probing:
+        tasks = {}
+        for name in names:
+            task = next(t for t in objective.aux_tasks if t.name == name)
+            tasks[name] = _summarise(cos[name], affinity[name], losses[name], metrics[name],
+                                     bounded_accuracy=task.higher_is_better and task.metric_name in
+                                     ("accuracy", "binary_accuracy"))
+            tasks[name]["shared_parameters"] = len(shared_names.get(name, []))
+        out.update(measurements=measurements, every=every, tasks=tasks)
+    return out
+
+
+def probe_variant(cfg: ExperimentConfig, variant: str, *, steps: int = 200, every: int = 10, seed: int = 0,
+                  lookahead_lr: float = 0.1) -> dict[str, Any]:
+    """Probe one candidate variant: its short run's held-out main loss at the race's points, and the diagnostics
+    per auxiliary task."""
+    return _short_run(cfg, variant, steps=steps, seed=seed, every=every, lookahead_lr=lookahead_lr)
+
+
+def race(baseline: list[dict[str, Any]], candidate: list[dict[str, Any]], *,
+         higher_is_better: bool = True) -> dict[str, Any]:
+    """The candidate against the baseline at the same steps: the mean relative fall of the held-out main loss,
+    ``mean_i (L_base,i − L_cand,i) / L_base,i`` (positive: the candidate generalises better), and the mean change
+    of the main metric, signed so that positive is better."""
+    if [b["step"] for b in baseline] != [c["step"] for c in candidate] or not baseline:
+        raise AuxLossError("the race compares the baseline and a candidate at the same steps; they were read at "
+                           f"{[b['step'] for b in baseline]} and {[c['step'] for c in candidate]}.")
+    gains = [(b["loss"] - c["loss"]) / abs(b["loss"]) if b["loss"] else 0.0 for b, c in zip(baseline, candidate)]
+    sign = 1.0 if higher_is_better else -1.0
+    if all(b["metric"] is not None and c["metric"] is not None for b, c in zip(baseline, candidate)):
+        deltas = [sign * (c["metric"] - b["metric"]) for b, c in zip(baseline, candidate)]
+        metric_delta: float | None = sum(deltas) / len(deltas)
+    else:
+        metric_delta = None
+    return {"loss_gain": sum(gains) / len(gains), "metric_delta": metric_delta,
+            "steps": [b["step"] for b in baseline]}
 
 
 def _lookahead(model: nn.Module, objective: Any, batch: Any, x: Any, shared: list[tuple[str, nn.Parameter]],
@@ -188,50 +265,59 @@ def _measurement_cost(n_aux: int) -> int:
 
 def experiment_steps(cfg: ExperimentConfig) -> int:
     """Training steps of the full experiment: every variant and the baseline, every seed, every epoch."""
+    return run_steps(cfg) * cfg.seeds * (len(cfg.variants) + 1)
+
+
+def run_steps(cfg: ExperimentConfig) -> int:
+    """Training steps of one run of the experiment (one variant, one seed)."""
     n_train, batch = cfg.data.n_train, cfg.data.batch_size
     per_epoch = n_train // batch if n_train > batch else 1  # the loader drops a last partial batch (build_run)
-    return per_epoch * cfg.train.epochs * cfg.seeds * (len(cfg.variants) + 1)
+    return per_epoch * cfg.train.epochs
 
 
-#: The probe's default budget: its cost, counted in training steps (measurements included, see
-#: :func:`_measurement_cost`), is at most this fraction of the full experiment's training steps.
+#: The probe's default budget: its cost, counted in training steps (measurements and evaluations included, see
+#: :func:`_measurement_cost` and :func:`_evaluation_cost`), is at most this fraction of the full experiment's
+#: training steps.
 DEFAULT_BUDGET = 0.2
-MAX_STEPS = 200  # a bigger budget buys no more than this per candidate: the measurements have settled by then
-MIN_STEPS = 10   # below this the learning curve says nothing; a config too small for it is probed over budget
+MIN_STEPS = 10   # below this the race says nothing; a config too small for it is probed over budget
 
 
 def plan_probe(cfg: ExperimentConfig, budget: float = DEFAULT_BUDGET, *, steps: int | None = None,
                every: int | None = None) -> dict[str, Any]:
-    """Steps per candidate and measurement interval that keep the probe within ``budget`` of the experiment.
+    """Steps per run and measurement interval that keep the probe within ``budget`` of the experiment.
 
-    Every candidate gets the same number of steps (a fair ranking). With ``steps`` given it is used as it is (the
-    cost is then only reported). Otherwise the largest ``steps`` (at most :data:`MAX_STEPS`) whose cost,
-    ``Σ_c steps + measurements · 2·K_c`` over the candidates, fits ``budget · experiment_steps``, with about 10
-    measurements per candidate (5, then 3, when the budget is tight). A config so small that not even
+    The race trains the baseline and every candidate for the same number of steps (a fair comparison), and
+    evaluates each run's validation split :data:`RACE_POINTS` times. With ``steps`` given it is used as it is (the
+    cost is then only reported). Otherwise ``steps`` is the largest number, at most one run of the experiment,
+    whose cost ``(C + 1)·(steps + 3·eval) + Σ_c measurements · 2·K_c`` fits ``budget · experiment_steps``, with 5
+    diagnostic measurements per candidate (3 when the budget is tight). A config so small that not even
     :data:`MIN_STEPS` fit is probed with :data:`MIN_STEPS` and 3 measurements, and ``over_budget`` says so.
     """
     if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
         raise AuxLossError(f"budget must be a fraction of the experiment's training steps in (0, 1], got {budget!r};"
                            " the default is 0.2.")
     ks = [len(v.tasks) for v in cfg.variants if v.tasks]
+    runs = len(ks) + 1  # every candidate and the baseline
     full = experiment_steps(cfg)
     allowance = budget * full
+    evaluations = runs * len(RACE_POINTS) * _evaluation_cost(cfg.data.n_val, cfg.data.batch_size)
     over = False
     if steps is None:
-        for n_meas in (10, 5, 3):
-            fit = int((allowance - sum(n_meas * _measurement_cost(k) for k in ks)) // max(1, len(ks)))
+        for n_meas in (5, 3):
+            fit = int((allowance - evaluations - sum(n_meas * _measurement_cost(k) for k in ks)) // runs)
             if fit >= max(MIN_STEPS, n_meas):
                 break
-        steps = min(MAX_STEPS, fit)
-        if steps < MIN_STEPS:
-            steps, n_meas, over = MIN_STEPS, 3, True
+        steps = min(run_steps(cfg), fit)
+        if steps < MIN_STEPS:  # never longer than a run of the experiment itself
+            steps, n_meas, over = min(MIN_STEPS, run_steps(cfg)), 3, True
         every = every if every is not None else -(-steps // n_meas)
     elif every is None:
-        every = 10
+        every = -(-steps // 5) if isinstance(steps, int) and steps > 0 else steps
     if not isinstance(steps, int) or steps < 1 or not isinstance(every, int) or every < 1:
         raise AuxLossError(f"steps and every must be positive integers, got steps={steps!r}, every={every!r}.")
     measurements = -(-steps // every)
-    cost = sum(steps + measurements * _measurement_cost(k) for k in ks)
+    evaluations = runs * len(_race_steps(steps)) * _evaluation_cost(cfg.data.n_val, cfg.data.batch_size)
+    cost = runs * steps + evaluations + sum(measurements * _measurement_cost(k) for k in ks)
     return {"steps": steps, "every": every, "budget": budget, "experiment_steps": full, "probe_steps": cost,
             "cost_fraction": cost / full if full else None, "over_budget": over or cost > allowance}
 
@@ -239,42 +325,52 @@ def plan_probe(cfg: ExperimentConfig, budget: float = DEFAULT_BUDGET, *, steps: 
 def run_probe(cfg: ExperimentConfig, out: str | Path, *, steps: int | None = None, every: int | None = None,
               seed: int = 0, lookahead_lr: float = 0.1, results: str | Path | None = None,
               budget: float = DEFAULT_BUDGET) -> dict[str, Any]:
-    """Probe every variant of ``cfg``, rank the candidates, and write ``probe.json`` and ``probe.md``.
+    """Race every variant of ``cfg`` against the baseline, rank the candidates, and write ``probe.json`` and
+    ``probe.md``.
 
     By default the probe costs at most ``budget`` (20%) of the full experiment's training steps
     (:func:`plan_probe`); ``steps``/``every`` override the plan.
     """
+    from auxloss.experiment.spec import BASELINE
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if not cfg.variants:
         raise AuxLossError("the config lists no variants: each variant is a candidate auxiliary task to probe.")
     plan = plan_probe(cfg, budget, steps=steps, every=every)
     steps, every = plan["steps"], plan["every"]
+    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    base = _short_run(cfg, BASELINE, steps=steps, seed=seed)
     candidates = []
     for variant in cfg.variants:
         if not variant.tasks:
             continue
         probed = probe_variant(cfg, variant.name, steps=steps, every=every, seed=seed, lookahead_lr=lookahead_lr)
+        raced = race(base["validation"], probed["validation"], higher_is_better=probed["higher_is_better"])
         tasks = probed["tasks"].values()
-        score = sum(t["affinity"] for t in tasks) / len(tasks)
         cosine = sum(t["cosine"] for t in tasks) / len(tasks)
         learning = sorted({t["learning"] for t in tasks})
-        recommend = score > 0 and cosine > 0 and "too hard" not in learning
-        candidates.append({"variant": variant.name, "score": score, "cosine": cosine, "learning": learning,
-                           "recommended": recommend, **probed})
-    candidates.sort(key=lambda c: c["score"], reverse=True)
+        # The score is the main metric's change, the quantity the full experiment compares; the held-out loss
+        # stands in for a main task without a metric and breaks ties. The loss alone misled: on the shapes demo a
+        # shuffled-label task lowered the held-out loss (its noise made the main head less confident) while it
+        # cost accuracy, as it did in the full experiment (-23 points).
+        score = raced["metric_delta"] if raced["metric_delta"] is not None else raced["loss_gain"]
+        candidates.append({"variant": variant.name, "score": score, "loss_gain": raced["loss_gain"],
+                           "metric_delta": raced["metric_delta"], "cosine": cosine,
+                           "affinity": sum(t["affinity"] for t in tasks) / len(tasks), "learning": learning,
+                           "recommended": score > 0, **probed})
+    candidates.sort(key=lambda c: (c["score"], c["loss_gain"]), reverse=True)
     for rank, c in enumerate(candidates, 1):
         c["rank"] = rank
     seconds = time.perf_counter() - started
     summary: dict[str, Any] = {"name": cfg.name, "steps": steps, "every": every, "seed": seed,
-                               "lookahead_lr": lookahead_lr, "seconds": seconds, "candidates": candidates, **plan}
-    # Counted, not estimated: the steps and measurements actually made, against the experiment's steps.
-    summary["probe_steps"] = sum(c["step_equivalents"] for c in candidates)
+                               "lookahead_lr": lookahead_lr, "seconds": seconds, "baseline": base,
+                               "candidates": candidates, **plan}
+    # Counted, not estimated: the steps, measurements and evaluations actually made, against the experiment's.
+    summary["probe_steps"] = base["step_equivalents"] + sum(c["step_equivalents"] for c in candidates)
     full = plan["experiment_steps"]
-    measured = [c["batches_per_epoch"] for c in candidates if c.get("batches_per_epoch")]
-    if measured:  # the training loader's own length (the user's data ignores data.n_train)
-        full = measured[0] * cfg.train.epochs * cfg.seeds * (len(cfg.variants) + 1)
+    if base.get("batches_per_epoch"):  # the training loader's own length (the user's data ignores data.n_train)
+        full = base["batches_per_epoch"] * cfg.train.epochs * cfg.seeds * (len(cfg.variants) + 1)
         summary["experiment_steps"] = full
     summary["cost_fraction"] = summary["probe_steps"] / full if full else None
     summary["cost_fraction_estimate"] = summary["cost_fraction"]  # the former key
@@ -293,10 +389,15 @@ def agreement(candidates: list[dict[str, Any]], results: dict[str, Any]) -> dict
     deltas = {c["variant"]: c["delta"] for c in results.get("comparisons", [])}
     if not results.get("higher_is_better", True):
         deltas = {k: -v for k, v in deltas.items()}
-    both = [(c["score"], deltas[c["variant"]]) for c in candidates if c["variant"] in deltas]
-    entry: dict[str, Any] = {"variants": [c["variant"] for c in candidates if c["variant"] in deltas],
-                             "deltas": [d for _, d in both], "scores": [s for s, _ in both]}
-    if len(both) >= 3:
+    # The probe's ranking, ties in the score broken as the ranking breaks them (by the held-out loss).
+    shared = [c for c in candidates if c["variant"] in deltas]
+    both = [(-c["rank"] if "rank" in c else c["score"], deltas[c["variant"]]) for c in shared]
+    entry: dict[str, Any] = {"variants": [c["variant"] for c in shared], "deltas": [d for _, d in both],
+                             "scores": [c["score"] for c in shared]}
+    if len(both) >= 3 and len({d for _, d in both}) == 1:
+        entry["spearman_rho"], entry["p_value"] = None, None
+        entry["note"] = "every measured delta is the same: no rank correlation"
+    elif len(both) >= 3:
         rho = spearmanr([s for s, _ in both], [d for _, d in both])
         entry["spearman_rho"], entry["p_value"] = float(rho.statistic), float(rho.pvalue)
     else:
@@ -307,27 +408,41 @@ def agreement(candidates: list[dict[str, Any]], results: dict[str, Any]) -> dict
     return entry
 
 
+def _signed(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{scale * value:+.{digits}f}"
+
+
 def format_probe(summary: dict[str, Any]) -> str:
+    steps = summary["steps"]
+    points = _race_steps(steps)
     lines = [f"# Probe: {summary['name']}", "",
-             f"{summary['steps']} steps per candidate, seed {summary['seed']}, {summary['seconds']:.0f} s in all.",
-             "", "| rank | candidate | task | affinity Z | cosine | cos > 0 | loss fall | learning | recommended |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             (f"The baseline and every candidate trained {steps} steps on seed {summary['seed']}, from the same "
+             f"weights and in the same batch order; the main task's validation loss and metric were read after "
+             f"steps {', '.join(map(str, points))} and averaged. {summary['seconds']:.0f} s in all."), "",
+             ("| rank | candidate | held-out main loss vs baseline | main metric Δ | recommended | task | affinity Z "
+             "| cosine | cos > 0 | loss fall | learning |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in summary["candidates"]:
         for task, t in c["tasks"].items():
-            lines.append(f"| {c['rank']} | {c['variant']} | {task} | {t['affinity']:+.4f} | {t['cosine']:+.3f} | "
-                         f"{t['cosine_positive_fraction']:.0%} | {t['loss_fall']:.0%} | {t['learning']} | "
-                         f"{'yes' if c['recommended'] else 'no'} |")
+            lines.append(f"| {c['rank']} | {c['variant']} | {_signed(-c['loss_gain'], 100, 1)}% | "
+                         f"{_signed(c.get('metric_delta'), 1.0, 4)} | {'yes' if c['recommended'] else 'no'} | "
+                         f"{task} | {t['affinity']:+.4f} | {t['cosine']:+.3f} | {t['cosine_positive_fraction']:.0%} "
+                         f"| {t['loss_fall']:.0%} | {t['learning']} |")
     rec = [c["variant"] for c in summary["candidates"] if c["recommended"]]
     lines += ["", "Recommended for a full experiment: " + (", ".join(rec) if rec else
-              "none: every candidate's look-ahead step raises the main loss or is not learnable."), ""]
+              "none: no candidate raised the main task's held-out metric above the baseline's."),
+              "", ("Candidates are ranked by the main metric's change (positive: better than the baseline at the "
+              "same steps; ties broken by the held-out loss, where negative is better). The affinity, cosine and learning columns are diagnostics measured on training "
+              "batches; they do not enter the ranking."), ""]
     if summary.get("cost_fraction") is not None:
         budget = summary.get("budget")
         lines.append(f"The probe cost {summary['cost_fraction']:.1%} of the full experiment's training steps "
-                     f"({summary.get('probe_steps')} of {summary.get('experiment_steps')}, measurements included)"
+                     f"({summary.get('probe_steps')} of {summary.get('experiment_steps')}, the baseline's run, "
+                     "measurements and evaluations included)"
                      + (f"; budget {budget:.0%}." if budget is not None else "."))
         if summary.get("over_budget"):
-            lines.append(f"Over budget: the experiment is too small for a probe of {MIN_STEPS} steps per candidate "
-                         "within it; read the ranking as a rough guide.")
+            lines.append(f"Over budget: the experiment is too small for a probe of {MIN_STEPS} steps per run within "
+                         "it; read the ranking as a rough guide.")
     ag = summary.get("agreement")
     if ag:
         rho = ag.get("spearman_rho")
