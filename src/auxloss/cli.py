@@ -479,18 +479,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", action="store_true", help="also search when each task enters (a curriculum)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("probe", help="rank candidate auxiliary tasks with a short run",
-                       description="Each variant of CONFIG is a candidate. A short run per candidate measures its "
-                                   "gradient cosine with the main task, its look-ahead affinity (Fifty et al. 2021) "
-                                   "and how fast it is learned, then ranks the candidates.")
+    p = sub.add_parser("probe", help="rank candidate auxiliary tasks with a short paired race",
+                       description="Each variant of CONFIG is a candidate. The baseline and every candidate train "
+                                   "the same short run (one seed, same weights and batches); candidates are ranked "
+                                   "by the main task's held-out metric against the baseline's. Gradient cosine, "
+                                   "look-ahead affinity (Fifty et al. 2021) and learnability are reported as "
+                                   "diagnostics.")
     p.add_argument("config", nargs="?", default=None, help="YAML config file (or --demo NAME)")
     p.add_argument("--demo", default=None, help="probe a built-in demo's config (auxloss demo --list)")
     p.add_argument("--quick", action="store_true", help="with --demo: the demo's quick config")
     p.add_argument("--budget", type=float, default=0.2,
                    help="the most the probe may cost, as a fraction of the experiment's training steps (default 0.2)")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps per candidate (default: as many as the budget allows, at most 200)")
-    p.add_argument("--every", type=int, default=None, help="measure every N steps (default: about 10 per candidate)")
+                   help="training steps per run (default: as many as the budget allows, at most one run of "
+                        "the experiment)")
+    p.add_argument("--every", type=int, default=None,
+                   help="measure the diagnostics every N steps (default: 5 times per candidate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lookahead-lr", type=float, default=0.1, help="SGD step size of the look-ahead")
     p.add_argument("--results", default=None, help="a finished experiment folder to compare the ranking with")

@@ -372,3 +372,24 @@ def test_gap_recomputed_in_the_metric_direction_passed_in(tmp_path: Path) -> Non
     section = (tmp_path / "second" / "report.md").read_text(encoding="utf-8").split("## Overfitting", 1)[1]
     assert "The baseline ends with a gap of 0.02000 (3 seeds)." in section
     assert "deep-supervision ends with a gap of 0.01000, -0.01000 vs the baseline: less overfitting" in section
+
+
+def test_curve_bands_stay_within_the_metric_range() -> None:
+    # Two seeds at 0.98 and 1.0: the t-band (t_0.975,1 = 12.7) reaches far past 1; drawn, it is cut at 1 and 0.
+    pytest.importorskip("matplotlib")
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from auxloss.experiment.report.figures import _difference_bounds, _plot_band
+
+    ax = Figure().add_subplot()
+    mat = np.array([[0.5, 0.98], [0.02, 1.0]])  # seeds x epochs
+    _plot_band(ax, np.array([1, 2]), mat, lambda a: a, "v", (0.0, 1.0), color="red")
+    (poly,) = ax.collections
+    ys = poly.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(0.0, abs=1e-12) and ys.max() == pytest.approx(1.0, abs=1e-12)
+    ax2 = Figure().add_subplot()
+    _plot_band(ax2, np.array([1, 2]), mat, lambda a: a, "v", color="red")  # unbounded: the raw t-band
+    assert ax2.collections[0].get_paths()[0].vertices[:, 1].max() > 1.1
+    assert _difference_bounds((0.0, 1.0)) == (-1.0, 1.0)
+    assert _difference_bounds((-np.inf, np.inf)) == (-np.inf, np.inf)

@@ -18,6 +18,7 @@ import numpy as np
 from auxloss.errors import AuxLossError
 from auxloss.experiment.report.context import ReportContext, band, seed_lookup, sort_seeds, variant_summary
 from auxloss.experiment.report.formatting import as_float, ci_pair
+from auxloss.experiment.stats import metric_bounds
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -64,8 +65,12 @@ def _grid(n: int, w: float = 4.6, h: float = 3.4) -> tuple[Figure, list[Any]]:
     return fig, axes
 
 
-def _plot_band(ax: Any, x: np.ndarray, mat: np.ndarray, scale: Any, label: str, **style: Any) -> np.ndarray:
+def _plot_band(ax: Any, x: np.ndarray, mat: np.ndarray, scale: Any, label: str,
+               bounds: tuple[float, float] = (-math.inf, math.inf), **style: Any) -> np.ndarray:
+    """The mean curve over seeds and its 95% band, the band cut to ``bounds`` (the values the quantity can take:
+    a t-band around an accuracy near 1 reaches past it)."""
     mean, lo, hi = band(mat)
+    lo, hi = np.clip(lo, *bounds), np.clip(hi, *bounds)
     ax.plot(x, scale(mean), label=_label(label), **style)
     ok = np.isfinite(lo) & np.isfinite(hi)
     if ok.any():
@@ -90,7 +95,7 @@ def learning_curves(ctx: ReportContext, path: Path) -> bool:
         if cur is None:
             continue
         x, mat = cur
-        mean = _plot_band(ax, x, mat, ctx.fmt.scale, v, **ctx.style(v))
+        mean = _plot_band(ax, x, mat, ctx.fmt.scale, v, metric_bounds(ctx.fmt.metric), **ctx.style(v))
         # Mark each seed's best epoch on the mean curve: shows how early the selected checkpoints were.
         bx, by = [], []
         for seed in sort_seeds(ctx.runs(v)):
@@ -112,6 +117,12 @@ def learning_curves(ctx: ReportContext, path: Path) -> bool:
     return True
 
 
+def _difference_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
+    """The range of a difference of two values in ``bounds`` (the train-validation gap of an accuracy: [-1, 1])."""
+    width = bounds[1] - bounds[0]
+    return -width, width
+
+
 def gap(ctx: ReportContext, path: Path) -> bool:
     fig = _new_figure(figsize=(8, 4.8))
     ax = fig.add_subplot()
@@ -119,7 +130,8 @@ def gap(ctx: ReportContext, path: Path) -> bool:
     for v in ctx.order:
         cur = ctx.curve(v, "gap")
         if cur is not None:
-            _plot_band(ax, cur[0], cur[1], ctx.fmt.scale, v, **ctx.style(v))
+            _plot_band(ax, cur[0], cur[1], ctx.fmt.scale, v, _difference_bounds(metric_bounds(ctx.fmt.metric)),
+                       **ctx.style(v))
             drawn = True
     if not drawn:
         return False
