@@ -14,7 +14,7 @@ Cases:
 - ``multi-fashion``: the right garment as the auxiliary task of the left one, tapped after each of the three blocks,
   and the same labels shuffled (a task that says nothing).
 
-    python benchmarks/probe_validation.py [--cases shapes,deep-mlp,...] [--out DIR]
+    python benchmarks/probe_validation.py [--cases shapes,deep-mlp,...] [--out DIR] [--fresh]
 
 The last line printed is one JSON object.
 """
@@ -80,9 +80,11 @@ def cases() -> dict[str, Any]:
     return out
 
 
-def validate(name: str, cfg: Any, out: Path) -> dict[str, Any]:
+def validate(name: str, cfg: Any, out: Path, *, fresh: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
-    results = run_experiment(cfg, out / name, force=True)
+    # Without --fresh, a folder that already holds this experiment's finished runs is reused (a second look at the
+    # probe costs only the probe).
+    results = run_experiment(cfg, out / name, force=fresh)
     experiment_s = time.perf_counter() - started
     deltas = {c["variant"]: c["delta"] for c in results["comparisons"]}
     verdicts = {c["variant"]: c["verdict"] for c in results["comparisons"]}
@@ -110,13 +112,14 @@ def main() -> None:
     parser.add_argument("--cases", default="", help="comma-separated (default: all)")
     parser.add_argument("--out", default="runs/probe-validation")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fresh", action="store_true", help="retrain the experiments even if --out holds them")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     available = cases()
     chosen = [c.strip() for c in args.cases.split(",") if c.strip()] or list(available)
     rows = []
     for name in chosen:
-        row = validate(name, available[name](), Path(args.out))
+        row = validate(name, available[name](), Path(args.out), fresh=args.fresh)
         rows.append(row)
         print(f"{name}: rho {row['spearman_rho']}, hit rate {row['hit_rate']:.2f}, cost {row['cost_fraction']:.1%}",
               flush=True)

@@ -138,16 +138,18 @@ def test_the_plan_keeps_the_probe_within_its_budget():
     # 640 / 32 = 20 steps an epoch, 10 epochs, 3 seeds, 2 variants + the baseline
     assert run_steps(cfg) == 200 and experiment_steps(cfg) == 200 * 3 * 3 == 1800
     plan = plan_probe(cfg)
-    # budget 0.2 * 1800 = 360 step-equivalents. Three runs (baseline, one, two) with 3 evaluations of 32 validation
-    # samples each (ceil(32 / (3 * 32)) = 1 step apiece): 9. Five measurements cost 2 steps per auxiliary task:
-    # 5*2*1 + 5*2*2 = 30. So (360 - 9 - 30) // 3 = 107 steps per run, measured every ceil(107 / 5) = 22 steps.
-    assert (plan["steps"], plan["every"]) == (107, 22)
-    assert plan["probe_steps"] == 3 * 107 + 9 + 5 * 2 + 5 * 4 == 360
-    assert plan["cost_fraction"] == pytest.approx(0.2) and not plan["over_budget"]
+    # budget 0.2 * 1800 = 360 step-equivalents. Three runs (baseline, one, two), each evaluated 3 times, and the
+    # baseline once more at step 0, on 32 validation samples (ceil(32 / (3 * 32)) = 1 step apiece): 10. Five
+    # measurements cost 2 steps per auxiliary task: 5*2*1 + 5*2*2 = 30, within a tenth of the budget (36). So
+    # (360 - 10 - 30) // 3 = 106 steps per run, measured every ceil(106 / 5) = 22 steps.
+    assert (plan["steps"], plan["every"]) == (106, 22)
+    assert plan["probe_steps"] == 3 * 106 + 10 + 5 * 2 + 5 * 4 == 358
+    assert plan["cost_fraction"] == pytest.approx(358 / 1800) and not plan["over_budget"]
     whole = plan_probe(_budget_cfg(n_train=640, epochs=10), budget=1.0)
     assert whole["steps"] == 200  # never longer than one run of the experiment (200 steps)
-    tight = plan_probe(cfg, budget=0.04)  # 72: five measurements leave (72 - 9 - 30) // 3 = 11 steps, every 3
-    assert (tight["steps"], tight["every"]) == (11, 3) and tight["probe_steps"] == 33 + 9 + 4 * 2 + 4 * 4 <= 72
+    # 72: five measurements (30) would take more than a tenth; three (18) leave (72 - 10 - 18) // 3 = 14 steps
+    tight = plan_probe(cfg, budget=0.04)
+    assert (tight["steps"], tight["every"]) == (14, 5) and tight["probe_steps"] == 42 + 10 + 3 * 2 + 3 * 4 <= 72
     tiny = plan_probe(_budget_cfg(n_train=64, epochs=2, seeds=1))  # 2·2·1·3 = 12 steps in all: nothing fits
     assert tiny["steps"] == 4 and tiny["over_budget"]  # a whole run (4 steps), the most a race can use
     with pytest.raises(al.AuxLossError, match="budget must be"):
@@ -157,13 +159,36 @@ def test_the_plan_keeps_the_probe_within_its_budget():
 def test_the_probe_counts_its_own_steps(tmp_path):
     cfg = _budget_cfg(n_train=640, epochs=2)  # 20 · 2 · 3 · 3 = 360 steps; budget 72
     summary = run_probe(cfg, tmp_path)
-    # (72 - 9 - 30) // 3 = 11 steps per run, measured every 3: 4 measurements per candidate
-    assert [(c["steps"], c["measurements"]) for c in summary["candidates"]] == [(11, 4), (11, 4)]
-    assert summary["baseline"]["steps"] == 11 and len(summary["baseline"]["validation"]) == 3
-    counted = 11 + 3 + sum(c["steps"] + c["measurements"] * 2 * len(c["tasks"]) + 3 for c in summary["candidates"])
-    assert summary["probe_steps"] == counted == 66
-    assert summary["cost_fraction"] == pytest.approx(66 / 360)
+    # (72 - 10 - 18) // 3 = 14 steps per run, 3 measurements every 5 steps
+    assert [(c["steps"], c["measurements"]) for c in summary["candidates"]] == [(14, 3), (14, 3)]
+    base = summary["baseline"]
+    assert base["steps"] == 14 and [v["step"] for v in base["validation"]] == [7, 11, 14]
+    assert base["start"]["step"] == 0
+    counted = 14 + 4 + sum(c["steps"] + c["measurements"] * 2 * len(c["tasks"]) + 3 for c in summary["candidates"])
+    assert summary["probe_steps"] == counted == 70
+    assert summary["cost_fraction"] == pytest.approx(70 / 360)
+    assert summary["baseline_progress"] == pytest.approx(1 - base["validation"][-1]["loss"] / base["start"]["loss"])
     assert "of the full experiment's training steps" in (tmp_path / "probe.md").read_text()
+
+
+def test_a_race_too_short_to_move_the_baseline_says_so(tmp_path):
+    # A 2-layer MLP on digits learns fast: one step barely moves its held-out loss (0.6% here), 30 steps move it
+    # about 28%. Deterministic on CPU (fixed seed, one process), far from the 10% line either way.
+    cfg = parse_config({
+        "name": "digits-probe", "seeds": 1,
+        "data": {"name": "digits", "n_train": 256, "n_val": 128, "n_test": 64, "batch_size": 32,
+                 "params": {"flatten": True}},
+        "model": {"name": "deep_mlp", "params": {"hidden": 32, "depth": 2}},
+        "train": {"epochs": 4, "lr": 0.003, "optimizer": "adam", "eval_train": False},
+        "variants": [{"name": "ds", "taps": {"a": {"layer": "layers.0", "head": {"type": "linear"}}},
+                      "tasks": [{"name": "a", "source": "a", "weight": 0.3}]}]})
+    short = run_probe(cfg, tmp_path / "short", steps=1, every=1)
+    assert short["too_short"] and short["baseline_progress"] < 0.05
+    assert "Early in training" in (tmp_path / "short" / "probe.md").read_text()
+    longer = run_probe(cfg, tmp_path / "longer", steps=30, every=10)
+    assert longer["baseline_progress"] > 0.2 and not longer["too_short"]
+    text = (tmp_path / "longer" / "probe.md").read_text()
+    assert "Early in training" not in text and "the baseline's held-out main loss went from" in text
 
 
 def test_race_is_the_mean_relative_loss_fall_and_the_signed_metric_change():

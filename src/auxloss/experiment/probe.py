@@ -119,6 +119,10 @@ def _short_run(cfg: ExperimentConfig, variant: str, *, steps: int, seed: int, ev
     checkpoints = _race_steps(steps)
     validation: list[dict[str, float | None]] = []
     main = objective.main.name
+    start: dict[str, Any] | None = None
+    if not probing:  # the baseline is also read before training: how far the race got from the start
+        values = built.trainer.evaluate(model, objective, built.loaders["val"])
+        start = {"step": 0, "loss": values[f"loss/{main}"], "metric": values.get(f"metric/{main}")}
     started = time.perf_counter()
     step = measurements = 0
     model.train()
@@ -164,7 +168,10 @@ def _short_run(cfg: ExperimentConfig, variant: str, *, steps: int, seed: int, ev
     out: dict[str, Any] = {
         "variant": variant, "steps": steps, "validation": validation, "seconds": seconds,
         "higher_is_better": objective.main.higher_is_better,
-        "step_equivalents": steps + measurements * _measurement_cost(len(names)) + len(validation) * evaluation}
+        "step_equivalents": steps + measurements * _measurement_cost(len(names))
+        + (len(validation) + (start is not None)) * evaluation}
+    if start is not None:
+        out["start"] = start
     try:
         out["batches_per_epoch"] = len(built.loaders["train"])
     except TypeError:  # a stream: the full experiment's length is unknown
@@ -280,6 +287,9 @@ def run_steps(cfg: ExperimentConfig) -> int:
 #: training steps.
 DEFAULT_BUDGET = 0.2
 MIN_STEPS = 10   # below this the race says nothing; a config too small for it is probed over budget
+#: The least relative fall of the baseline's held-out main loss over the race below which probe.md warns that the race
+#: saw only the start of training.
+MIN_PROGRESS = 0.1
 
 
 def plan_probe(cfg: ExperimentConfig, budget: float = DEFAULT_BUDGET, *, steps: int | None = None,
@@ -289,8 +299,9 @@ def plan_probe(cfg: ExperimentConfig, budget: float = DEFAULT_BUDGET, *, steps: 
     The race trains the baseline and every candidate for the same number of steps (a fair comparison), and
     evaluates each run's validation split :data:`RACE_POINTS` times. With ``steps`` given it is used as it is (the
     cost is then only reported). Otherwise ``steps`` is the largest number, at most one run of the experiment,
-    whose cost ``(C + 1)·(steps + 3·eval) + Σ_c measurements · 2·K_c`` fits ``budget · experiment_steps``, with 5
-    diagnostic measurements per candidate (3 when the budget is tight). A config so small that not even
+    whose cost ``(C + 1)·(steps + 3·eval) + eval + Σ_c measurements · 2·K_c`` fits ``budget · experiment_steps``
+    (the baseline is also evaluated at step 0), with 5 diagnostic measurements per candidate, or 3 where 5 would
+    take more than a tenth of the budget. A config so small that not even
     :data:`MIN_STEPS` fit is probed with :data:`MIN_STEPS` and 3 measurements, and ``over_budget`` says so.
     """
     if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
@@ -300,13 +311,13 @@ def plan_probe(cfg: ExperimentConfig, budget: float = DEFAULT_BUDGET, *, steps: 
     runs = len(ks) + 1  # every candidate and the baseline
     full = experiment_steps(cfg)
     allowance = budget * full
-    evaluations = runs * len(RACE_POINTS) * _evaluation_cost(cfg.data.n_val, cfg.data.batch_size)
+    evaluation = _evaluation_cost(cfg.data.n_val, cfg.data.batch_size)
+    evaluations = (runs * len(RACE_POINTS) + 1) * evaluation  # the baseline is also read at step 0
     over = False
     if steps is None:
-        for n_meas in (5, 3):
-            fit = int((allowance - evaluations - sum(n_meas * _measurement_cost(k) for k in ks)) // runs)
-            if fit >= max(MIN_STEPS, n_meas):
-                break
+        # The diagnostics may take at most a tenth of the budget: the race's steps are what rank the candidates.
+        n_meas = 5 if sum(5 * _measurement_cost(k) for k in ks) <= 0.1 * allowance else 3
+        fit = int((allowance - evaluations - sum(n_meas * _measurement_cost(k) for k in ks)) // runs)
         steps = min(run_steps(cfg), fit)
         if steps < MIN_STEPS:  # never longer than a run of the experiment itself
             steps, n_meas, over = min(MIN_STEPS, run_steps(cfg)), 3, True
@@ -316,7 +327,7 @@ def plan_probe(cfg: ExperimentConfig, budget: float = DEFAULT_BUDGET, *, steps: 
     if not isinstance(steps, int) or steps < 1 or not isinstance(every, int) or every < 1:
         raise AuxLossError(f"steps and every must be positive integers, got steps={steps!r}, every={every!r}.")
     measurements = -(-steps // every)
-    evaluations = runs * len(_race_steps(steps)) * _evaluation_cost(cfg.data.n_val, cfg.data.batch_size)
+    evaluations = (runs * len(_race_steps(steps)) + 1) * evaluation
     cost = runs * steps + evaluations + sum(measurements * _measurement_cost(k) for k in ks)
     return {"steps": steps, "every": every, "budget": budget, "experiment_steps": full, "probe_steps": cost,
             "cost_fraction": cost / full if full else None, "over_budget": over or cost > allowance}
@@ -366,6 +377,11 @@ def run_probe(cfg: ExperimentConfig, out: str | Path, *, steps: int | None = Non
     summary: dict[str, Any] = {"name": cfg.name, "steps": steps, "every": every, "seed": seed,
                                "lookahead_lr": lookahead_lr, "seconds": seconds, "baseline": base,
                                "candidates": candidates, **plan}
+    # How far the baseline got: a race too short for the main task to leave where it started ranks noise. Read on
+    # the loss: a relative change of an accuracy that starts near zero is large after any step at all.
+    first, last = base["start"]["loss"], base["validation"][-1]["loss"]
+    summary["baseline_progress"] = 1.0 - last / first if first > 0 else None
+    summary["too_short"] = summary["baseline_progress"] is not None and summary["baseline_progress"] < MIN_PROGRESS
     # Counted, not estimated: the steps, measurements and evaluations actually made, against the experiment's.
     summary["probe_steps"] = base["step_equivalents"] + sum(c["step_equivalents"] for c in candidates)
     full = plan["experiment_steps"]
@@ -434,6 +450,17 @@ def format_probe(summary: dict[str, Any]) -> str:
               "", ("Candidates are ranked by the main metric's change (positive: better than the baseline at the "
               "same steps; ties broken by the held-out loss, where negative is better). The affinity, cosine and learning columns are diagnostics measured on training "
               "batches; they do not enter the ranking."), ""]
+    base = summary.get("baseline")
+    if base and base.get("start"):
+        start, end = base["start"], base["validation"][-1]
+        moved = f"the baseline's held-out main loss went from {start['loss']:.4g} to {end['loss']:.4g}"
+        if start["metric"] is not None and end["metric"] is not None:
+            moved += f" and its metric from {start['metric']:.4g} to {end['metric']:.4g}"
+        lines += [f"Over the race {moved}.", ""]
+    if summary.get("too_short"):
+        lines += [(f"**Early in training:** over the race the baseline's held-out main loss fell by less than "
+                   f"{MIN_PROGRESS:.0%} of where it started, so the race saw the start of training only and its "
+                   "ranking may not hold at the end. A larger --budget (or --steps) races further."), ""]
     if summary.get("cost_fraction") is not None:
         budget = summary.get("budget")
         lines.append(f"The probe cost {summary['cost_fraction']:.1%} of the full experiment's training steps "
