@@ -213,6 +213,33 @@ def test_amortized_gating_under_lightning_equals_auxloss_trainer():
 
 
 @needs_lightning
+@pytest.mark.parametrize("kind", ["gating", "metabalance"])
+def test_representation_mode_under_lightning_equals_auxloss_trainer(kind):
+    """Representation mode keeps the taps' outputs for one training forward, takes the statistics there and makes
+    one backward per micro-batch. Under Lightning the same weights must come out as under auxloss's Trainer, with
+    gradient accumulation (the statistics of each micro-batch, the update scaled by 1/accumulate), and MetaBalance's
+    moving averages carried from step to step."""
+    from auxloss.weighting.gating import CosineGating
+    from auxloss.weighting.metabalance import MetaBalance
+
+    def make():
+        strategy = CosineGating(mode="representation") if kind == "gating" else MetaBalance(mode="representation")
+        return build(weighting=strategy)
+
+    (_, _, model_l, obj_l), (model_a, obj_a) = fit_both(make, accumulate=2)
+    assert obj_l.weighting.n_backward_calls == obj_a.weighting.n_backward_calls == 8  # one backward per batch
+    assert_same_weights(model_l, model_a)
+    if kind == "metabalance":
+        sl, sa = obj_l.weighting.state_dict(), obj_a.weighting.state_dict()
+        assert sl.keys() == sa.keys() and sl  # the moving averages exist and match
+        for key in sl:
+            if isinstance(sl[key], torch.Tensor):
+                assert torch.equal(sl[key], sa[key]), key
+            else:
+                assert sl[key] == sa[key], key
+
+
+@needs_lightning
 def test_gradient_weighting_gets_lightnings_grad_scaler():
     """fp16 with a GradScaler (CPU autocast; Lightning's own "16-mixed" falls back to bf16 on CPU, so the plugin is
     given explicitly): the weighting must scale its per-task losses with Lightning's scaler, which then unscales
