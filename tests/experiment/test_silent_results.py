@@ -103,6 +103,28 @@ def test_an_early_build_error_leaves_no_claim_on_the_folder(tmp_path):
     assert json.loads((out / "results.json").read_text())["name"] == "silent"
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_an_error_in_training_cleans_a_fresh_folder_only_when_no_other_worker_may_use_it(tmp_path, monkeypatch,
+                                                                                       shared):
+    # A plain command that created the folder and fails before any run is done removes what it created. A worker
+    # started with AUXLOSS_SHARED_STORE=1 must not: another worker that found the same fresh folder may be training
+    # into that store (audit 2's note: shared-store workers on a fresh folder could remove it under each other).
+    from auxloss.experiment import runner
+
+    def failing(job, db):
+        raise AuxLossError("failed while training")
+
+    monkeypatch.setattr(runner, "_train_all", failing)
+    if shared:
+        monkeypatch.setenv("AUXLOSS_SHARED_STORE", "1")
+    else:
+        monkeypatch.delenv("AUXLOSS_SHARED_STORE", raising=False)
+    out = tmp_path / "out"
+    with pytest.raises(AuxLossError, match="failed while training"):
+        run_experiment(cfg(seeds=1), out)
+    assert (out / "results.sqlite").exists() == shared and (out / "config.yaml").exists() == shared
+
+
 def test_printed_intervals_stay_within_the_metrics_range():
     import math
 

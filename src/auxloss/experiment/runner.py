@@ -124,9 +124,10 @@ def run(
         if D.rank() != 0:
             return {}
         return _finish(exp, out, open_experiment_store(out, exp.name, store), command, started, tracker)
+    shared = os.environ.get("AUXLOSS_SHARED_STORE") == "1"
     local = _Local(exp, out, workers, device, force, progress, command, store, rerun_stale, started, devices,
-                   checkpoint_dir, mlflow)
-    with _single_command(out, shared=os.environ.get("AUXLOSS_SHARED_STORE") == "1"):
+                   checkpoint_dir, mlflow, shared)
+    with _single_command(out, shared=shared):
         return _run_local(local)
 
 
@@ -147,6 +148,7 @@ class _Local:
     devices: list[str] | None
     checkpoint_dir: str | Path | None
     mlflow: str | None
+    shared: bool = False  # AUXLOSS_SHARED_STORE=1: other workers may be using this folder's store right now
 
 
 @contextlib.contextmanager
@@ -218,7 +220,9 @@ def _run_local(job: _Local) -> dict[str, Any]:
     try:
         return _train_all(job, db)
     except AuxLossError:
-        if fresh and not db.runs("done"):
+        # A shared-store worker leaves the store alone: another worker that found the same fresh folder may be
+        # training into it, and none of its runs may be done yet.
+        if fresh and not job.shared and not db.runs("done"):
             for name in (STORE_FILE, STORE_FILE + "-wal", STORE_FILE + "-shm", "config.yaml", EXPERIMENT_FILE):
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / "runs", ignore_errors=True)
