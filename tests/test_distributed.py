@@ -44,3 +44,20 @@ def test_torchrun_two_processes_produce_results_json(tmp_path):
     # refused: a verdict about nothing.)
     history = [json.loads(line) for line in (out / "runs/late/seed0/epochs.jsonl").read_text().splitlines()]
     assert history[0]["train/weight/aux1"] == 0.0 and history[-1]["train/weight/aux1"] > 0.0
+
+
+def test_torchrun_respects_the_folders_lock_and_claims_nothing_when_refused(tmp_path):
+    # Another `auxloss run` holds the output folder (here: this test, holding the lock as a command does). A torchrun
+    # job on the same folder must refuse to start, as a plain command does, instead of resetting the other's runs.
+    import fcntl
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(TINY_YAML)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".run.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = torchrun(["-m", "auxloss", "run", str(cfg), "--out", str(out)], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "another `auxloss run` is working on" in proc.stderr + proc.stdout
+    assert not (out / "results.sqlite").exists() and not (out / "config.yaml").exists()

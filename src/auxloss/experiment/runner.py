@@ -113,18 +113,24 @@ def run(
         # owner only (the host, user and database name are still worth keeping private).
         write_atomic(out / STORE_URL_FILE, without_password(store) + "\n", mode=0o600)
     tracker = None
-    if D.init_from_env():
-        # Under torchrun: only rank 0 touches the store, the logs and the report.
-        if D.rank() == 0:
-            db = _prepare_store(exp, out, force, store)
-            tracker = _start_tracking(exp, db, out, mlflow, command, store, checkpoint_dir)
-        D.barrier()
-        distributed_loop(exp, out, device, checkpoint_dir, mlflow, store)
-        D.barrier()
-        if D.rank() != 0:
-            return {}
-        return _finish(exp, out, open_experiment_store(out, exp.name, store), command, started, tracker)
     shared = os.environ.get("AUXLOSS_SHARED_STORE") == "1"
+    if D.init_from_env():
+        # Under torchrun: only rank 0 touches the store, the logs and the report, and it holds the folder's lock
+        # for the whole job, as a plain command does (a second command on the folder would reset its runs). If it
+        # stops with an error, torchrun ends the other ranks waiting at the barrier.
+        with contextlib.ExitStack() as held:
+            if D.rank() == 0:
+                held.enter_context(_single_command(out, shared=shared))
+                if force or (not store and not (out / STORE_FILE).exists()):
+                    _preflight(exp)  # as a plain command: a broken config keeps the old results, claims nothing
+                db = _prepare_store(exp, out, force, store)
+                tracker = _start_tracking(exp, db, out, mlflow, command, store, checkpoint_dir)
+            D.barrier()
+            distributed_loop(exp, out, device, checkpoint_dir, mlflow, store)
+            D.barrier()
+            if D.rank() != 0:
+                return {}
+            return _finish(exp, out, open_experiment_store(out, exp.name, store), command, started, tracker)
     local = _Local(exp, out, workers, device, force, progress, command, store, rerun_stale, started, devices,
                    checkpoint_dir, mlflow, shared)
     with _single_command(out, shared=shared):
