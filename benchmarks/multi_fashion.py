@@ -235,9 +235,11 @@ def run_method(method: str, seed: int, data: dict, size: dict, libmtl: dict[str,
             "steps": timer.steps}
 
 
-def run_seed(seed: int, task: dict[str, Any], libmtl: dict[str, type] | None = None) -> dict[str, dict[str, Any]]:
-    """Every method on one seed, in an order that rotates with the seed; a method that fails is recorded, not
-    raised (one failure must not lose the others' results). Runs in a worker process with ``--jobs``."""
+def run_seed(seed: int, task: dict[str, Any], libmtl: dict[str, type] | None = None,
+             skip: set[str] | frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """Every method on one seed (but ``skip``, the ones that already failed on an earlier seed), in an order that
+    rotates with the seed; a method that fails is recorded, not raised (one failure must not lose the others'
+    results). Runs in a worker process with ``--jobs``."""
     torch.set_num_threads(task["threads"])
     if libmtl is None:  # a fresh worker process: LibMTL's modules are loaded again there
         libmtl = load_libmtl(task["libmtl"])[0] if task["libmtl"] else {}
@@ -247,6 +249,8 @@ def run_seed(seed: int, task: dict[str, Any], libmtl: dict[str, type] | None = N
     shift = seed % len(methods)
     results: dict[str, dict[str, Any]] = {}
     for m in methods[shift:] + methods[:shift]:
+        if m in skip:
+            continue
         try:
             out = run_method(m, seed, data, size, libmtl)
         except Exception as exc:  # noqa: BLE001
@@ -369,7 +373,10 @@ def main() -> None:
     task = {"methods": methods, "size": size, "root": args.root, "threads": args.threads,
             "libmtl": [] if args.no_libmtl else sorted({name for name, _ in LIBMTL_CLASSES.values()})}
     if jobs == 1:
-        per_seed = [run_seed(seed, task, libmtl) for seed in range(size["seeds"])]
+        per_seed = []
+        for seed in range(size["seeds"]):
+            failed = {m for results in per_seed for m, out in results.items() if "error" in out}
+            per_seed.append(run_seed(seed, task, libmtl, skip=failed))
     else:
         # One process per seed, `jobs` at a time, each with its own thread count: every ratio is still taken
         # between methods of one seed, run back to back in one process.

@@ -51,11 +51,13 @@ def test_torchrun_respects_the_folders_lock_and_claims_nothing_when_refused(tmp_
     # job on the same folder must refuse to start, as a plain command does, instead of resetting the other's runs.
     import fcntl
 
+    from auxloss.experiment.runner import LOCK_FILE
+
     cfg = tmp_path / "c.yaml"
     cfg.write_text(TINY_YAML)
     out = tmp_path / "out"
     out.mkdir()
-    with open(out / ".run.lock", "a") as held:
+    with open(out / LOCK_FILE, "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         proc = torchrun(["-m", "auxloss", "run", str(cfg), "--out", str(out)], cwd=tmp_path)
     assert proc.returncode != 0

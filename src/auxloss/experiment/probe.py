@@ -28,6 +28,7 @@ is compared with the full experiment's deltas (Spearman's rank correlation).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -42,6 +43,7 @@ from auxloss.errors import AuxLossError
 from auxloss.experiment.config import ExperimentConfig
 from auxloss.taps import AuxModel, Outputs
 from auxloss.tasks import batch_as_dict
+from auxloss.train.callbacks import Callback
 
 __all__ = ["DEFAULT_BUDGET", "experiment_steps", "plan_probe", "probe_variant", "race", "run_probe",
            "run_steps"]
@@ -96,95 +98,134 @@ def _validation_size(built: Any, cfg: ExperimentConfig) -> int:
         return cfg.data.n_val
 
 
+class _RaceOver(Exception):
+    """Raised by :class:`_Race` after the race's last step: the Trainer has no way to stop inside an epoch."""
+
+
+class _Race(Callback):
+    """Drives one probe run inside the experiment's own Trainer, so that the race is the first ``steps`` optimizer
+    steps of the experiment's run: the same optimizer, learning-rate schedule (built for the whole run), gradient
+    clipping, accumulation, AMP and weighting protocol.
+
+    After each optimizer step it records the auxiliary losses; at :func:`_race_steps` it reads the main task on the
+    validation split; with ``every`` it measures the diagnostics on the step's first micro-batch. Every reading and
+    measurement runs under ``torch.random.fork_rng``: the validation loader's seed draw (and anything else random)
+    must not shift the run's random stream, or a candidate's dropout would differ from the baseline's and the race
+    would no longer be paired.
+    """
+
+    def __init__(self, steps: int, val_loader: Any, *, every: int | None, names: list[str], lookahead_lr: float,
+                 read_start: bool) -> None:
+        self.steps, self.val_loader, self.every, self.names = steps, val_loader, every, names
+        self.lookahead_lr, self.read_start = lookahead_lr, read_start
+        self.checkpoints = set(_race_steps(steps))
+        self.validation: list[dict[str, Any]] = []
+        self.start: dict[str, Any] | None = None
+        self.cos: dict[str, list[float]] = {n: [] for n in names}
+        self.affinity: dict[str, list[float]] = {n: [] for n in names}
+        self.losses: dict[str, list[float]] = {n: [] for n in names}
+        self.metrics: dict[str, list[float]] = {n: [] for n in names}
+        self.shared_names: dict[str, list[str]] = {}
+        self.measurements = 0
+        self._measured_at = -1
+        self._batch: Any = None
+
+    def _read(self, trainer: Any) -> dict[str, Any]:
+        main = trainer.objective.main.name
+        with torch.random.fork_rng(devices=[]):
+            values = trainer.evaluate(trainer.model, trainer.objective, self.val_loader)
+        return {"step": trainer.global_step, "loss": values[f"loss/{main}"], "metric": values.get(f"metric/{main}")}
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if self.read_start:  # the baseline is also read before training: how far the race got from the start
+            self.start = self._read(trainer)
+
+    def on_train_batch_start(self, trainer: Any, batch: Any, batch_idx: int) -> None:
+        self._batch = batch
+
+    def on_before_backward(self, trainer: Any, report: Any) -> None:
+        step = trainer.global_step
+        if self.every is None or step % self.every or step == self._measured_at:
+            return
+        self._measured_at = step
+        self.measurements += 1
+        model, objective = trainer.model, trainer.objective
+        main_loss = report.losses[objective.main.name]
+        x = objective.inputs(self._batch)
+        with torch.random.fork_rng(devices=[]):
+            for name in self.names:
+                shared, g0, gk = _shared_grads(model, main_loss, report.losses[name])
+                if not shared:
+                    raise AuxLossError(f"task {name!r} shares no parameter with the main task: it cannot affect it. "
+                                       "Tap a layer of the trunk.")
+                self.shared_names[name] = [n for n, _ in shared]
+                v0 = torch.cat([g.flatten() for g in g0])
+                vk = torch.cat([g.flatten() for g in gk])
+                denom = float(v0.norm() * vk.norm())
+                self.cos[name].append(float(v0 @ vk) / denom if denom > 0 else 0.0)
+                self.affinity[name].append(_lookahead(model, objective, self._batch, x, shared, gk,
+                                                      self.lookahead_lr, float(main_loss.detach())))
+
+    def on_train_batch_end(self, trainer: Any, report: Any, batch_idx: int) -> None:
+        for name in self.names:
+            self.losses[name].append(float(report.losses[name].detach()))
+            if name in report.metrics:
+                self.metrics[name].append(float(report.metrics[name]))
+        if trainer.global_step in self.checkpoints:
+            self.validation.append(self._read(trainer))
+        if trainer.global_step >= self.steps:
+            raise _RaceOver
+
+
 def _short_run(cfg: ExperimentConfig, variant: str, *, steps: int, seed: int, every: int | None = None,
                lookahead_lr: float = 0.1) -> dict[str, Any]:
-    """Train ``variant`` (or the baseline) for ``steps`` steps from the run's own start, reading the main task's
-    validation loss and metric at :func:`_race_steps`; with ``every``, measure the diagnostics every ``every``
-    steps."""
+    """The first ``steps`` optimizer steps of ``variant``'s (or the baseline's) run on ``seed``, in the
+    experiment's own Trainer, reading the main task's validation loss and metric at :func:`_race_steps`; with
+    ``every``, measuring the diagnostics every ``every`` steps."""
     from auxloss.experiment.build import build_run
-    from auxloss.train.batches import move_to
 
     built = build_run(cfg, variant, seed, device="cpu", check_weights=False)  # a shortened run on purpose
-    model, objective = built.model, built.objective
+    model, objective, trainer = built.model, built.objective, built.trainer
     probing = every is not None
     if probing and (not isinstance(model, AuxModel) or not objective.aux_tasks):
         raise AuxLossError(f"variant {variant!r} has no auxiliary task to probe.")
-    optimizer = built.trainer.build_optimizer(list(model.parameters()) + list(objective.parameters()))
+    try:
+        batches: int | None = len(built.loaders["train"])
+    except TypeError:  # a stream: the full experiment's length is unknown
+        batches = None
+    if batches is not None:  # never past the end of the experiment's run
+        steps = min(steps, trainer.epochs * max(1, math.ceil(batches / trainer.accumulate)))
     names = [t.name for t in objective.aux_tasks] if probing else []
-    cos: dict[str, list[float]] = {n: [] for n in names}
-    affinity: dict[str, list[float]] = {n: [] for n in names}
-    losses: dict[str, list[float]] = {n: [] for n in names}
-    metrics: dict[str, list[float]] = {n: [] for n in names}
-    shared_names: dict[str, list[str]] = {}
-    checkpoints = _race_steps(steps)
-    validation: list[dict[str, float | None]] = []
-    main = objective.main.name
-    start: dict[str, Any] | None = None
-    if not probing:  # the baseline is also read before training: how far the race got from the start
-        values = built.trainer.evaluate(model, objective, built.loaders["val"])
-        start = {"step": 0, "loss": values[f"loss/{main}"], "metric": values.get(f"metric/{main}")}
+    race = _Race(steps, built.loaders["val"], every=every, names=names, lookahead_lr=lookahead_lr,
+                 read_start=not probing)
+    # The race reads validation itself, at its own steps; the Trainer's per-epoch evaluations are skipped (unless
+    # the weighting learns from validation batches), and so are early stopping and the train-split evaluation.
+    trainer.callbacks.append(race)
+    trainer.eval_train, trainer.patience = False, None
+    needs_val = objective.weighting is not None and objective.weighting.needs_validation
     started = time.perf_counter()
-    step = measurements = 0
-    model.train()
-    while step < steps:
-        for batch in built.loaders["train"]:
-            if step >= steps:
-                break
-            batch = move_to(batch, "cpu")
-            x = objective.inputs(batch)
-            report = objective(model(x), batch)
-            main_loss = report.losses[main]
-            if probing and step % every == 0:
-                measurements += 1
-                for name in names:
-                    aux_loss = report.losses[name]
-                    shared, g0, gk = _shared_grads(model, main_loss, aux_loss)
-                    if not shared:
-                        raise AuxLossError(f"task {name!r} shares no parameter with the main task: it cannot "
-                                           "affect it. Tap a layer of the trunk.")
-                    shared_names[name] = [n for n, _ in shared]
-                    v0 = torch.cat([g.flatten() for g in g0])
-                    vk = torch.cat([g.flatten() for g in gk])
-                    denom = float(v0.norm() * vk.norm())
-                    cos[name].append(float(v0 @ vk) / denom if denom > 0 else 0.0)
-                    affinity[name].append(_lookahead(model, objective, batch, x, shared, gk, lookahead_lr,
-                                                     float(main_loss.detach())))
-            for name in names:
-                losses[name].append(float(report.losses[name].detach()))
-                if name in report.metrics:
-                    metrics[name].append(float(report.metrics[name]))
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward(report)  # the configured method (a gradient-aware weighting refuses total.backward())
-            optimizer.step()
-            objective.advance()
-            step += 1
-            if step in checkpoints:
-                values = built.trainer.evaluate(model, objective, built.loaders["val"])
-                validation.append({"step": step, "loss": values[f"loss/{main}"],
-                                   "metric": values.get(f"metric/{main}")})
+    with contextlib.suppress(_RaceOver):
+        trainer.fit(model, objective, built.loaders["train"], built.loaders["val"] if needs_val else None)
     seconds = time.perf_counter() - started
     n_val = _validation_size(built, cfg)
     evaluation = _evaluation_cost(n_val, cfg.data.batch_size)
+    reads = len(race.validation) + (race.start is not None)
     out: dict[str, Any] = {
-        "variant": variant, "steps": steps, "validation": validation, "seconds": seconds,
-        "higher_is_better": objective.main.higher_is_better,
-        "step_equivalents": steps + measurements * _measurement_cost(len(names))
-        + (len(validation) + (start is not None)) * evaluation}
-    if start is not None:
-        out["start"] = start
-    try:
-        out["batches_per_epoch"] = len(built.loaders["train"])
-    except TypeError:  # a stream: the full experiment's length is unknown
-        out["batches_per_epoch"] = None
+        "variant": variant, "steps": steps, "validation": race.validation, "seconds": seconds,
+        "higher_is_better": objective.main.higher_is_better, "batches_per_epoch": batches,
+        "step_equivalents": steps * trainer.accumulate + race.measurements * _measurement_cost(len(names))
+        + reads * evaluation}
+    if race.start is not None:
+        out["start"] = race.start
     if probing:
         tasks = {}
         for name in names:
             task = next(t for t in objective.aux_tasks if t.name == name)
-            tasks[name] = _summarise(cos[name], affinity[name], losses[name], metrics[name],
+            tasks[name] = _summarise(race.cos[name], race.affinity[name], race.losses[name], race.metrics[name],
                                      bounded_accuracy=task.higher_is_better and task.metric_name in
                                      ("accuracy", "binary_accuracy"))
-            tasks[name]["shared_parameters"] = len(shared_names.get(name, []))
-        out.update(measurements=measurements, every=every, tasks=tasks)
+            tasks[name]["shared_parameters"] = len(race.shared_names.get(name, []))
+        out.update(measurements=race.measurements, every=every, tasks=tasks)
     return out
 
 
@@ -275,11 +316,20 @@ def experiment_steps(cfg: ExperimentConfig) -> int:
     return run_steps(cfg) * cfg.seeds * (len(cfg.variants) + 1)
 
 
-def run_steps(cfg: ExperimentConfig) -> int:
-    """Training steps of one run of the experiment (one variant, one seed)."""
+def _batches_per_epoch(cfg: ExperimentConfig) -> int:
     n_train, batch = cfg.data.n_train, cfg.data.batch_size
-    per_epoch = n_train // batch if n_train > batch else 1  # the loader drops a last partial batch (build_run)
-    return per_epoch * cfg.train.epochs
+    return n_train // batch if n_train > batch else 1  # the loader drops a last partial batch (build_run)
+
+
+def run_steps(cfg: ExperimentConfig) -> int:
+    """Training steps (forward and backward passes on a batch) of one run of the experiment (one variant, one
+    seed)."""
+    return _batches_per_epoch(cfg) * cfg.train.epochs
+
+
+def _run_optimizer_steps(cfg: ExperimentConfig) -> int:
+    """Optimizer steps of one run: with accumulation, a last partial group of micro-batches still steps."""
+    return math.ceil(_batches_per_epoch(cfg) / cfg.train.accumulate) * cfg.train.epochs
 
 
 #: The probe's default budget: its cost, counted in training steps (measurements and evaluations included, see
@@ -298,17 +348,19 @@ def plan_probe(cfg: ExperimentConfig, budget: float = DEFAULT_BUDGET, *, steps: 
 
     The race trains the baseline and every candidate for the same number of steps (a fair comparison), and
     evaluates each run's validation split :data:`RACE_POINTS` times. With ``steps`` given it is used as it is (the
-    cost is then only reported). Otherwise ``steps`` is the largest number, at most one run of the experiment,
-    whose cost ``(C + 1)·(steps + 3·eval) + eval + Σ_c measurements · 2·K_c`` fits ``budget · experiment_steps``
-    (the baseline is also evaluated at step 0), with 5 diagnostic measurements per candidate, or 3 where 5 would
-    take more than a tenth of the budget. A config so small that not even
-    :data:`MIN_STEPS` fit is probed with :data:`MIN_STEPS` and 3 measurements, and ``over_budget`` says so.
+    cost is then only reported). Otherwise ``steps`` (optimizer steps) is the largest number, at most one run of
+    the experiment, whose cost ``(C + 1)·(steps·accumulate + 3·eval) + eval + Σ_c measurements · 2·K_c`` fits
+    ``budget · experiment_steps`` (the baseline is also evaluated at step 0), with at most 5 diagnostic
+    measurements per candidate, or at most 3 where 5 would take more than a tenth of the budget. A budget too small
+    for even :data:`MIN_STEPS` steps per run is stretched to :data:`MIN_STEPS` (or the whole run, if shorter) with
+    at most 3 measurements, and ``over_budget`` says so.
     """
     if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
         raise AuxLossError(f"budget must be a fraction of the experiment's training steps in (0, 1], got {budget!r};"
                            " the default is 0.2.")
     ks = [len(v.tasks) for v in cfg.variants if v.tasks]
     runs = len(ks) + 1  # every candidate and the baseline
+    accumulate = cfg.train.accumulate
     full = experiment_steps(cfg)
     allowance = budget * full
     evaluation = _evaluation_cost(cfg.data.n_val, cfg.data.batch_size)
@@ -317,10 +369,12 @@ def plan_probe(cfg: ExperimentConfig, budget: float = DEFAULT_BUDGET, *, steps: 
     if steps is None:
         # The diagnostics may take at most a tenth of the budget: the race's steps are what rank the candidates.
         n_meas = 5 if sum(5 * _measurement_cost(k) for k in ks) <= 0.1 * allowance else 3
-        fit = int((allowance - evaluations - sum(n_meas * _measurement_cost(k) for k in ks)) // runs)
-        steps = min(run_steps(cfg), fit)
-        if steps < MIN_STEPS:  # never longer than a run of the experiment itself
-            steps, n_meas, over = min(MIN_STEPS, run_steps(cfg)), 3, True
+        # The race counts optimizer steps; each costs `accumulate` training steps (micro-batches).
+        fit = int((allowance - evaluations - sum(n_meas * _measurement_cost(k) for k in ks)) // (runs * accumulate))
+        length = _run_optimizer_steps(cfg)
+        steps = min(length, fit)
+        if steps < min(MIN_STEPS, length):  # the budget, not the run's own length, is what is short
+            steps, n_meas, over = min(MIN_STEPS, length), 3, True
         every = every if every is not None else -(-steps // n_meas)
     elif every is None:
         every = -(-steps // 5) if isinstance(steps, int) and steps > 0 else steps
@@ -328,7 +382,7 @@ def plan_probe(cfg: ExperimentConfig, budget: float = DEFAULT_BUDGET, *, steps: 
         raise AuxLossError(f"steps and every must be positive integers, got steps={steps!r}, every={every!r}.")
     measurements = -(-steps // every)
     evaluations = (runs * len(_race_steps(steps)) + 1) * evaluation
-    cost = runs * steps + evaluations + sum(measurements * _measurement_cost(k) for k in ks)
+    cost = runs * steps * accumulate + evaluations + sum(measurements * _measurement_cost(k) for k in ks)
     return {"steps": steps, "every": every, "budget": budget, "experiment_steps": full, "probe_steps": cost,
             "cost_fraction": cost / full if full else None, "over_budget": over or cost > allowance}
 
@@ -390,6 +444,8 @@ def run_probe(cfg: ExperimentConfig, out: str | Path, *, steps: int | None = Non
         summary["experiment_steps"] = full
     summary["cost_fraction"] = summary["probe_steps"] / full if full else None
     summary["cost_fraction_estimate"] = summary["cost_fraction"]  # the former key
+    if summary["cost_fraction"] is not None:  # the count, not the plan's estimate (the user's data may differ)
+        summary["over_budget"] = summary["cost_fraction"] > budget
     results_path = Path(results) / "results.json" if results else out / "results.json"
     if results_path.exists():
         summary["agreement"] = agreement(candidates, json.loads(results_path.read_text()))
@@ -448,8 +504,9 @@ def format_probe(summary: dict[str, Any]) -> str:
     lines += ["", "Recommended for a full experiment: " + (", ".join(rec) if rec else
               "none: no candidate raised the main task's held-out metric above the baseline's."),
               "", ("Candidates are ranked by the main metric's change (positive: better than the baseline at the "
-              "same steps; ties broken by the held-out loss, where negative is better). The affinity, cosine and learning columns are diagnostics measured on training "
-              "batches; they do not enter the ranking."), ""]
+                   "same steps; ties broken by the held-out loss, where negative is better). The affinity, cosine "
+                   "and learning columns are diagnostics measured on training batches; they do not enter the "
+                   "ranking."), ""]
     base = summary.get("baseline")
     if base and base.get("start"):
         start, end = base["start"], base["validation"][-1]

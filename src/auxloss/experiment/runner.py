@@ -121,7 +121,7 @@ def run(
         with contextlib.ExitStack() as held:
             if D.rank() == 0:
                 held.enter_context(_single_command(out, shared=shared))
-                if force or (not store and not (out / STORE_FILE).exists()):
+                if force or _is_fresh(out, store):
                     _preflight(exp)  # as a plain command: a broken config keeps the old results, claims nothing
                 db = _prepare_store(exp, out, force, store)
                 tracker = _start_tracking(exp, db, out, mlflow, command, store, checkpoint_dir)
@@ -218,7 +218,7 @@ def _run_local(job: _Local) -> dict[str, Any]:
     # run (an unknown dataset, a wrong layer name) removes what this call created, so the corrected config needs
     # no --force. With --force the same checks come before the old results are discarded: a broken config keeps
     # them.
-    fresh = not job.store and not (out / STORE_FILE).exists() and not (out / "config.yaml").exists()
+    fresh = _is_fresh(out, job.store)
     if fresh or job.force:
         _preflight(exp)
     db = _prepare_store(exp, out, job.force, job.store)
@@ -233,6 +233,11 @@ def _run_local(job: _Local) -> dict[str, Any]:
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / "runs", ignore_errors=True)
         raise
+
+
+def _is_fresh(out: Path, store: str | None) -> bool:
+    """Nothing of an experiment is in ``out`` yet (a database store lives elsewhere, so it is never fresh here)."""
+    return not store and not (out / STORE_FILE).exists() and not (out / "config.yaml").exists()
 
 
 def _preflight(exp: Experiment) -> None:
