@@ -138,24 +138,27 @@ def test_the_plan_keeps_the_probe_within_its_budget():
     # 640 / 32 = 20 steps an epoch, 10 epochs, 3 seeds, 2 variants + the baseline
     assert run_steps(cfg) == 200 and experiment_steps(cfg) == 200 * 3 * 3 == 1800
     plan = plan_probe(cfg)
-    # budget 0.2 * 1800 = 360 step-equivalents. Three runs (baseline, one, two), each evaluated 3 times, and the
-    # baseline once more at step 0, on 32 validation samples (ceil(32 / (3 * 32)) = 1 step apiece): 10. Five
-    # measurements cost 2 steps per auxiliary task: 5*2*1 + 5*2*2 = 30, within a tenth of the budget (36). So
-    # (360 - 10 - 30) // 3 = 106 steps per run, measured every ceil(106 / 5) = 22 steps.
-    assert (plan["steps"], plan["every"]) == (106, 22)
-    assert plan["probe_steps"] == 3 * 106 + 10 + 5 * 2 + 5 * 4 == 358
+    # budget 0.2 * 1800 = 360 step-equivalents. Five measurements cost 2 steps per auxiliary task: 5*2*1 + 5*2*2 =
+    # 30, within a tenth of the budget (36). Each evaluation of the 32 validation samples costs
+    # ceil(32 / (3 * 32)) = 1 step. A race of 101 steps: 3 runs x 101 steps, and 3 readings plus the Trainer's
+    # evaluations at the 5 epoch ends it passes (after steps 20, 40, ..., 100) per run, and the baseline's read at
+    # step 0: 3 * (3 + 5) + 1 = 25. 303 + 25 + 30 = 358; 102 steps would cost 306 + 25 + 30 = 361 > 360.
+    assert (plan["steps"], plan["every"]) == (101, 21)
+    assert plan["probe_steps"] == 3 * 101 + 25 + 5 * 2 + 5 * 4 == 358
     assert plan["cost_fraction"] == pytest.approx(358 / 1800) and not plan["over_budget"]
     whole = plan_probe(_budget_cfg(n_train=640, epochs=10), budget=1.0)
     assert whole["steps"] == 200  # never longer than one run of the experiment (200 steps)
-    # 72: five measurements (30) would take more than a tenth; three (18) leave (72 - 10 - 18) // 3 = 14 steps
+    # 72: five measurements (30) would take more than a tenth; with three (18), 14 steps cost 42 + 10 + 18 = 70 and
+    # 15 would cost 45 + 10 + 18 = 73 (no epoch end is passed: an epoch is 20 steps)
     tight = plan_probe(cfg, budget=0.04)
     assert (tight["steps"], tight["every"]) == (14, 5) and tight["probe_steps"] == 42 + 10 + 3 * 2 + 3 * 4 <= 72
     tiny = plan_probe(_budget_cfg(n_train=64, epochs=2, seeds=1))  # 2·2·1·3 = 12 steps in all: nothing fits
     assert tiny["steps"] == 4 and tiny["over_budget"]  # a whole run (4 steps), the most a race can use
-    # Runs of 4 steps with 30 seeds: 360 steps, budget 72. The whole run fits: 3 runs x 4 steps, 10 evaluations,
-    # and 2 measurements per candidate (every ceil(4 / 3) = 2 steps); a run shorter than 10 steps is no overrun.
+    # Runs of 4 steps with 30 seeds: 360 steps, budget 72. The whole run fits: 3 runs x 4 steps, 3 readings and one
+    # epoch end per run plus the baseline's start (13 evaluations), and 2 measurements per candidate (every
+    # ceil(4 / 3) = 2 steps); a run shorter than 10 steps is no overrun.
     short = plan_probe(_budget_cfg(n_train=64, epochs=2, seeds=30))
-    assert short["steps"] == 4 and not short["over_budget"] and short["probe_steps"] == 12 + 10 + 2 * 2 + 2 * 4
+    assert short["steps"] == 4 and not short["over_budget"] and short["probe_steps"] == 12 + 13 + 2 * 2 + 2 * 4
     with pytest.raises(al.AuxLossError, match="budget must be"):
         plan_probe(cfg, budget=1.5)
 
@@ -163,7 +166,7 @@ def test_the_plan_keeps_the_probe_within_its_budget():
 def test_the_probe_counts_its_own_steps(tmp_path):
     cfg = _budget_cfg(n_train=640, epochs=2)  # 20 · 2 · 3 · 3 = 360 steps; budget 72
     summary = run_probe(cfg, tmp_path)
-    # (72 - 10 - 18) // 3 = 14 steps per run, 3 measurements every 5 steps
+    # 14 steps per run (see the plan's test), 3 measurements every 5 steps
     assert [(c["steps"], c["measurements"]) for c in summary["candidates"]] == [(14, 3), (14, 3)]
     base = summary["baseline"]
     assert base["steps"] == 14 and [v["step"] for v in base["validation"]] == [7, 11, 14]
@@ -256,3 +259,20 @@ def test_the_race_is_the_start_of_the_experiments_own_run(tmp_path):
     summary = run_probe(cfg, tmp_path, steps=4, every=2)  # 128 / 32 = 4 batches, 2 optimizer steps an epoch
     last = summary["baseline"]["validation"][-1]
     assert last["step"] == 4 and last["loss"] == expected
+
+
+def test_weightings_that_read_validation_or_keep_representations_race_too(tmp_path):
+    # main_progress reads the validation metrics the Trainer hands it at each epoch end (a race that passed an
+    # epoch end without them crashed); representation mode keeps the taps' outputs for the step's own backward,
+    # which a diagnostic forward would clear, so it races without diagnostics.
+    cfg = _budget_cfg(n_train=128, epochs=3, seeds=1)  # 4 steps an epoch: a race of 10 passes two epoch ends
+    cfg.variants[0].weighting = {"type": "main_progress"}
+    cfg.variants[1].weighting = {"type": "gating", "mode": "representation"}
+    summary = run_probe(cfg, tmp_path, steps=10, every=5)
+    by = {c["variant"]: c for c in summary["candidates"]}
+    assert [v["step"] for v in by["one"]["validation"]] == [5, 8, 10]
+    assert by["one"]["measurements"] == 2 and by["one"]["diagnostics"]
+    assert by["two"]["measurements"] == 0 and not by["two"]["diagnostics"]
+    # Counted: each run's 10 steps, 3 readings and the 2 epoch ends it passed, the baseline's start, and the one
+    # candidate's 2 measurements of 1 task.
+    assert summary["probe_steps"] == 3 * 10 + 3 * (3 + 2) + 1 + 2 * 2

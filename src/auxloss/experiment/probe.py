@@ -126,7 +126,7 @@ class _Race(Callback):
         self.losses: dict[str, list[float]] = {n: [] for n in names}
         self.metrics: dict[str, list[float]] = {n: [] for n in names}
         self.shared_names: dict[str, list[str]] = {}
-        self.measurements = 0
+        self.measurements = self.epoch_ends = 0
         self._measured_at = -1
         self._batch: Any = None
 
@@ -142,6 +142,9 @@ class _Race(Callback):
 
     def on_train_batch_start(self, trainer: Any, batch: Any, batch_idx: int) -> None:
         self._batch = batch
+
+    def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        self.epoch_ends += 1  # the Trainer's own evaluation at an epoch's end, counted in the probe's cost
 
     def on_before_backward(self, trainer: Any, report: Any) -> None:
         step = trainer.global_step
@@ -193,23 +196,27 @@ def _short_run(cfg: ExperimentConfig, variant: str, *, steps: int, seed: int, ev
         batches: int | None = len(built.loaders["train"])
     except TypeError:  # a stream: the full experiment's length is unknown
         batches = None
-    if batches is not None:  # never past the end of the experiment's run
-        steps = min(steps, trainer.epochs * max(1, math.ceil(batches / trainer.accumulate)))
+    if batches is not None:  # never past the end of the experiment's run (its settings, not a variant's own)
+        steps = min(steps, cfg.train.epochs * max(1, math.ceil(batches / cfg.train.accumulate)))
+    # The diagnostics take their own gradients from the step's losses. In representation mode the heads reach the
+    # trunk only through the kept representations, which a diagnostic forward would clear: no diagnostics there.
+    measurable = getattr(objective.weighting, "mode", None) != "representation"
     names = [t.name for t in objective.aux_tasks] if probing else []
-    race = _Race(steps, built.loaders["val"], every=every, names=names, lookahead_lr=lookahead_lr,
-                 read_start=not probing)
-    # The race reads validation itself, at its own steps; the Trainer's per-epoch evaluations are skipped (unless
-    # the weighting learns from validation batches), and so are early stopping and the train-split evaluation.
+    race = _Race(steps, built.loaders["val"], every=every if measurable else None, names=names,
+                 lookahead_lr=lookahead_lr, read_start=not probing)
+    # The Trainer evaluates the validation split at each epoch end, as in the experiment: weightings read it there
+    # (main_progress) or learn from its batches (Auto-Lambda), and every run of the race does it at the same steps.
+    # Early stopping and the train-split evaluation are off: they would end runs at different steps, or cost
+    # without changing training.
     trainer.callbacks.append(race)
     trainer.eval_train, trainer.patience = False, None
-    needs_val = objective.weighting is not None and objective.weighting.needs_validation
     started = time.perf_counter()
     with contextlib.suppress(_RaceOver):
-        trainer.fit(model, objective, built.loaders["train"], built.loaders["val"] if needs_val else None)
+        trainer.fit(model, objective, built.loaders["train"], built.loaders["val"])
     seconds = time.perf_counter() - started
     n_val = _validation_size(built, cfg)
     evaluation = _evaluation_cost(n_val, cfg.data.batch_size)
-    reads = len(race.validation) + (race.start is not None)
+    reads = len(race.validation) + (race.start is not None) + race.epoch_ends
     out: dict[str, Any] = {
         "variant": variant, "steps": steps, "validation": race.validation, "seconds": seconds,
         "higher_is_better": objective.main.higher_is_better, "batches_per_epoch": batches,
@@ -225,7 +232,7 @@ def _short_run(cfg: ExperimentConfig, variant: str, *, steps: int, seed: int, ev
                                      bounded_accuracy=task.higher_is_better and task.metric_name in
                                      ("accuracy", "binary_accuracy"))
             tasks[name]["shared_parameters"] = len(race.shared_names.get(name, []))
-        out.update(measurements=race.measurements, every=every, tasks=tasks)
+        out.update(measurements=race.measurements, every=every, tasks=tasks, diagnostics=measurable)
     return out
 
 
@@ -364,15 +371,26 @@ def plan_probe(cfg: ExperimentConfig, budget: float = DEFAULT_BUDGET, *, steps: 
     full = experiment_steps(cfg)
     allowance = budget * full
     evaluation = _evaluation_cost(cfg.data.n_val, cfg.data.batch_size)
-    evaluations = (runs * len(RACE_POINTS) + 1) * evaluation  # the baseline is also read at step 0
+    per_epoch = max(1, math.ceil(_batches_per_epoch(cfg) / accumulate))  # optimizer steps an epoch
+
+    def cost(n: int, every_n: int) -> int:
+        """What a race of ``n`` optimizer steps costs, in training steps: the runs' micro-batches; each run's
+        readings and the Trainer's evaluations at the epoch ends it passes, and the baseline's read at step 0; the
+        candidates' diagnostic measurements."""
+        reads = runs * (len(_race_steps(n)) + (n - 1) // per_epoch) + 1
+        return runs * n * accumulate + reads * evaluation + sum(-(-n // every_n) * _measurement_cost(k) for k in ks)
+
     over = False
     if steps is None:
         # The diagnostics may take at most a tenth of the budget: the race's steps are what rank the candidates.
         n_meas = 5 if sum(5 * _measurement_cost(k) for k in ks) <= 0.1 * allowance else 3
-        # The race counts optimizer steps; each costs `accumulate` training steps (micro-batches).
-        fit = int((allowance - evaluations - sum(n_meas * _measurement_cost(k) for k in ks)) // (runs * accumulate))
         length = _run_optimizer_steps(cfg)
-        steps = min(length, fit)
+        # The cost grows with the steps: the longest race, at most one run, that fits (a bisection).
+        lo, hi = 0, length
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid, -(-mid // n_meas)) <= allowance else (lo, mid - 1)
+        steps = lo
         if steps < min(MIN_STEPS, length):  # the budget, not the run's own length, is what is short
             steps, n_meas, over = min(MIN_STEPS, length), 3, True
         every = every if every is not None else -(-steps // n_meas)
@@ -380,11 +398,9 @@ def plan_probe(cfg: ExperimentConfig, budget: float = DEFAULT_BUDGET, *, steps: 
         every = -(-steps // 5) if isinstance(steps, int) and steps > 0 else steps
     if not isinstance(steps, int) or steps < 1 or not isinstance(every, int) or every < 1:
         raise AuxLossError(f"steps and every must be positive integers, got steps={steps!r}, every={every!r}.")
-    measurements = -(-steps // every)
-    evaluations = (runs * len(_race_steps(steps)) + 1) * evaluation
-    cost = runs * steps * accumulate + evaluations + sum(measurements * _measurement_cost(k) for k in ks)
-    return {"steps": steps, "every": every, "budget": budget, "experiment_steps": full, "probe_steps": cost,
-            "cost_fraction": cost / full if full else None, "over_budget": over or cost > allowance}
+    total = cost(steps, every)
+    return {"steps": steps, "every": every, "budget": budget, "experiment_steps": full, "probe_steps": total,
+            "cost_fraction": total / full if full else None, "over_budget": over or total > allowance}
 
 
 def run_probe(cfg: ExperimentConfig, out: str | Path, *, steps: int | None = None, every: int | None = None,
@@ -406,6 +422,7 @@ def run_probe(cfg: ExperimentConfig, out: str | Path, *, steps: int | None = Non
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     base = _short_run(cfg, BASELINE, steps=steps, seed=seed)
+    steps = base["steps"]  # capped at one run of the experiment, for every candidate alike
     candidates = []
     for variant in cfg.variants:
         if not variant.tasks:
@@ -428,9 +445,9 @@ def run_probe(cfg: ExperimentConfig, out: str | Path, *, steps: int | None = Non
     for rank, c in enumerate(candidates, 1):
         c["rank"] = rank
     seconds = time.perf_counter() - started
-    summary: dict[str, Any] = {"name": cfg.name, "steps": steps, "every": every, "seed": seed,
+    summary: dict[str, Any] = {**plan, "name": cfg.name, "steps": steps, "every": every, "seed": seed,
                                "lookahead_lr": lookahead_lr, "seconds": seconds, "baseline": base,
-                               "candidates": candidates, **plan}
+                               "candidates": candidates}
     # How far the baseline got: a race too short for the main task to leave where it started ranks noise. Read on
     # the loss: a relative change of an accuracy that starts near zero is large after any step at all.
     first, last = base["start"]["loss"], base["validation"][-1]["loss"]
