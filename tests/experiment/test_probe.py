@@ -140,25 +140,23 @@ def test_the_plan_keeps_the_probe_within_its_budget():
     plan = plan_probe(cfg)
     # budget 0.2 * 1800 = 360 step-equivalents. Five measurements cost 2 steps per auxiliary task: 5*2*1 + 5*2*2 =
     # 30, within a tenth of the budget (36). Each evaluation of the 32 validation samples costs
-    # ceil(32 / (3 * 32)) = 1 step. A race of 101 steps: 3 runs x 101 steps, and 3 readings plus the Trainer's
-    # evaluations at the 5 epoch ends it passes (after steps 20, 40, ..., 100) per run, and the baseline's read at
-    # step 0: 3 * (3 + 5) + 1 = 25. 303 + 25 + 30 = 358; 102 steps would cost 306 + 25 + 30 = 361 > 360.
-    assert (plan["steps"], plan["every"]) == (101, 21)
-    assert plan["probe_steps"] == 3 * 101 + 25 + 5 * 2 + 5 * 4 == 358
+    # ceil(32 / (3 * 32)) = 1 step: 3 readings per run and the baseline's read at step 0 make 10. So
+    # (360 - 10 - 30) // 3 = 106 steps per run, measured every ceil(106 / 5) = 22 steps.
+    assert (plan["steps"], plan["every"]) == (106, 22)
+    assert plan["probe_steps"] == 3 * 106 + 10 + 5 * 2 + 5 * 4 == 358
     assert plan["cost_fraction"] == pytest.approx(358 / 1800) and not plan["over_budget"]
     whole = plan_probe(_budget_cfg(n_train=640, epochs=10), budget=1.0)
     assert whole["steps"] == 200  # never longer than one run of the experiment (200 steps)
     # 72: five measurements (30) would take more than a tenth; with three (18), 14 steps cost 42 + 10 + 18 = 70 and
-    # 15 would cost 45 + 10 + 18 = 73 (no epoch end is passed: an epoch is 20 steps)
+    # 15 would cost 45 + 10 + 18 = 73
     tight = plan_probe(cfg, budget=0.04)
     assert (tight["steps"], tight["every"]) == (14, 5) and tight["probe_steps"] == 42 + 10 + 3 * 2 + 3 * 4 <= 72
     tiny = plan_probe(_budget_cfg(n_train=64, epochs=2, seeds=1))  # 2·2·1·3 = 12 steps in all: nothing fits
     assert tiny["steps"] == 4 and tiny["over_budget"]  # a whole run (4 steps), the most a race can use
-    # Runs of 4 steps with 30 seeds: 360 steps, budget 72. The whole run fits: 3 runs x 4 steps, 3 readings and one
-    # epoch end per run plus the baseline's start (13 evaluations), and 2 measurements per candidate (every
-    # ceil(4 / 3) = 2 steps); a run shorter than 10 steps is no overrun.
+    # Runs of 4 steps with 30 seeds: 360 steps, budget 72. The whole run fits: 3 runs x 4 steps, 10 evaluations,
+    # and 2 measurements per candidate (every ceil(4 / 3) = 2 steps); a run shorter than 10 steps is no overrun.
     short = plan_probe(_budget_cfg(n_train=64, epochs=2, seeds=30))
-    assert short["steps"] == 4 and not short["over_budget"] and short["probe_steps"] == 12 + 13 + 2 * 2 + 2 * 4
+    assert short["steps"] == 4 and not short["over_budget"] and short["probe_steps"] == 12 + 10 + 2 * 2 + 2 * 4
     with pytest.raises(al.AuxLossError, match="budget must be"):
         plan_probe(cfg, budget=1.5)
 
@@ -216,12 +214,13 @@ def test_race_is_the_mean_relative_loss_fall_and_the_signed_metric_change():
 ZERO_WEIGHT_VARIANT = {"name": "off", "tasks": [{"name": "c", "source": "c", "target": "target", "weight": 0.0}]}
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.5])
-def test_a_candidate_at_weight_zero_ties_the_baseline_exactly(tmp_path, monkeypatch, dropout):
+@pytest.mark.parametrize(("dropout", "weighting"), [(0.0, None), (0.5, None), (0.5, "main_progress")])
+def test_a_candidate_at_weight_zero_ties_the_baseline_exactly(tmp_path, monkeypatch, dropout, weighting):
     # The race is paired: same weights, same batches, same optimizer, same random stream. A task at weight 0 adds
     # exact zeros to the gradient, so its run is the baseline's, step for step, and the race must say so to the last
     # bit. With dropout this holds only if the race's own readings (the baseline's extra one at step 0, each
-    # evaluation's loader seed) leave the training's random stream alone.
+    # evaluation's loader seed) leave the training's random stream alone, and so must the Trainer's evaluations at
+    # epoch ends, which main_progress's run makes (it reads their metrics) and the baseline's does not.
     (tmp_path / "probe_dropnet.py").write_text(
         "from torch import nn\n\n\n"
         "def build(dropout):\n"
@@ -234,7 +233,8 @@ def test_a_candidate_at_weight_zero_ties_the_baseline_exactly(tmp_path, monkeypa
                  "params": {"flatten": True}},
         "model": {"name": "probe_dropnet:build", "params": {"dropout": dropout}},
         "train": {"epochs": 3, "lr": 0.01, "optimizer": "adam", "eval_train": False},
-        "variants": [{**ZERO_WEIGHT_VARIANT, "taps": {"c": {"layer": "1", "head": {"type": "linear"}}}}],
+        "variants": [{**ZERO_WEIGHT_VARIANT, "taps": {"c": {"layer": "1", "head": {"type": "linear"}}},
+                      **({"weighting": {"type": weighting}} if weighting else {})}],
     })
     summary = run_probe(cfg, tmp_path / "out", steps=8, every=4)
     (off,) = summary["candidates"]
@@ -273,6 +273,6 @@ def test_weightings_that_read_validation_or_keep_representations_race_too(tmp_pa
     assert [v["step"] for v in by["one"]["validation"]] == [5, 8, 10]
     assert by["one"]["measurements"] == 2 and by["one"]["diagnostics"]
     assert by["two"]["measurements"] == 0 and not by["two"]["diagnostics"]
-    # Counted: each run's 10 steps, 3 readings and the 2 epoch ends it passed, the baseline's start, and the one
-    # candidate's 2 measurements of 1 task.
-    assert summary["probe_steps"] == 3 * 10 + 3 * (3 + 2) + 1 + 2 * 2
+    # Counted: each run's 10 steps and 3 readings, the baseline's start, main_progress's run's evaluations at the 2
+    # epoch ends it passed (the others skip them), and the one candidate's 2 measurements of 1 task.
+    assert summary["probe_steps"] == 3 * 10 + 3 * 3 + 1 + 2 + 2 * 2

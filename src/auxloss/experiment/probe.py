@@ -38,12 +38,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.data import DataLoader
 
 from auxloss.errors import AuxLossError
 from auxloss.experiment.config import ExperimentConfig
 from auxloss.taps import AuxModel, Outputs
 from auxloss.tasks import batch_as_dict
 from auxloss.train.callbacks import Callback
+from auxloss.weighting.base import Weighting
 
 __all__ = ["DEFAULT_BUDGET", "experiment_steps", "plan_probe", "probe_variant", "race", "run_probe",
            "run_steps"]
@@ -144,7 +146,8 @@ class _Race(Callback):
         self._batch = batch
 
     def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None:
-        self.epoch_ends += 1  # the Trainer's own evaluation at an epoch's end, counted in the probe's cost
+        if metrics:  # the Trainer evaluated validation at this epoch's end: counted in the probe's cost
+            self.epoch_ends += 1
 
     def on_before_backward(self, trainer: Any, report: Any) -> None:
         step = trainer.global_step
@@ -204,15 +207,24 @@ def _short_run(cfg: ExperimentConfig, variant: str, *, steps: int, seed: int, ev
     names = [t.name for t in objective.aux_tasks] if probing else []
     race = _Race(steps, built.loaders["val"], every=every if measurable else None, names=names,
                  lookahead_lr=lookahead_lr, read_start=not probing)
-    # The Trainer evaluates the validation split at each epoch end, as in the experiment: weightings read it there
-    # (main_progress) or learn from its batches (Auto-Lambda), and every run of the race does it at the same steps.
-    # Early stopping and the train-split evaluation are off: they would end runs at different steps, or cost
-    # without changing training.
+    val = built.loaders["val"]
+    if isinstance(val, DataLoader) and val.generator is None:
+        # Starting a loader's iterator draws its workers' base seed from the global random stream. Here it draws from
+        # the loader's own generator instead, so that validation, read by some runs more often than by others,
+        # leaves the training's random stream (dropout, augmentation) the same in every run: the race stays paired.
+        val.generator = torch.Generator().manual_seed(seed)
+    # The Trainer's own evaluation at each epoch end is kept for the weightings that use it (main_progress reads its
+    # metrics, Auto-Lambda and AuxiLearn learn from validation batches) and skipped for the others: it would cost a
+    # validation pass per epoch, shortening the race, without changing their training. Early stopping and the
+    # train-split evaluation are off: they would end runs at different steps, or cost without changing training.
+    weighting = objective.weighting
+    uses_val = weighting is not None and (weighting.needs_validation or
+                                          type(weighting).on_validation_end is not Weighting.on_validation_end)
     trainer.callbacks.append(race)
     trainer.eval_train, trainer.patience = False, None
     started = time.perf_counter()
     with contextlib.suppress(_RaceOver):
-        trainer.fit(model, objective, built.loaders["train"], built.loaders["val"])
+        trainer.fit(model, objective, built.loaders["train"], val if uses_val else None)
     seconds = time.perf_counter() - started
     n_val = _validation_size(built, cfg)
     evaluation = _evaluation_cost(n_val, cfg.data.batch_size)
@@ -371,13 +383,12 @@ def plan_probe(cfg: ExperimentConfig, budget: float = DEFAULT_BUDGET, *, steps: 
     full = experiment_steps(cfg)
     allowance = budget * full
     evaluation = _evaluation_cost(cfg.data.n_val, cfg.data.batch_size)
-    per_epoch = max(1, math.ceil(_batches_per_epoch(cfg) / accumulate))  # optimizer steps an epoch
 
     def cost(n: int, every_n: int) -> int:
         """What a race of ``n`` optimizer steps costs, in training steps: the runs' micro-batches; each run's
-        readings and the Trainer's evaluations at the epoch ends it passes, and the baseline's read at step 0; the
-        candidates' diagnostic measurements."""
-        reads = runs * (len(_race_steps(n)) + (n - 1) // per_epoch) + 1
+        readings and the baseline's read at step 0; the candidates' diagnostic measurements. (A weighting that
+        reads validation at epoch ends adds those evaluations; they are counted when made, not planned.)"""
+        reads = runs * len(_race_steps(n)) + 1
         return runs * n * accumulate + reads * evaluation + sum(-(-n // every_n) * _measurement_cost(k) for k in ks)
 
     over = False
